@@ -1,0 +1,214 @@
+//! What the three backings share: the owned fd, the size, the flags, the VM the
+//! file belongs to, KVM's mapping, and the `fallocate` calls.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustix::fs::FallocateFlags;
+use rustix::mm::Advice;
+
+use super::PunchReport;
+use super::mapping::{HostMapping, Mapping, MappingRegistry};
+use super::sealed_memfd::private_placeholder;
+use super::{BackingError, BackingKind, GmemFlags};
+use crate::kvm::VmId;
+use crate::range::FileRange;
+use crate::range_set::RangeSet;
+
+/// How many bytes of a mapping one `mincore` call covers (16 K pages).
+const MINCORE_CHUNK: usize = 64 << 20;
+
+#[derive(Debug)]
+pub(crate) struct FileCore {
+    // Field order is drop order: KVM's mapping goes before the fd.
+    /// KVM's mapping (`userspace_addr`); never handed out.
+    pub(crate) kvm_map: Option<Mapping>,
+    pub(crate) fd: OwnedFd,
+    pub(crate) kind: BackingKind,
+    pub(crate) size: u64,
+    pub(crate) flags: GmemFlags,
+    pub(crate) owner: OnceLock<VmId>,
+    pub(crate) host_maps: Arc<MappingRegistry>,
+    /// Backing pages populated by `allocate` and not punched since. The
+    /// kernel does not reveal these (fallocate leaves pages not uptodate, so
+    /// mincore and SEEK_DATA skip them), so gmem remembers them.
+    allocated: Mutex<RangeSet>,
+}
+
+impl FileCore {
+    /// Wraps a new file; maps it for KVM when the flags allow mapping.
+    pub(crate) fn new(
+        fd: OwnedFd,
+        kind: BackingKind,
+        size: u64,
+        flags: GmemFlags,
+        owner: Option<VmId>,
+    ) -> Result<FileCore, BackingError> {
+        let kvm_map = if flags.contains(GmemFlags::MMAP) || kind != BackingKind::GuestMemfd {
+            let map = Mapping::shared(fd.as_fd(), size)?;
+            // Guest memory stays out of core dumps and forked children.
+            map.advise(Advice::LinuxDontDump)?;
+            map.advise(Advice::LinuxDontFork)?;
+            Some(map)
+        } else {
+            None
+        };
+        let core = FileCore {
+            kvm_map,
+            fd,
+            kind,
+            size,
+            flags,
+            owner: OnceLock::new(),
+            host_maps: Arc::default(),
+            allocated: Mutex::default(),
+        };
+        if let Some(vm) = owner {
+            let _ = core.owner.set(vm);
+        }
+        Ok(core)
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub(crate) fn kvm_userspace_addr(&self) -> u64 {
+        self.kvm_map.as_ref().map_or(0, |m| m.addr() as u64)
+    }
+
+    pub(crate) fn claim(&self, vm: VmId) -> Result<(), VmId> {
+        let owner = *self.owner.get_or_init(|| vm);
+        if owner == vm { Ok(()) } else { Err(owner) }
+    }
+
+    /// `fallocate(KEEP_SIZE)`: populates every backing page `range` touches.
+    ///
+    /// # Errors
+    /// `EINVAL` past the end; the kernel's errno if fallocate fails.
+    pub(crate) fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
+        let range = range.within(self.size)?;
+        let mut allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::KEEP_SIZE,
+            range.offset(),
+            range.len(),
+        )
+        .map_err(|e| {
+            BackingError::syscall(format!("fallocate(KEEP_SIZE, {range}) on {}", self.kind), e)
+        })?;
+        let page = self.kind.page_size();
+        allocated.insert(range.offset() / page * page..range.end().next_multiple_of(page));
+        Ok(())
+    }
+
+    /// `fallocate(PUNCH_HOLE|KEEP_SIZE)` of the part of `range` inside the
+    /// file: whole backing pages are freed, partial huge pages zeroed.
+    pub(crate) fn punch(&self, range: FileRange) -> Result<PunchReport, BackingError> {
+        let Some(range) = range.clamp_to(self.size) else {
+            return Ok(PunchReport::default());
+        };
+        let mut allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            range.offset(),
+            range.len(),
+        )
+        .map_err(|e| {
+            BackingError::syscall(
+                format!("fallocate(PUNCH_HOLE, {range}) on {}", self.kind),
+                e,
+            )
+        })?;
+        let split = range.split_by_page(self.kind.page_size());
+        allocated.remove(split.whole.0..split.whole.1);
+        Ok(PunchReport {
+            bytes_freed: split.whole_bytes(),
+            bytes_zeroed: split.partial_bytes(),
+        })
+    }
+
+    /// The populated ranges: what gmem allocated, plus what `resident` adds
+    /// from the kernel's view (pages faulted in by the guest or the host).
+    pub(crate) fn populated(
+        &self,
+        resident: impl FnOnce(&mut RangeSet) -> Result<(), BackingError>,
+    ) -> Result<Vec<std::ops::Range<u64>>, BackingError> {
+        let mut runs = self
+            .allocated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        resident(&mut runs)?;
+        Ok(runs.to_vec())
+    }
+
+    /// Maps the file for the host. Without `INIT_SHARED` the mapping is made
+    /// (as the kernel allows) but private: on guest_memfd the kernel makes
+    /// every touch raise `SIGBUS`; on the memfd backings an empty memfd is
+    /// mapped in the file's place, so touches fault the same way.
+    pub(crate) fn map_host(&self) -> Result<HostMapping, BackingError> {
+        if !self.flags.contains(GmemFlags::MMAP) {
+            return Err(BackingError::MappingNotAllowed {
+                flags: self.flags.bits(),
+            });
+        }
+        let shared = self.flags.contains(GmemFlags::INIT_SHARED);
+        let map = if shared || self.kind == BackingKind::GuestMemfd {
+            Mapping::shared(self.fd(), self.size)?
+        } else {
+            Mapping::shared(private_placeholder()?.as_fd(), self.size)?
+        };
+        map.advise(Advice::LinuxDontDump)?;
+        map.advise(Advice::LinuxDontFork)?;
+        Ok(HostMapping::new(
+            map,
+            self.size,
+            shared,
+            Some(&self.host_maps),
+        ))
+    }
+
+    /// The resident ranges of the file as seen through KVM's mapping.
+    pub(crate) fn resident_via_kvm_map(&self, runs: &mut RangeSet) -> Result<(), BackingError> {
+        if let Some(map) = &self.kvm_map {
+            resident_into(map.addr(), map.len(), runs)?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds the pages of the mapping `[addr, addr + len)` (which maps the file
+/// from offset 0) that `mincore(2)` reports resident to `runs`, as file offsets.
+pub(crate) fn resident_into(
+    addr: usize,
+    len: usize,
+    runs: &mut RangeSet,
+) -> Result<(), BackingError> {
+    let mut vec = vec![0u8; MINCORE_CHUNK / 4096];
+    let mut start = 0;
+    while start < len {
+        let chunk = MINCORE_CHUNK.min(len - start);
+        // SAFETY: mincore only reads page tables; the kernel validates the
+        // address range (ENOMEM if unmapped) and writes one byte per page of
+        // `chunk` into `vec`, which holds MINCORE_CHUNK / 4096 bytes.
+        let rc =
+            unsafe { libc::mincore((addr + start) as *mut libc::c_void, chunk, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(BackingError::syscall(
+                "mincore",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        for (i, b) in vec[..chunk.div_ceil(4096)].iter().enumerate() {
+            if b & 1 != 0 {
+                let off = (start + i * 4096) as u64;
+                runs.insert(off..off + 4096);
+            }
+        }
+        start += chunk;
+    }
+    Ok(())
+}

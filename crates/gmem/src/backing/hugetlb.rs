@@ -1,0 +1,191 @@
+//! The hugetlb backing: a sealed `MFD_HUGETLB` memfd with 2 MiB or 1 GiB pages.
+//!
+//! Ranges are 4 KiB-aligned as on the other backings, and follow hugetlbfs:
+//! allocate populates every huge page the range touches; punch frees the
+//! whole huge pages inside the range and zeroes the partial ones in place
+//! (spec §8.8), and its [`PunchReport`] says which is which.
+//!
+//! The kernel reveals which huge pages are populated only through page tables
+//! (mincore reports mapped pages only, and hugetlbfs has no SEEK_DATA): pages
+//! faulted in show in the page tables of KVM's mapping or of a host mapping,
+//! all of which are gmem's own, and gmem remembers what it allocated.
+
+use std::ops::Range;
+use std::os::fd::BorrowedFd;
+
+use rustix::fs::MemfdFlags;
+
+use super::file::{FileCore, resident_into};
+use super::sealed_memfd::{SUPPORTED_FLAGS, create_sealed};
+use super::{
+    BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
+    validate_create,
+};
+use crate::kvm::{Vm, VmId};
+use crate::range::FileRange;
+
+/// One size's huge page pool, from `/sys/kernel/mm/hugepages`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HugePagePool {
+    /// The page size in bytes.
+    pub page_size: u64,
+    /// `nr_hugepages`: pages in the pool.
+    pub total: u64,
+    /// `free_hugepages`: pages not in use.
+    pub free: u64,
+    /// `resv_hugepages`: free pages promised to existing mappings.
+    pub reserved: u64,
+}
+
+impl HugePagePool {
+    /// The sysfs directory of the pool of `page_size`-byte pages.
+    pub fn sysfs_dir(page_size: u64) -> String {
+        format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page_size >> 10)
+    }
+
+    /// Reads the pool of `page_size`-byte pages; `None` if the kernel has no
+    /// such pool.
+    pub fn read(page_size: u64) -> Option<HugePagePool> {
+        let dir = Self::sysfs_dir(page_size);
+        let field = |name: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("{dir}/{name}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(HugePagePool {
+            page_size,
+            total: field("nr_hugepages")?,
+            free: field("free_hugepages")?,
+            reserved: field("resv_hugepages")?,
+        })
+    }
+
+    /// Pages a new mapping can still reserve.
+    pub fn available(&self) -> u64 {
+        self.free.saturating_sub(self.reserved)
+    }
+}
+
+/// A sealed hugetlb memfd.
+#[derive(Debug)]
+pub struct HugetlbMemfd {
+    core: FileCore,
+}
+
+impl HugetlbMemfd {
+    /// Creates a sealed hugetlb memfd of `size` bytes and reserves its pages
+    /// (by mapping it for KVM).
+    ///
+    /// # Errors
+    /// - [`BackingError::UnsupportedFlags`] (`EINVAL`) for unknown flags;
+    /// - [`BackingError::InvalidSize`] (`EINVAL`) unless `size` is whole huge pages;
+    /// - [`BackingError::Unsupported`] if `kind` is not a hugetlb kind or the
+    ///   kernel has no pool of that page size;
+    /// - [`BackingError::HugePagesExhausted`] (`ENOMEM`) if the pool has too
+    ///   few free pages, with how many are needed and free.
+    pub fn create(
+        kind: BackingKind,
+        size: u64,
+        flags: GmemFlags,
+        vm: Option<&Vm>,
+    ) -> Result<HugetlbMemfd, BackingError> {
+        let page_flag = match kind {
+            BackingKind::Hugetlb2M => MemfdFlags::HUGE_2MB,
+            BackingKind::Hugetlb1G => MemfdFlags::HUGE_1GB,
+            _ => {
+                return Err(BackingError::Unsupported {
+                    op: "HugetlbMemfd::create",
+                    kind,
+                    reason: "not a hugetlb backing",
+                });
+            }
+        };
+        let page = kind.page_size();
+        validate_create(size, flags, SUPPORTED_FLAGS, page)?;
+        let exhausted = || {
+            let pool = HugePagePool::read(page);
+            BackingError::HugePagesExhausted {
+                page_size_kib: page >> 10,
+                needed: size / page,
+                free: pool.map_or(0, |p| p.available()),
+            }
+        };
+        let Some(pool) = HugePagePool::read(page) else {
+            return Err(BackingError::Unsupported {
+                op: "create",
+                kind,
+                reason: "the kernel has no huge page pool of this size",
+            });
+        };
+        if pool.available() < size / page {
+            return Err(exhausted());
+        }
+        let fd = create_sealed("gmem-hugetlb", MemfdFlags::HUGETLB | page_flag, size)?;
+        let core = FileCore::new(fd, kind, size, flags, vm.map(Vm::id)).map_err(|e| {
+            // Another process may have taken the pages between the check and mmap.
+            if e.errno() == libc::ENOMEM {
+                exhausted()
+            } else {
+                e
+            }
+        })?;
+        Ok(HugetlbMemfd { core })
+    }
+}
+
+impl sealed::Sealed for HugetlbMemfd {
+    fn kvm_userspace_addr(&self) -> u64 {
+        self.core.kvm_userspace_addr()
+    }
+
+    fn claim(&self, vm: VmId) -> Result<(), VmId> {
+        self.core.claim(vm)
+    }
+}
+
+impl RestrictedMemory for HugetlbMemfd {
+    fn kind(&self) -> BackingKind {
+        self.core.kind
+    }
+
+    fn size(&self) -> u64 {
+        self.core.size
+    }
+
+    fn flags(&self) -> GmemFlags {
+        self.core.flags
+    }
+
+    fn owner(&self) -> Option<VmId> {
+        self.core.owner.get().copied()
+    }
+
+    fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
+        self.core.allocate(range)
+    }
+
+    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
+        self.core.punch(range)
+    }
+
+    fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
+        // Faulted-in huge pages show only in page tables: KVM's mapping and
+        // the host mappings, all of them gmem's.
+        self.core.populated(|runs| {
+            self.core.resident_via_kvm_map(runs)?;
+            self.core
+                .host_maps
+                .for_each(|addr, len| resident_into(addr, len, runs))
+        })
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.core.fd()
+    }
+
+    fn map_host(&self) -> Result<HostMapping, BackingError> {
+        self.core.map_host()
+    }
+}
