@@ -9,4 +9,4 @@ pub mod uapi;
 pub(crate) mod vm;
 
 pub use caps::{KvmCaps, VmTypeCaps};
-pub use vm::{KvmError, Vm, VmId, VmType};
+pub use vm::{KvmError, Vm, VmId, VmType, WeakVm};

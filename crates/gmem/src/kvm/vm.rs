@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
@@ -198,6 +198,12 @@ impl Vm {
         &self.inner.fd
     }
 
+    /// A handle that does not keep the VM alive: to find out whether it is
+    /// gone (every handle, binding and vCPU of gmem's dropped).
+    pub fn downgrade(&self) -> WeakVm {
+        WeakVm(Arc::downgrade(&self.inner))
+    }
+
     /// The `/dev/kvm` handle the VM was created from.
     pub fn kvm(&self) -> &Kvm {
         &self.inner.kvm
@@ -212,5 +218,16 @@ fn create_vm_retrying(kvm: &Kvm, vm_type: u64) -> Result<VmFd, kvm_ioctls::Error
             Err(e) if e.errno() == libc::EINTR => continue,
             other => return other,
         }
+    }
+}
+
+/// A [`Vm`] handle that does not keep the VM alive.
+#[derive(Clone, Debug)]
+pub struct WeakVm(Weak<VmInner>);
+
+impl WeakVm {
+    /// The VM, if anything still keeps it alive.
+    pub fn upgrade(&self) -> Option<Vm> {
+        self.0.upgrade().map(|inner| Vm { inner })
     }
 }
