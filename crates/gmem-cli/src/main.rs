@@ -1,1 +1,41 @@
-fn main() {}
+//! `gmem`: probe the host, run the conformance suite, run guests on
+//! restricted memory.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Restricted guest memory for VMMs: guest_memfd, sealed memfd and hugetlb.
+#[derive(Debug, Parser)]
+#[command(name = "gmem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report what this kernel offers: KVM, guest_memfd and its flags per VM
+    /// type, memory attributes, pre-fault, huge pages, usable backings.
+    Probe(commands::probe::Args),
+    /// Run the conformance suite (the upstream T-checks and gmem's G-checks)
+    /// on every backing this host has, or on one.
+    Selftest(commands::selftest::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe(args) => commands::probe::run(&args),
+        Command::Selftest(args) => commands::selftest::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gmem: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
