@@ -106,4 +106,5 @@ suite! {
     g06_bind_rules_refuse_and_change_nothing => "G6",
     g07_drop_in_any_order => "G7",
     g08_punch_invalidates_running_guest => "G8",
+    g09_refused_fallocate_changes_nothing => "G9",
 }

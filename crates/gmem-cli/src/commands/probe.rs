@@ -43,7 +43,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     println!("{:<20}{}", "kernel", probe.kernel);
     match &probe.kvm {
-        None => println!("{:<20}absent: {}", "KVM", probe.kvm_error.as_deref().unwrap_or("?")),
+        None => println!(
+            "{:<20}absent: {}",
+            "KVM",
+            probe.kvm_error.as_deref().unwrap_or("?")
+        ),
         Some(kvm) => {
             println!("{:<20}present, API version {}", "KVM", kvm.api_version);
             println!(
@@ -54,7 +58,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             );
             for t in &kvm.vm_types {
                 match (&t.error, t.guest_memfd_flags) {
-                    (Some(e), _) => println!("{:<20}{}: cannot create: {e}", "VM type", t.vm_type.name()),
+                    (Some(e), _) => {
+                        println!("{:<20}{}: cannot create: {e}", "VM type", t.vm_type.name())
+                    }
                     (None, flags) => println!(
                         "{:<20}{}: guest_memfd flags {}, memory attributes {:#x}",
                         "VM type",
@@ -68,14 +74,22 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 "{:<20}{:#x}{}",
                 "memory attributes",
                 kvm.memory_attributes,
-                if kvm.memory_attributes & 8 != 0 { " (PRIVATE)" } else { " (none: KVM_SET_MEMORY_ATTRIBUTES unavailable)" }
+                if kvm.memory_attributes & 8 != 0 {
+                    " (PRIVATE)"
+                } else {
+                    " (none: KVM_SET_MEMORY_ATTRIBUTES unavailable)"
+                }
             );
             println!("{:<20}{}", "pre-fault memory", yes_no(kvm.pre_fault_memory));
             println!(
                 "{:<20}{:#x}{}",
                 "exit hypercall",
                 kvm.exit_hypercall_mask,
-                if kvm.exit_hypercall_mask & (1 << 12) != 0 { " (KVM_HC_MAP_GPA_RANGE)" } else { "" }
+                if kvm.exit_hypercall_mask & (1 << 12) != 0 {
+                    " (KVM_HC_MAP_GPA_RANGE)"
+                } else {
+                    ""
+                }
             );
             println!(
                 "{:<20}{}; memory fault info {}",

@@ -25,7 +25,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let selected: Vec<_> = checks()
         .iter()
-        .filter(|c| args.check.as_deref().is_none_or(|id| c.id.eq_ignore_ascii_case(id)))
+        .filter(|c| {
+            args.check
+                .as_deref()
+                .is_none_or(|id| c.id.eq_ignore_ascii_case(id))
+        })
         .collect();
     if selected.is_empty() {
         anyhow::bail!(
@@ -50,5 +54,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     gmem_conformance::pool::restore();
     println!("{passed} passed, {failed} failed, {skipped} skipped");
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

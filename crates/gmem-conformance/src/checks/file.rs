@@ -710,3 +710,54 @@ pub(crate) fn g5_dontdump_dontfork(env: &Env) -> Result<(), Stop> {
     );
     Ok(())
 }
+
+pub(crate) fn g9_refusals_change_nothing(env: &Env) -> Result<(), Stop> {
+    let size = env.file_size();
+    let mem = env.create(size)?;
+    let host = mem.map_host()?;
+    host.fill(0, P as usize, 0x3c)?;
+    mem.allocate(FileRange::new(size - P, P)?)?;
+    let populated = mem.populated()?;
+    let refusals: [(&str, bool, u64, u64, i32); 8] = [
+        ("allocate of length 0", false, 0, 0, libc::EINVAL),
+        (
+            "allocate past the end",
+            false,
+            size - P,
+            2 * P,
+            libc::EINVAL,
+        ),
+        ("allocate at the end", false, size, P, libc::EINVAL),
+        ("allocate at an unaligned offset", false, 1, P, libc::EINVAL),
+        (
+            "allocate overflowing loff_t",
+            false,
+            i64::MAX as u64 - P + 1,
+            2 * P,
+            libc::EFBIG,
+        ),
+        ("punch of an unaligned length", true, 0, P + 1, libc::EINVAL),
+        ("punch at a negative offset", true, 1 << 63, P, libc::EINVAL),
+        (
+            "punch wrapping around",
+            true,
+            u64::MAX - P + 1,
+            2 * P,
+            libc::EINVAL,
+        ),
+    ];
+    for (what, punch, off, len, errno) in refusals {
+        expect_errno(api_fallocate(&*mem, punch, off, len), errno, what)?;
+    }
+    verify(&host, 0, P, 0x3c)?;
+    ensure!(
+        mem.populated()? == populated,
+        "refusals changed the populated ranges: {:?}",
+        mem.populated()?
+    );
+    ensure!(
+        fstat(&*mem)?.st_size as u64 == size,
+        "refusals changed the size"
+    );
+    Ok(())
+}

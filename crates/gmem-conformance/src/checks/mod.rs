@@ -118,4 +118,10 @@ pub(crate) static ALL: &[Check] = &[
         Once,
         guest::g8_punch_invalidates
     ),
+    check!(
+        "G9",
+        "refused_fallocate_changes_nothing",
+        Once,
+        file::g9_refusals_change_nothing
+    ),
 ];
