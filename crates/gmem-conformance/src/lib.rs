@@ -7,7 +7,7 @@
 //! backing, plus gmem's own checks (G-numbers) for what the issue tracker asks
 //! of every backing beyond the selftests.
 //!
-//! Each check runs for one [`BackingKind`](gmem::BackingKind) and creation-flag set, and ends
+//! Each check runs for one [`BackingKind`] and creation-flag set, and ends
 //! [`Outcome::Pass`], [`Outcome::Fail`], or [`Outcome::Skip`] with the reason
 //! (and what was missing, so CI can refuse skips it does not accept). The same
 //! checks run under `cargo test` (one test per check, backing and flag set)
