@@ -107,4 +107,11 @@ suite! {
     g07_drop_in_any_order => "G7",
     g08_punch_invalidates_running_guest => "G8",
     g09_refused_fallocate_changes_nothing => "G9",
+    c01_in_place_conversion_keeps_one_copy => "C1",
+    c02_discard_conversion_zeroes_and_frees => "C2",
+    c03_private_pages_fault_in_the_host_view => "C3",
+    c04_huge_page_granularity => "C4",
+    c05_refused_conversions_change_nothing => "C5",
+    c06_dontneed_does_not_free_punch_does => "C6",
+    c07_guest_pages_out_of_swap => "C7",
 }

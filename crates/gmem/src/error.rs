@@ -4,6 +4,8 @@ use thiserror::Error;
 
 use crate::backing::{AccessError, BackingError};
 use crate::binding::BindError;
+use crate::convert::ConvertError;
+use crate::host_view::ViewError;
 use crate::kvm::KvmError;
 use crate::range::RangeError;
 
@@ -25,6 +27,12 @@ pub enum Error {
     /// A host access was refused.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// A host-view access was refused.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// A conversion or discard was refused.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
 }
 
 impl Error {
@@ -36,6 +44,8 @@ impl Error {
             Error::Bind(e) => e.errno(),
             Error::Kvm(e) => e.errno(),
             Error::Access(e) => e.errno(),
+            Error::View(e) => e.errno(),
+            Error::Convert(e) => e.errno(),
         }
     }
 }

@@ -28,19 +28,25 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod attributes;
 pub mod backing;
 pub mod binding;
+pub mod convert;
 mod error;
+pub mod host_view;
 pub mod kvm;
 pub mod probe;
 pub mod range;
 pub mod range_set;
 
+pub use attributes::{Attribute, AttributeMap};
 pub use backing::{
     AccessError, BackingError, BackingKind, GmemFlags, HostMapping, MemoryOptions, PunchReport,
     RestrictedMemory, create_memory,
 };
 pub use binding::{BindError, Binding, Slot, SlotRequest};
+pub use convert::{ConversionStats, ConvertError, ConvertReport, Converter, Policy};
 pub use error::Error;
+pub use host_view::{HostView, ViewError};
 pub use kvm::{KvmError, Vm, VmId, VmType};
 pub use range::{FileRange, GmemOffset, GuestAddress, PAGE_SIZE, RangeError};

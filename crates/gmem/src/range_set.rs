@@ -79,6 +79,21 @@ impl RangeSet {
                 .is_some_and(|(_, &e)| e >= r.end)
     }
 
+    /// The runs that overlap `r`, in order (not clipped to `r`).
+    pub fn overlapping(&self, r: Range<u64>) -> impl Iterator<Item = Range<u64>> + '_ {
+        let first = self
+            .runs
+            .range(..=r.start)
+            .next_back()
+            .filter(|(_, e)| **e > r.start)
+            .map(|(&s, _)| s)
+            .unwrap_or(r.start);
+        self.runs
+            .range(first..r.end.max(first))
+            .map(|(&s, &e)| s..e)
+            .filter(move |run| run.end > r.start && run.start < r.end)
+    }
+
     /// The runs, in order.
     pub fn iter(&self) -> impl Iterator<Item = Range<u64>> + '_ {
         self.runs.iter().map(|(&s, &e)| s..e)

@@ -680,7 +680,7 @@ pub(crate) fn g4_pool_shortage(env: &Env) -> Result<(), Stop> {
 }
 
 /// The VmFlags of the mapping that starts at `addr`, from /proc/self/smaps.
-fn vm_flags(addr: usize) -> Option<String> {
+pub(crate) fn vm_flags(addr: usize) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let start = format!("{addr:x}-");
     let mut inside = false;

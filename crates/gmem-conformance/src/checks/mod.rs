@@ -2,6 +2,7 @@
 //! (spec §6); G-numbers are gmem's own.
 
 mod bind;
+mod convert;
 mod file;
 mod guest;
 mod kernel;
@@ -123,5 +124,47 @@ pub(crate) static ALL: &[Check] = &[
         "refused_fallocate_changes_nothing",
         Once,
         file::g9_refusals_change_nothing
+    ),
+    check!(
+        "C1",
+        "in_place_conversion_keeps_one_copy",
+        Once,
+        convert::c1_in_place_keeps_one_copy
+    ),
+    check!(
+        "C2",
+        "discard_conversion_zeroes_and_frees",
+        Once,
+        convert::c2_discard_zeroes_and_frees
+    ),
+    check!(
+        "C3",
+        "private_pages_fault_in_the_host_view",
+        Once,
+        convert::c3_private_pages_fault
+    ),
+    check!(
+        "C4",
+        "huge_page_granularity",
+        Once,
+        convert::c4_huge_page_granularity
+    ),
+    check!(
+        "C5",
+        "refused_conversions_change_nothing",
+        Once,
+        convert::c5_refusals_change_nothing
+    ),
+    check!(
+        "C6",
+        "dontneed_does_not_free_punch_does",
+        Once,
+        convert::c6_dontneed_does_not_free
+    ),
+    check!(
+        "C7",
+        "guest_pages_out_of_swap",
+        Once,
+        convert::c7_out_of_swap
     ),
 ];

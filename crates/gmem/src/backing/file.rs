@@ -46,9 +46,7 @@ impl FileCore {
     ) -> Result<FileCore, BackingError> {
         let kvm_map = if flags.contains(GmemFlags::MMAP) || kind != BackingKind::GuestMemfd {
             let map = Mapping::shared(fd.as_fd(), size)?;
-            // Guest memory stays out of core dumps and forked children.
-            map.advise(Advice::LinuxDontDump)?;
-            map.advise(Advice::LinuxDontFork)?;
+            guard(&map, kind)?;
             Some(map)
         } else {
             None
@@ -161,8 +159,7 @@ impl FileCore {
         } else {
             Mapping::shared(private_placeholder()?.as_fd(), self.size)?
         };
-        map.advise(Advice::LinuxDontDump)?;
-        map.advise(Advice::LinuxDontFork)?;
+        guard(&map, self.kind)?;
         Ok(HostMapping::new(
             map,
             self.size,
@@ -178,6 +175,93 @@ impl FileCore {
         }
         Ok(())
     }
+}
+
+/// `cachestat(2)`'s syscall number: 451 on every architecture (Linux 6.5+).
+/// The libc crate does not define it for x86_64-gnu yet.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// How many pages of `[off, off + len)` are in the file's page cache, by
+/// `cachestat(2)`: `Ok(None)` where the kernel has no cachestat (before 6.5)
+/// or refuses it for this file (hugetlbfs).
+fn cachestat(fd: BorrowedFd<'_>, off: u64, len: u64) -> Result<Option<u64>, BackingError> {
+    let range = CachestatRange { off, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the
+    // kernel's layout; the fd is borrowed and open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(stat.nr_cache));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS | libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(BackingError::syscall(
+            format!("cachestat({off:#x}, {len:#x})"),
+            err,
+        )),
+    }
+}
+
+/// The file's page-cache pages as runs, found by bisecting with cachestat:
+/// a range that is all cached or all empty ends the search, so the cost is
+/// O(runs × log(size)) calls. `Ok(None)` where cachestat is unavailable.
+pub(crate) fn cached_runs(fd: BorrowedFd<'_>, size: u64) -> Result<Option<RangeSet>, BackingError> {
+    let mut runs = RangeSet::new();
+    let mut stack = vec![(0u64, size)];
+    while let Some((off, len)) = stack.pop() {
+        let Some(pages) = cachestat(fd, off, len)? else {
+            return Ok(None);
+        };
+        if pages == 0 {
+            continue;
+        }
+        if pages * 4096 >= len || len <= 4096 {
+            runs.insert(off..off + len);
+            continue;
+        }
+        let half = (len / 2).next_multiple_of(4096).min(len - 4096);
+        stack.push((off + half, len - half));
+        stack.push((off, half));
+    }
+    Ok(Some(runs))
+}
+
+/// Keeps a mapping of guest memory from leaving the process: out of core
+/// dumps (`MADV_DONTDUMP`), out of forked children (`MADV_DONTFORK`) and, on
+/// the shmem memfd whose pages could be swapped, out of swap (`mlock2` on
+/// fault). guest_memfd and hugetlb pages are unevictable already.
+fn guard(map: &Mapping, kind: BackingKind) -> Result<(), BackingError> {
+    map.advise(Advice::LinuxDontDump)?;
+    map.advise(Advice::LinuxDontFork)?;
+    if kind == BackingKind::Memfd {
+        map.lock_on_fault()?;
+    }
+    Ok(())
 }
 
 /// Adds the pages of the mapping `[addr, addr + len)` (which maps the file

@@ -8,7 +8,7 @@ use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
 use kvm_bindings::kvm_create_guest_memfd;
 
-use super::file::FileCore;
+use super::file::{FileCore, cached_runs};
 use super::{
     BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
     validate_create,
@@ -106,11 +106,16 @@ impl RestrictedMemory for GuestMemfd {
     }
 
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
+        // cachestat counts every page-cache folio, fallocated ones included,
+        // mapped or not: exact, with or without MMAP.
+        if let Some(runs) = cached_runs(self.core.fd(), self.core.size)? {
+            return Ok(runs.to_vec());
+        }
         if self.core.kvm_map.is_none() {
             return Err(BackingError::Unsupported {
                 op: "the populated-range query",
                 kind: BackingKind::GuestMemfd,
-                reason: "without MMAP the kernel offers neither SEEK_DATA (ESPIPE) nor a mapping for mincore",
+                reason: "this kernel has no cachestat, and without MMAP there is neither SEEK_DATA (ESPIPE) nor a mapping for mincore",
             });
         }
         // mincore on a shared file mapping looks the page cache up, so pages

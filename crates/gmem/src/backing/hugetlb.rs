@@ -173,12 +173,22 @@ impl RestrictedMemory for HugetlbMemfd {
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
         // Faulted-in huge pages show only in page tables: KVM's mapping and
         // the host mappings, all of them gmem's.
-        self.core.populated(|runs| {
+        let runs = self.core.populated(|runs| {
             self.core.resident_via_kvm_map(runs)?;
             self.core
                 .host_maps
                 .for_each(|addr, len| resident_into(addr, len, runs))
-        })
+        })?;
+        // hugetlbfs counts its pages in i_blocks: never report less than that.
+        let populated = rustix::fs::fstat(self.core.fd())
+            .map_err(|e| BackingError::syscall("fstat", e))?
+            .st_blocks as u64
+            * 512;
+        let located: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        if located < populated {
+            return Err(BackingError::Unlocatable { located, populated });
+        }
+        Ok(runs)
     }
 
     fn as_fd(&self) -> BorrowedFd<'_> {

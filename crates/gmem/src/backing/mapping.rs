@@ -80,6 +80,24 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Keeps the mapping's pages out of swap as they are faulted in
+    /// (`mlock2(MLOCK_ONFAULT)`).
+    pub(crate) fn lock_on_fault(&self) -> Result<(), BackingError> {
+        // SAFETY: the range is exactly this live mapping; locking moves no
+        // memory and changes no contents.
+        unsafe {
+            rustix::mm::mlock_with(self.addr.as_ptr().cast(), self.len, rustix::mm::MlockFlags::ONFAULT)
+        }
+        .map_err(|e| {
+            BackingError::syscall(
+                format!("mlock2(MLOCK_ONFAULT) of {:#x} bytes of guest memory (is RLIMIT_MEMLOCK too low?)", self.len),
+                e,
+            )
+        })
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: this value owns the mapping, created with exactly this

@@ -208,6 +208,16 @@ pub enum BackingError {
         /// Why not.
         reason: &'static str,
     },
+    /// The kernel counts more populated bytes than gmem can locate.
+    #[error(
+        "the file holds {populated:#x} populated bytes but only {located:#x} can be located: on hugetlbfs, pages faulted in through a mapping gmem does not own, or dropped from one with MADV_DONTNEED, are visible to no query"
+    )]
+    Unlocatable {
+        /// Bytes gmem located.
+        located: u64,
+        /// Bytes the kernel counts (`st_blocks`).
+        populated: u64,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Syscall {
@@ -230,7 +240,7 @@ impl BackingError {
             BackingError::NoGuestMemfd => libc::ENOTTY,
             BackingError::HugePagesExhausted { .. } => libc::ENOMEM,
             BackingError::MappingNotAllowed { .. } => libc::ENODEV,
-            BackingError::Unsupported { .. } => libc::EOPNOTSUPP,
+            BackingError::Unsupported { .. } | BackingError::Unlocatable { .. } => libc::EOPNOTSUPP,
             BackingError::Syscall { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

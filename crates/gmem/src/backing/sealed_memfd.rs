@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 use rustix::io::Errno;
 
-use super::file::FileCore;
+use super::file::{FileCore, cached_runs};
 use super::{
     BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
     validate_create,
@@ -109,7 +109,10 @@ impl RestrictedMemory for SealedMemfd {
     }
 
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
-        // shmem answers SEEK_DATA/SEEK_HOLE for pages that hold data, mapped
+        if let Some(runs) = cached_runs(self.core.fd(), self.core.size)? {
+            return Ok(runs.to_vec());
+        }
+        // Before Linux 6.5: shmem answers SEEK_DATA/SEEK_HOLE for pages that hold data, mapped
         // or not (fallocated pages count as holes until first use).
         self.core.populated(|runs| {
             let fd = self.core.fd.as_fd();

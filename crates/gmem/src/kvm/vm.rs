@@ -188,6 +188,18 @@ impl Vm {
         self.inner.fd.check_extension(Cap::GuestMemfd)
     }
 
+    /// `KVM_CAP_MEMORY_ATTRIBUTES` on the VM fd: the attributes
+    /// `KVM_SET_MEMORY_ATTRIBUTES` accepts for this VM (bit 3 = PRIVATE; 0
+    /// where the kernel has no memory attributes).
+    pub fn memory_attributes(&self) -> u64 {
+        u64::try_from(
+            self.inner
+                .fd
+                .check_extension_raw(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES.into()),
+        )
+        .unwrap_or(0)
+    }
+
     /// How many memslots the VM has (`KVM_CAP_NR_MEMSLOTS`).
     pub fn max_slots(&self) -> u32 {
         self.inner.max_slots
