@@ -278,6 +278,27 @@ impl HostView {
         Ok(())
     }
 
+    /// Fills `len` bytes of guest memory at `gpa` with `byte`.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read); nothing is written then.
+    pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<(), ViewError> {
+        let attrs = self.read_attributes();
+        for part in self.shared_parts(&attrs, gpa, len)? {
+            let r = &self.regions[part.region];
+            // SAFETY: as in `write`: inside a live mapping, all shared, and
+            // the read lock holds conversions off.
+            unsafe {
+                std::ptr::write_bytes(
+                    r.host_addr(part.gpa.start),
+                    byte,
+                    (part.gpa.end - part.gpa.start) as usize,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Splits `[gpa, gpa + len)` into per-region parts, refusing it unless
     /// all of it is guest memory and shared.
     fn shared_parts(

@@ -116,7 +116,7 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
     let view = f.converter.view();
     let size = env.file_size();
     let u = env.unit();
-    view.write(GPA, &vec![0xcc; size as usize])?;
+    view.fill(GPA, size, 0xcc)?;
     let before = populated_bytes(&*f.memory)?;
     ensure!(
         before == size,
@@ -318,17 +318,36 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
     let f = fixture(env, Attribute::Shared, Policy::InPlace)?;
     let view = f.converter.view();
     let u = env.unit();
-    view.write(GPA, &vec![7; u as usize])?;
+    view.fill(GPA, u, 7)?;
     let before = held_bytes(&*f.memory)?;
     ensure!(
         before >= u,
         "the file holds {before:#x} bytes after a write of {u:#x}"
     );
-    let ptr = view.as_ptr(GPA).unwrap_or(std::ptr::null_mut());
-    // SAFETY: one backing page of the view's live mapping; DONTNEED only drops
-    // this process's page-table entries for it.
-    unsafe { rustix::mm::madvise(ptr.cast(), u as usize, rustix::mm::Advice::LinuxDontNeed) }
-        .map_err(|e| Stop::Fail(format!("madvise(MADV_DONTNEED): {e}")))?;
+    // A plain MAP_SHARED mapping of the file, as a VMM without gmem would
+    // have (gmem's own mappings of the memfd are mlocked, where DONTNEED is
+    // refused outright).
+    // SAFETY: a fresh mapping at a kernel-chosen address, unmapped below.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            u as usize,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            f.memory.as_fd(),
+            0,
+        )
+    }
+    .map_err(|e| Stop::Fail(format!("mmap: {e}")))?;
+    // SAFETY: the first byte of the live mapping just made, inside the file.
+    unsafe { ptr.cast::<u8>().write_volatile(7) };
+    // SAFETY: the mapping just made; DONTNEED only drops its page-table entries.
+    let dontneed =
+        unsafe { rustix::mm::madvise(ptr, u as usize, rustix::mm::Advice::LinuxDontNeed) };
+    // SAFETY: the mapping just made, no longer used.
+    unsafe { rustix::mm::munmap(ptr, u as usize) }
+        .map_err(|e| Stop::Fail(format!("munmap: {e}")))?;
+    dontneed.map_err(|e| Stop::Fail(format!("madvise(MADV_DONTNEED): {e}")))?;
     ensure!(
         held_bytes(&*f.memory)? == before,
         "MADV_DONTNEED changed what the file holds (it should not: the memory stays allocated)"
