@@ -2,6 +2,7 @@
 //! restricted memory.
 
 mod commands;
+mod units;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,10 @@ enum Command {
     /// Report what this kernel offers: KVM, guest_memfd and its flags per VM
     /// type, memory attributes, pre-fault, huge pages, usable backings.
     Probe(commands::probe::Args),
+    /// Run a guest on restricted memory: the built-in demo, or a flat binary
+    /// that speaks the guest ABI (docs/guest-abi.md). Exits with the guest's
+    /// status.
+    Run(commands::run::Args),
     /// Run the conformance suite (the upstream T-checks and gmem's G-checks)
     /// on every backing this host has, or on one.
     Selftest(commands::selftest::Args),
@@ -29,6 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => commands::probe::run(&args),
+        Command::Run(args) => commands::run::run(&args),
         Command::Selftest(args) => commands::selftest::run(&args),
     };
     match result {

@@ -3,14 +3,23 @@
 //! Runs real guests on gmem's restricted memory: builds a VM whose RAM is a
 //! restricted memory file bound at GPA 0, boots its vCPUs straight into
 //! 64-bit long mode (GDT and identity page tables written by the VMM), loads a
-//! flat payload and runs it, decoding every exit.
+//! flat payload, launches (RAM becomes private), and runs every vCPU on a
+//! thread of its own, serving the guest ABI (`docs/guest-abi.md`): serial
+//! console, exit port, hypercall doorbell, shared-buffer console, discard.
 //!
-//! It depends on the `gmem` library and nothing depends on it but the CLI.
+//! It depends on the `gmem` library and nothing depends on it but the CLI
+//! and the conformance suite.
 #![warn(missing_docs)]
 
+pub mod abi;
 pub mod boot;
+pub mod demo;
 pub mod exit;
 pub mod machine;
+pub mod runner;
+pub mod vcpu;
 
 pub use exit::Exit;
-pub use machine::{MIN_RAM, Machine, MachineConfig, VmmError};
+pub use machine::{MAX_VCPUS, MIN_RAM, Machine, MachineConfig, VmmError};
+pub use runner::RunReport;
+pub use vcpu::{Console, Step};

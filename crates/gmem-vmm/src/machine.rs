@@ -1,20 +1,26 @@
 //! A machine: one VM, its guest RAM in a restricted memory file bound at GPA
-//! 0, the host's mapping of it, and the vCPUs, booted into long mode.
+//! 0, the host view and conversion engine over it, and the vCPUs, booted into
+//! long mode.
 
 use std::sync::Arc;
 
 use gmem::{
-    AccessError, BackingError, BackingKind, BindError, Binding, GmemFlags, HostMapping, KvmError,
-    MemoryOptions, RestrictedMemory, SlotRequest, Vm, create_memory,
+    Attribute, BackingError, BackingKind, BindError, Binding, ConvertError, Converter, GmemFlags,
+    HostView, KvmError, MemoryOptions, Policy, RestrictedMemory, SlotRequest, ViewError, Vm,
+    create_memory,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap};
 use thiserror::Error;
 
+use crate::abi::HC_MAP_GPA_RANGE;
 use crate::boot::{self, MAX_RAM, PAYLOAD_FLOOR, STACK_SIZE};
 use crate::exit::Exit;
+use crate::vcpu::{Console, ExitCounts, Step, VcpuState, run_once};
 
 /// The smallest guest RAM: the boot area, a 64 KiB payload and one stack.
 pub const MIN_RAM: u64 = 2 << 20;
+/// The most vCPUs a machine may have.
+pub const MAX_VCPUS: u32 = 64;
 
 /// Why a machine could not be built or run.
 #[derive(Debug, Error)]
@@ -28,9 +34,12 @@ pub enum VmmError {
     /// Guest RAM could not be bound.
     #[error("binding guest RAM")]
     Bind(#[from] BindError),
-    /// A host access to guest RAM was refused.
+    /// The host view refused an access.
     #[error("writing guest RAM")]
-    Access(#[from] AccessError),
+    View(#[from] ViewError),
+    /// A conversion failed.
+    #[error("converting guest RAM")]
+    Convert(#[from] ConvertError),
     /// The RAM size breaks a rule.
     #[error("RAM size {size:#x} is invalid: it {rule}")]
     InvalidRam {
@@ -49,18 +58,26 @@ pub enum VmmError {
     },
     /// A payload does not fit.
     #[error(
-        "payload of {len:#x} bytes at {addr:#x} does not fit: the payload area is [{floor:#x}, {limit:#x})"
+        "payload of {len:#x} bytes at {addr:#x} (entry {entry:#x}) does not fit: payload and entry must lie in [{floor:#x}, {limit:#x})"
     )]
     PayloadOutsideRam {
         /// Load address.
         addr: u64,
         /// Payload length.
         len: u64,
+        /// Entry point.
+        entry: u64,
         /// The lowest address a payload may use.
         floor: u64,
-        /// One past the highest.
+        /// One past the highest (the vCPU stacks are above).
         limit: u64,
     },
+    /// The payload is empty.
+    #[error("the payload is empty")]
+    EmptyPayload,
+    /// The machine was launched already.
+    #[error("the machine is launched: the host no longer writes guest memory")]
+    AlreadyLaunched,
     /// A vCPU ioctl failed.
     #[error("{op} on vCPU {vcpu} failed")]
     Vcpu {
@@ -71,6 +88,54 @@ pub enum VmmError {
         /// The kernel's error.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// The guest used a port the ABI does not define.
+    #[error("vCPU {vcpu}: {exit}: port {port:#x} is not part of the guest ABI")]
+    UnknownPort {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The port.
+        port: u16,
+        /// The exit.
+        exit: Exit,
+    },
+    /// The guest stopped in a way that ends the run.
+    #[error("vCPU {vcpu} stopped: {exit}\n{dump}")]
+    Guest {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The exit.
+        exit: Exit,
+        /// The vCPU's registers.
+        dump: String,
+    },
+    /// The same memory fault came back right after it was handled.
+    #[error("vCPU {vcpu}: memory fault at GPA {gpa:#x} repeats after conversion")]
+    RepeatedFault {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The GPA.
+        gpa: u64,
+    },
+    /// A memory-fault exit could not be handled by converting.
+    #[error("vCPU {vcpu}: memory fault at GPA {gpa:#x} could not be handled")]
+    Fault {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The GPA.
+        gpa: u64,
+        /// Why the conversion failed.
+        #[source]
+        source: ConvertError,
+    },
+    /// A vCPU thread could not be started.
+    #[error("starting the thread of vCPU {vcpu}")]
+    Thread {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -83,28 +148,40 @@ pub struct MachineConfig {
     pub mem_size: u64,
     /// vCPUs.
     pub vcpus: u32,
+    /// The attribute all of RAM has after launch.
+    pub initial: Attribute,
+    /// What conversions do to the content.
+    pub policy: Policy,
 }
 
 impl MachineConfig {
-    /// `mem_size` bytes of `backing` with one vCPU.
+    /// `mem_size` bytes of `backing`, one vCPU, RAM private after launch,
+    /// in-place conversions.
     pub fn new(backing: BackingKind, mem_size: u64) -> Self {
         MachineConfig {
             backing,
             mem_size,
             vcpus: 1,
+            initial: Attribute::Private,
+            policy: Policy::InPlace,
         }
     }
 
     /// The highest address a payload may reach: the stacks sit above it.
     pub fn payload_limit(&self) -> u64 {
-        self.mem_size - u64::from(self.vcpus) * STACK_SIZE
+        self.mem_size
+            .saturating_sub(u64::from(self.vcpus) * STACK_SIZE)
     }
 
-    fn validate(&self) -> Result<(), VmmError> {
+    /// Checks the RAM size and the vCPU count.
+    ///
+    /// # Errors
+    /// [`VmmError::InvalidRam`], [`VmmError::InvalidVcpus`].
+    pub fn validate(&self) -> Result<(), VmmError> {
         let size = self.mem_size;
         let page = self.backing.page_size();
         let rule = if size < MIN_RAM {
-            Some(format!("must be at least {MIN_RAM:#x}"))
+            Some(format!("must be at least {MIN_RAM:#x} (2 MiB)"))
         } else if size > MAX_RAM {
             Some(format!(
                 "must be at most {MAX_RAM:#x} (what the boot page tables map)"
@@ -120,10 +197,10 @@ impl MachineConfig {
         if let Some(rule) = rule {
             return Err(VmmError::InvalidRam { size, rule });
         }
-        if self.vcpus == 0 || self.vcpus > 64 {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(VmmError::InvalidVcpus {
                 count: self.vcpus,
-                rule: "must be between 1 and 64".into(),
+                rule: format!("must be between 1 and {MAX_VCPUS}"),
             });
         }
         if self.payload_limit() < PAYLOAD_FLOOR + (64 << 10) {
@@ -138,21 +215,31 @@ impl MachineConfig {
     }
 }
 
+/// What every vCPU shares: the VM, RAM, its binding and the conversion engine.
+pub(crate) struct Shared {
+    // Field order is drop order: the host view's mappings, then the slot,
+    // then the file, then the VM.
+    pub(crate) converter: Converter,
+    pub(crate) binding: Binding,
+    pub(crate) memory: Arc<dyn RestrictedMemory>,
+    pub(crate) vm: Vm,
+    pub(crate) config: MachineConfig,
+}
+
 /// A booted machine: every vCPU is in 64-bit mode, paging on, with an
-/// identity map of RAM, waiting at the entry point given to [`Machine::load`].
+/// identity map of RAM. [`Machine::load`] writes the payload and launches.
 pub struct Machine {
-    // Field order is drop order: vCPUs, then the slot, then the memory.
-    vcpus: Vec<VcpuFd>,
-    binding: Binding,
-    host: HostMapping,
-    memory: Arc<dyn RestrictedMemory>,
-    vm: Vm,
-    config: MachineConfig,
+    // Field order is drop order: vCPUs before the memory they run on.
+    pub(crate) vcpus: Vec<VcpuState>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) counts: ExitCounts,
+    launched: bool,
 }
 
 impl Machine {
-    /// Creates the VM and its RAM (`MMAP|INIT_SHARED`, so the VMM can write the
-    /// boot structures), binds the RAM at GPA 0 and creates the vCPUs.
+    /// Creates the VM and its RAM (`MMAP|INIT_SHARED`, so the VMM can write
+    /// the boot structures), binds the RAM at GPA 0, builds the host view and
+    /// conversion engine, and creates the vCPUs.
     ///
     /// # Errors
     /// [`VmmError::InvalidRam`] / [`VmmError::InvalidVcpus`] for a bad
@@ -163,13 +250,15 @@ impl Machine {
         let opts = MemoryOptions::new(config.backing, config.mem_size)
             .with_flags(GmemFlags::MMAP | GmemFlags::INIT_SHARED);
         let memory = create_memory(opts, Some(&vm))?;
-        let host = memory.map_host()?;
         let binding = vm.bind(&memory, SlotRequest::new(0, 0, config.mem_size))?;
+        let view = HostView::new(&[&binding], Attribute::Shared)?;
+        let converter = Converter::new(view, config.policy, &vm)?;
         let gdt: Vec<u8> = boot::gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
-        host.write(boot::GDT_ADDR, &gdt)?;
+        converter.view().write(boot::GDT_ADDR, &gdt)?;
         for (addr, word) in boot::page_tables(config.mem_size) {
-            host.write(addr, &word.to_le_bytes())?;
+            converter.view().write(addr, &word.to_le_bytes())?;
         }
+        enable_exit_hypercall(&vm);
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus as usize {
             let vcpu_err = |op| {
@@ -179,82 +268,97 @@ impl Machine {
                     source,
                 }
             };
-            let vcpu = vm
+            let fd = vm
                 .fd()
                 .create_vcpu(index as u64)
                 .map_err(vcpu_err("KVM_CREATE_VCPU"))?;
-            let sregs = vcpu.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
-            vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+            let sregs = fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::long_mode_sregs(sregs))
                 .map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpus.push(vcpu);
+            vcpus.push(VcpuState::new(index, fd));
         }
         Ok(Machine {
             vcpus,
-            binding,
-            host,
-            memory,
-            vm,
-            config,
+            shared: Arc::new(Shared {
+                converter,
+                binding,
+                memory,
+                vm,
+                config,
+            }),
+            counts: ExitCounts::default(),
+            launched: false,
         })
     }
 
-    /// Writes `payload` at `load_addr` and points every vCPU at `entry` with
-    /// the ABI's registers.
+    /// Writes `payload` at `load_addr`, points every vCPU at `entry` with the
+    /// ABI's registers, and launches: all of RAM takes the configured initial
+    /// attribute (private by default), content kept. After this the host
+    /// never writes private memory.
     ///
     /// # Errors
-    /// [`VmmError::PayloadOutsideRam`] unless the payload lies in
-    /// `[PAYLOAD_FLOOR, payload_limit)`.
+    /// [`VmmError::EmptyPayload`]; [`VmmError::PayloadOutsideRam`] unless
+    /// the payload and the entry lie in `[PAYLOAD_FLOOR, payload_limit)`;
+    /// [`VmmError::AlreadyLaunched`] on a second call.
     pub fn load(&mut self, payload: &[u8], load_addr: u64, entry: u64) -> Result<(), VmmError> {
-        let limit = self.config.payload_limit();
+        if self.launched {
+            return Err(VmmError::AlreadyLaunched);
+        }
+        if payload.is_empty() {
+            return Err(VmmError::EmptyPayload);
+        }
+        let config = &self.shared.config;
+        let limit = config.payload_limit();
         let len = payload.len() as u64;
         let fits = load_addr >= PAYLOAD_FLOOR
             && load_addr.checked_add(len).is_some_and(|end| end <= limit)
-            && (load_addr..limit).contains(&entry);
+            && (PAYLOAD_FLOOR..limit).contains(&entry);
         if !fits {
             return Err(VmmError::PayloadOutsideRam {
                 addr: load_addr,
                 len,
+                entry,
                 floor: PAYLOAD_FLOOR,
                 limit,
             });
         }
-        self.host.write(load_addr, payload)?;
-        for (index, vcpu) in self.vcpus.iter().enumerate() {
+        self.shared.converter.view().write(load_addr, payload)?;
+        for vcpu in &self.vcpus {
+            let index = vcpu.index as u64;
             let regs = boot::entry_regs(
                 entry,
-                boot::stack_top(self.config.mem_size, index as u64),
-                self.config.mem_size,
-                index as u64,
+                boot::stack_top(config.mem_size, index),
+                config.mem_size,
+                index,
             );
-            vcpu.set_regs(&regs).map_err(|source| VmmError::Vcpu {
+            vcpu.fd.set_regs(&regs).map_err(|source| VmmError::Vcpu {
                 op: "KVM_SET_REGS",
-                vcpu: index,
+                vcpu: vcpu.index,
                 source,
             })?;
         }
+        self.shared.converter.launch(config.initial)?;
+        self.launched = true;
         Ok(())
     }
 
-    /// Runs vCPU `index` until its next exit.
+    /// Runs vCPU `index` to its next exit and handles it as the guest ABI
+    /// says, writing console output to `console`.
     ///
     /// # Errors
-    /// [`VmmError::Vcpu`] if `KVM_RUN` fails (other than with `EINTR`/`EAGAIN`,
-    /// which are retried).
-    pub fn run(&mut self, index: usize) -> Result<Exit, VmmError> {
+    /// As the runner: guest failures, unknown ports and failed ioctls.
+    pub fn step(&mut self, index: usize, console: &Console) -> Result<Step, VmmError> {
         let vcpu = &mut self.vcpus[index];
-        loop {
-            match vcpu.run() {
-                Ok(exit) => return Ok(Exit::decode(exit)),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(source) => {
-                    return Err(VmmError::Vcpu {
-                        op: "KVM_RUN",
-                        vcpu: index,
-                        source,
-                    });
-                }
-            }
-        }
+        run_once(vcpu, &self.shared, console, &mut self.counts)
+    }
+
+    /// Runs vCPU `index` until its next exit and returns it undecoded by the
+    /// ABI (no port is handled). For tests that drive a guest exit by exit.
+    ///
+    /// # Errors
+    /// [`VmmError::Vcpu`] if `KVM_RUN` fails other than with `EINTR`/`EAGAIN`.
+    pub fn run(&mut self, index: usize) -> Result<Exit, VmmError> {
+        self.vcpus[index].run_raw()
     }
 
     /// vCPU `index`'s general registers.
@@ -262,42 +366,57 @@ impl Machine {
     /// # Errors
     /// [`VmmError::Vcpu`] if `KVM_GET_REGS` fails.
     pub fn regs(&self, index: usize) -> Result<kvm_bindings::kvm_regs, VmmError> {
-        self.vcpus[index]
-            .get_regs()
-            .map_err(|source| VmmError::Vcpu {
-                op: "KVM_GET_REGS",
-                vcpu: index,
-                source,
-            })
+        self.vcpus[index].regs()
     }
 
     /// The guest RAM file.
     pub fn memory(&self) -> &Arc<dyn RestrictedMemory> {
-        &self.memory
+        &self.shared.memory
     }
 
-    /// The host's mapping of guest RAM.
-    pub fn host(&self) -> &HostMapping {
-        &self.host
+    /// The host view of guest RAM (GPA-addressed; private pages refused).
+    pub fn view(&self) -> &HostView {
+        self.shared.converter.view()
+    }
+
+    /// The conversion engine.
+    pub fn converter(&self) -> &Converter {
+        &self.shared.converter
     }
 
     /// The VM.
     pub fn vm(&self) -> &Vm {
-        &self.vm
+        &self.shared.vm
     }
 
-    /// RAM's binding (slot 0 at GPA 0).
+    /// RAM's binding (at GPA 0).
     pub fn binding(&self) -> &Binding {
-        &self.binding
+        &self.shared.binding
     }
 
     /// The configuration.
     pub fn config(&self) -> &MachineConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// How many vCPUs there are.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+}
+
+/// Lets `vmcall` with `KVM_HC_MAP_GPA_RANGE` exit to userspace where KVM can
+/// (`KVM_CAP_EXIT_HYPERCALL`). Hosts that cannot just keep the doorbell port.
+fn enable_exit_hypercall(vm: &Vm) {
+    let mask = vm.fd().check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into());
+    let wanted = 1u64 << HC_MAP_GPA_RANGE;
+    if u64::try_from(mask).unwrap_or(0) & wanted != 0 {
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_EXIT_HYPERCALL,
+            ..Default::default()
+        };
+        cap.args[0] = wanted;
+        // A refusal only means vmcall keeps returning -KVM_ENOSYS to the guest.
+        let _ = vm.fd().enable_cap(&cap);
     }
 }

@@ -306,6 +306,32 @@ impl Converter {
         len: u64,
         to: Attribute,
     ) -> Result<ConvertReport, ConvertError> {
+        self.convert_with(gpa, len, to, self.policy, true)
+    }
+
+    /// Ends the launch: every region becomes `initial`, keeping its content
+    /// whatever the policy (the VMM wrote the boot structures and payload
+    /// into shared memory; this is where SEV-SNP's launch update would
+    /// encrypt them in place). Not counted in [`stats`](Self::stats).
+    ///
+    /// # Errors
+    /// As [`convert`](Self::convert).
+    pub fn launch(&self, initial: Attribute) -> Result<(), ConvertError> {
+        let regions: Vec<Range<u64>> = self.view.regions().collect();
+        for r in regions {
+            self.convert_with(r.start, r.end - r.start, initial, Policy::InPlace, false)?;
+        }
+        Ok(())
+    }
+
+    fn convert_with(
+        &self,
+        gpa: u64,
+        len: u64,
+        to: Attribute,
+        policy: Policy,
+        count: bool,
+    ) -> Result<ConvertReport, ConvertError> {
         let range = validate_range(gpa, len)?;
         let mut attrs = self.view.write_attributes();
         let parts = self
@@ -327,7 +353,7 @@ impl Converter {
                     self.undo(&mut attrs, &parts, &range, &before);
                     return Err(e);
                 }
-                if self.policy == Policy::Discard {
+                if policy == Policy::Discard {
                     punched = match self.punch(&parts) {
                         Ok(report) => report,
                         Err(e) => {
@@ -340,7 +366,7 @@ impl Converter {
             }
             Attribute::Shared => {
                 // Discard the secret before anyone can see it.
-                if self.policy == Policy::Discard {
+                if policy == Policy::Discard {
                     punched = self.punch(&parts)?;
                 }
                 self.set_kernel(&range, to)?;
@@ -349,6 +375,14 @@ impl Converter {
                     return Err(e);
                 }
             }
+        }
+        let report = ConvertReport {
+            to,
+            changed_bytes,
+            punched,
+        };
+        if !count {
+            return Ok(report);
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         match to {
@@ -363,11 +397,7 @@ impl Converter {
         }
         stats.bytes_freed += punched.bytes_freed;
         stats.bytes_zeroed += punched.bytes_zeroed;
-        Ok(ConvertReport {
-            to,
-            changed_bytes,
-            punched,
-        })
+        Ok(report)
     }
 
     /// Discards `[gpa, gpa + len)` whatever its attribute (free page

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use gmem::probe::Probe;
 
+use crate::units::size_name;
+
 /// `gmem probe` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -117,12 +119,4 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn size_name(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{} GiB", bytes >> 30)
-    } else {
-        format!("{} MiB", bytes >> 20)
-    }
 }

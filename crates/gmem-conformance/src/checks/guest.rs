@@ -6,7 +6,6 @@ use gmem::{BackingKind, FileRange, GmemFlags, PAGE_SIZE};
 use gmem_vmm::{Exit, Machine, MachineConfig, VmmError};
 use iced_x86::code_asm::{CodeAssembler, al, byte_ptr, rbx, rcx};
 
-use super::file::verify;
 use crate::{Env, Need, Stop, ensure, skip};
 
 /// Where the payload is loaded.
@@ -26,7 +25,12 @@ fn machine(env: &Env) -> Result<Machine, Stop> {
         4 << 20
     };
     env.need_pages(ram / env.unit())?;
-    match Machine::new(MachineConfig::new(env.backing, ram)) {
+    // RAM stays shared after launch: the host writes and reads it here.
+    let config = MachineConfig {
+        initial: gmem::Attribute::Shared,
+        ..MachineConfig::new(env.backing, ram)
+    };
+    match Machine::new(config) {
         Ok(m) => Ok(m),
         Err(VmmError::Kvm(e)) => skip!(Need::Kvm, "needs /dev/kvm: {e}"),
         Err(e) => Err(e.into()),
@@ -74,10 +78,10 @@ pub(crate) fn t13_guest(env: &Env) -> Result<(), Stop> {
         a.hlt()
     })?;
     m.load(&code, LOAD, LOAD)?;
-    m.host().fill(DATA, PAGE_SIZE as usize, 0xaa)?;
+    m.view().fill(DATA, PAGE_SIZE, 0xaa)?;
     let report = next_report(&mut m)?;
     ensure!(report == 0, "the guest did not see the host's 0xaa bytes");
-    verify(m.host(), DATA, PAGE_SIZE, 0xff)
+    verify_view(m.view(), DATA, PAGE_SIZE, 0xff)
 }
 
 pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
@@ -92,7 +96,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
     })?;
     m.load(&code, LOAD, LOAD)?;
     let code_end = LOAD + code.len() as u64;
-    m.host().write(DATA, &[0x5a])?;
+    m.view().write(DATA, &[0x5a])?;
     ensure!(
         next_report(&mut m)? == 0x5a,
         "the guest does not see the host's byte"
@@ -108,7 +112,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
         seen == 0,
         "after a 4 KiB punch the guest reads {seen:#x}, not 0"
     );
-    m.host().write(DATA, &[0x77])?;
+    m.view().write(DATA, &[0x77])?;
     ensure!(
         next_report(&mut m)? == 0x77,
         "the guest does not see the host's new byte"
@@ -129,4 +133,17 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
         );
     }
     Ok(())
+}
+
+fn verify_view(view: &gmem::HostView, gpa: u64, len: u64, byte: u8) -> Result<(), Stop> {
+    let mut buf = vec![0u8; len as usize];
+    view.read(gpa, &mut buf)?;
+    match buf.iter().position(|&b| b != byte) {
+        Some(i) => Err(Stop::Fail(format!(
+            "GPA {:#x} reads {:#x}, expected {byte:#x}",
+            gpa + i as u64,
+            buf[i]
+        ))),
+        None => Ok(()),
+    }
 }

@@ -1,0 +1,170 @@
+//! `gmem run`: run a guest on restricted memory, the built-in demo by default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use gmem::{Attribute, BackingKind, GmemFlags, Policy, Vm};
+use gmem_vmm::{Console, Machine, MachineConfig, RunReport, demo};
+
+use crate::units::{parse_addr, parse_size, size_name};
+
+/// `gmem run` arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A flat binary to run; without one, the built-in demo guest runs.
+    payload: Option<PathBuf>,
+    /// Guest RAM's backing: guest-memfd, memfd, hugetlb-2m or hugetlb-1g
+    /// [default: guest-memfd where the kernel has it, else memfd].
+    #[arg(long)]
+    backing: Option<BackingKind>,
+    /// Guest RAM, like 64M, 1G or 0x4000000 [default: 64M, rounded up to
+    /// the backing's page size].
+    #[arg(long, value_parser = parse_size)]
+    mem: Option<u64>,
+    /// vCPUs, one thread each.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Where the payload is loaded.
+    #[arg(long, value_parser = parse_addr, default_value = "0x100000")]
+    load: u64,
+    /// Where the vCPUs start [default: the load address].
+    #[arg(long, value_parser = parse_addr)]
+    entry: Option<u64>,
+    /// What conversions do to the content: in-place or discard.
+    #[arg(long, default_value = "in-place")]
+    conversion: Policy,
+    /// RAM's attribute after launch: private or shared.
+    #[arg(long, default_value = "private", value_parser = parse_attribute)]
+    initial: Attribute,
+    /// Print the report as JSON (the guest's console then goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_attribute(s: &str) -> Result<Attribute, String> {
+    match s {
+        "private" => Ok(Attribute::Private),
+        "shared" => Ok(Attribute::Shared),
+        other => Err(format!(
+            "unknown attribute {other:?}; expected private or shared"
+        )),
+    }
+}
+
+/// guest-memfd where the kernel can back a runnable guest with it, else memfd.
+fn default_backing() -> BackingKind {
+    let both = (GmemFlags::MMAP | GmemFlags::INIT_SHARED).bits();
+    match Vm::new() {
+        Ok(vm) if vm.has_guest_memfd() && vm.supported_gmem_flags() & both == both => {
+            BackingKind::GuestMemfd
+        }
+        _ => BackingKind::Memfd,
+    }
+}
+
+/// Runs `gmem run`; the process exits with the guest's status.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let backing = args.backing.unwrap_or_else(default_backing);
+    let mem_size = args
+        .mem
+        .unwrap_or_else(|| (64u64 << 20).next_multiple_of(backing.page_size()));
+    let config = MachineConfig {
+        vcpus: args.vcpus,
+        initial: args.initial,
+        policy: args.conversion,
+        ..MachineConfig::new(backing, mem_size)
+    };
+    config.validate()?;
+    let payload = match &args.payload {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("reading the payload {}", path.display()))?,
+        None => {
+            if demo::area_end(config.vcpus) > config.payload_limit() {
+                anyhow::bail!(
+                    "the demo guest needs RAM up to {:#x} for {} vCPUs plus their stacks; give more --mem",
+                    demo::area_end(config.vcpus),
+                    config.vcpus
+                );
+            }
+            demo::payload(args.load).context("assembling the demo guest")?
+        }
+    };
+    let entry = args.entry.unwrap_or(args.load);
+    let mut machine = Machine::new(config).context("building the machine")?;
+    machine
+        .load(&payload, args.load, entry)
+        .context("loading the payload")?;
+    let console = if args.json {
+        Console::stderr()
+    } else {
+        Console::stdout()
+    };
+    let report = machine.run_to_end(&console).context("running the guest")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(exit_code(report.status))
+}
+
+/// The process status for a guest status: its low byte, but never 0 for a
+/// non-zero guest status.
+fn exit_code(status: i32) -> ExitCode {
+    let low = (status & 0xff) as u8;
+    ExitCode::from(if status != 0 && low == 0 { 1 } else { low })
+}
+
+fn print_report(r: &RunReport) {
+    let c = &r.conversions;
+    println!("--- gmem run report");
+    println!("{:<14}{}", "backing", r.backing);
+    println!(
+        "{:<14}{} ({:#x}), {} vCPU{}",
+        "memory",
+        size_name(r.mem_size),
+        r.mem_size,
+        r.vcpus,
+        if r.vcpus == 1 { "" } else { "s" }
+    );
+    println!(
+        "{:<14}{}, RAM {} after launch",
+        "policy", r.policy, r.initial
+    );
+    println!(
+        "{:<14}{} pages ({}) at the end",
+        "populated",
+        r.populated_pages,
+        size_name(r.populated_bytes)
+    );
+    println!(
+        "{:<14}to private: {} ({} pages), to shared: {} ({} pages)",
+        "conversions", c.to_private, c.pages_to_private, c.to_shared, c.pages_to_shared
+    );
+    println!(
+        "{:<14}{} (bytes freed {:#x}, bytes zeroed in place {:#x})",
+        "discards", c.discards, c.bytes_freed, c.bytes_zeroed
+    );
+    let exits: Vec<String> = r.exits.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("{:<14}{}", "exits", exits.join(", "));
+    println!(
+        "{:<14}{:.3} ms",
+        "wall time",
+        r.wall_time_us as f64 / 1000.0
+    );
+    println!("{:<14}{}", "status", r.status);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_never_hide_a_failure() {
+        assert_eq!(exit_code(0), ExitCode::from(0));
+        assert_eq!(exit_code(3), ExitCode::from(3));
+        assert_eq!(exit_code(256), ExitCode::from(1));
+        assert_eq!(exit_code(-1), ExitCode::from(255));
+    }
+}

@@ -1,0 +1,177 @@
+//! The guest ABI (`docs/guest-abi.md`): port numbers, hypercall numbers and
+//! the decoding of doorbell arguments. Pure functions of register values, so
+//! they are tested without KVM.
+
+use std::ops::Range;
+
+use gmem::{Attribute, PAGE_SIZE};
+
+/// Serial console: a byte written here goes to the run's output.
+pub const PORT_SERIAL: u16 = 0x3f8;
+/// End the run: the 32-bit value written becomes the exit status.
+pub const PORT_EXIT: u16 = 0xf4;
+/// Hypercall doorbell: eax = number, rbx/rcx/rdx/rsi = arguments, result in rax.
+pub const PORT_HYPERCALL: u16 = 0xf5;
+/// Shared-buffer console: rbx = GPA, rcx = length; result in rax.
+pub const PORT_SHARED_CONSOLE: u16 = 0xf6;
+/// Discard (free page reporting): rbx = GPA, rcx = 4 KiB pages; result in rax.
+pub const PORT_DISCARD: u16 = 0xf7;
+
+/// `KVM_HC_MAP_GPA_RANGE`: convert a range to private or shared.
+pub const HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: bit 4 of the attributes, "make private".
+pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// The page-size level bits of the attributes (0 = 4K, 1 = 2M, 2 = 1G).
+pub const MAP_GPA_RANGE_PAGE_SIZE_MASK: u64 = 0xf;
+
+/// The errno values the ABI returns, negated in rax.
+pub const EFAULT: i64 = 14;
+/// See [`EFAULT`].
+pub const EINVAL: i64 = 22;
+/// See [`EFAULT`].
+pub const ENOSYS: i64 = 38;
+
+/// The registers a doorbell request carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoorbellArgs {
+    /// The hypercall number (eax).
+    pub nr: u64,
+    /// rbx.
+    pub a0: u64,
+    /// rcx.
+    pub a1: u64,
+    /// rdx.
+    pub a2: u64,
+    /// rsi.
+    pub a3: u64,
+}
+
+/// A guest request, decoded and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Convert a guest range.
+    MapGpaRange {
+        /// The range.
+        range: Range<u64>,
+        /// What it becomes.
+        to: Attribute,
+    },
+}
+
+/// Decodes a doorbell (or `vmcall`) request of `ram_size` bytes of guest RAM.
+///
+/// # Errors
+/// `-ENOSYS` for an unknown number; `-EINVAL` for a range that is unaligned,
+/// empty, wraps, or reaches past RAM, or for unknown attribute bits.
+pub fn decode_hypercall(args: DoorbellArgs, ram_size: u64) -> Result<Request, i64> {
+    match args.nr {
+        HC_MAP_GPA_RANGE => {
+            let known = MAP_GPA_RANGE_ENCRYPTED | MAP_GPA_RANGE_PAGE_SIZE_MASK;
+            if args.a2 & !known != 0 || args.a2 & MAP_GPA_RANGE_PAGE_SIZE_MASK > 2 {
+                return Err(-EINVAL);
+            }
+            let range = guest_pages(args.a0, args.a1, ram_size)?;
+            let to = if args.a2 & MAP_GPA_RANGE_ENCRYPTED != 0 {
+                Attribute::Private
+            } else {
+                Attribute::Shared
+            };
+            Ok(Request::MapGpaRange { range, to })
+        }
+        _ => Err(-ENOSYS),
+    }
+}
+
+/// Checks `pages` 4 KiB pages at `gpa` against `ram_size` bytes of RAM.
+///
+/// # Errors
+/// `-EINVAL` if `gpa` is unaligned, `pages` is 0, the range wraps or it
+/// reaches past RAM.
+pub fn guest_pages(gpa: u64, pages: u64, ram_size: u64) -> Result<Range<u64>, i64> {
+    if !gpa.is_multiple_of(PAGE_SIZE) || pages == 0 {
+        return Err(-EINVAL);
+    }
+    let end = pages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|len| gpa.checked_add(len))
+        .ok_or(-EINVAL)?;
+    if end > ram_size {
+        return Err(-EINVAL);
+    }
+    Ok(gpa..end)
+}
+
+/// Checks a byte range for the shared-buffer console.
+///
+/// # Errors
+/// `-EFAULT` if it wraps or reaches past RAM.
+pub fn guest_bytes(gpa: u64, len: u64, ram_size: u64) -> Result<Range<u64>, i64> {
+    match gpa.checked_add(len) {
+        Some(end) if end <= ram_size => Ok(gpa..end),
+        _ => Err(-EFAULT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAM: u64 = 64 << 20;
+
+    fn map(gpa: u64, pages: u64, attrs: u64) -> Result<Request, i64> {
+        decode_hypercall(
+            DoorbellArgs {
+                nr: HC_MAP_GPA_RANGE,
+                a0: gpa,
+                a1: pages,
+                a2: attrs,
+                a3: 0,
+            },
+            RAM,
+        )
+    }
+
+    #[test]
+    fn map_gpa_range_decodes_both_directions() {
+        assert_eq!(
+            map(0x20_0000, 2, MAP_GPA_RANGE_ENCRYPTED),
+            Ok(Request::MapGpaRange {
+                range: 0x20_0000..0x20_2000,
+                to: Attribute::Private
+            })
+        );
+        assert_eq!(
+            map(0x20_0000, 1, 1),
+            Ok(Request::MapGpaRange {
+                range: 0x20_0000..0x20_1000,
+                to: Attribute::Shared
+            })
+        );
+    }
+
+    #[test]
+    fn bad_ranges_are_einval() {
+        assert_eq!(map(0x20_0001, 1, 0), Err(-EINVAL), "unaligned");
+        assert_eq!(map(0x20_0000, 0, 0), Err(-EINVAL), "no pages");
+        assert_eq!(map(RAM - PAGE_SIZE, 2, 0), Err(-EINVAL), "past RAM");
+        assert_eq!(map(PAGE_SIZE, u64::MAX / 2, 0), Err(-EINVAL), "wrapping");
+        assert_eq!(map(0, 1, 1 << 5), Err(-EINVAL), "unknown attribute bit");
+        assert_eq!(map(0, 1, 3), Err(-EINVAL), "page-size level 3");
+    }
+
+    #[test]
+    fn unknown_numbers_are_enosys() {
+        let args = DoorbellArgs {
+            nr: 99,
+            ..Default::default()
+        };
+        assert_eq!(decode_hypercall(args, RAM), Err(-ENOSYS));
+    }
+
+    #[test]
+    fn console_ranges() {
+        assert_eq!(guest_bytes(RAM - 4, 4, RAM), Ok(RAM - 4..RAM));
+        assert_eq!(guest_bytes(RAM - 4, 5, RAM), Err(-EFAULT));
+        assert_eq!(guest_bytes(u64::MAX, 2, RAM), Err(-EFAULT));
+    }
+}

@@ -1,0 +1,339 @@
+//! One vCPU's exit loop step: run to the next exit and handle it as the guest
+//! ABI says (ports, halts, memory faults, hypercalls), or end the run with a
+//! clear error and a register dump.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{KVM_EXIT_HYPERCALL, kvm_regs};
+use kvm_ioctls::VcpuFd;
+
+use crate::abi::{
+    self, DoorbellArgs, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
+    Request,
+};
+use crate::exit::Exit;
+use crate::machine::{Shared, VmmError};
+
+/// The most bytes one shared-buffer console request may print.
+pub const MAX_CONSOLE_BYTES: u64 = 64 << 10;
+
+/// Where the guest's console output goes: shared by every vCPU, each write
+/// whole.
+#[derive(Clone)]
+pub struct Console(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Console {
+    /// The process's standard output.
+    pub fn stdout() -> Console {
+        Console(Arc::new(Mutex::new(Box::new(std::io::stdout()))))
+    }
+
+    /// The process's standard error.
+    pub fn stderr() -> Console {
+        Console(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
+    }
+
+    /// An in-memory console, and the buffer it fills.
+    pub fn buffer() -> (Console, Arc<Mutex<Vec<u8>>>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        (
+            Console(Arc::new(Mutex::new(Box::new(BufWriter(Arc::clone(&buf)))))),
+            buf,
+        )
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Console output is best effort: a closed stdout must not kill the VM.
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    }
+}
+
+struct BufWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for BufWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Exits counted by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts(pub BTreeMap<&'static str, u64>);
+
+impl ExitCounts {
+    pub(crate) fn add(&mut self, reason: &'static str) {
+        *self.0.entry(reason).or_default() += 1;
+    }
+
+    pub(crate) fn merge(&mut self, other: &ExitCounts) {
+        for (reason, n) in &other.0 {
+            *self.0.entry(reason).or_default() += n;
+        }
+    }
+}
+
+/// What one step of a vCPU ended with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The exit was handled; run again.
+    Continue(Exit),
+    /// The vCPU executed `hlt`: it is done.
+    Halted,
+    /// The guest asked to end the run with this status (port 0xf4).
+    Exit(i32),
+    /// `KVM_RUN` was interrupted by a signal (a kick); nothing ran.
+    Interrupted,
+}
+
+/// A vCPU and what its exit loop remembers.
+pub(crate) struct VcpuState {
+    pub(crate) index: usize,
+    pub(crate) fd: VcpuFd,
+    /// The last memory fault handled, to catch one that repeats.
+    last_fault: Option<u64>,
+}
+
+impl VcpuState {
+    pub(crate) fn new(index: usize, fd: VcpuFd) -> Self {
+        VcpuState {
+            index,
+            fd,
+            last_fault: None,
+        }
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+        let vcpu = self.index;
+        move |source| VmmError::Vcpu { op, vcpu, source }
+    }
+
+    pub(crate) fn regs(&self) -> Result<kvm_regs, VmmError> {
+        self.fd.get_regs().map_err(self.err("KVM_GET_REGS"))
+    }
+
+    /// `KVM_RUN` to the next exit, retrying `EAGAIN`.
+    fn run_decoded(&mut self) -> Result<Option<Exit>, VmmError> {
+        loop {
+            match self.fd.run() {
+                Ok(exit) => return Ok(Some(Exit::decode(exit))),
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Ok(None);
+                }
+                Err(source) => {
+                    return Err(VmmError::Vcpu {
+                        op: "KVM_RUN",
+                        vcpu: self.index,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    pub(crate) fn run_raw(&mut self) -> Result<Exit, VmmError> {
+        loop {
+            if let Some(exit) = self.run_decoded()? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Answers a doorbell: the result goes to rax, the rest of the registers
+    /// (rip included) stay as they are.
+    fn doorbell(&self, answer: impl FnOnce(&kvm_regs) -> i64) -> Result<(), VmmError> {
+        let mut regs = self.regs()?;
+        regs.rax = answer(&regs) as u64;
+        self.fd.set_regs(&regs).map_err(self.err("KVM_SET_REGS"))
+    }
+
+    fn dump(&self) -> String {
+        let Ok(r) = self.regs() else {
+            return "  (registers unavailable)".into();
+        };
+        let sregs = self.fd.get_sregs().ok();
+        let mut s = format!(
+            "  rip {:#018x}  rsp {:#018x}  rflags {:#x}\n  rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}\n  rsi {:#018x}  rdi {:#018x}  rbp {:#018x}\n  r8  {:#018x}  r9  {:#018x}  r10 {:#018x}  r11 {:#018x}\n  r12 {:#018x}  r13 {:#018x}  r14 {:#018x}  r15 {:#018x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15
+        );
+        if let Some(sr) = sregs {
+            s.push_str(&format!(
+                "\n  cr0 {:#x}  cr2 {:#x}  cr3 {:#x}  cr4 {:#x}  efer {:#x}  cs {:#x}",
+                sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer, sr.cs.selector
+            ));
+        }
+        s
+    }
+
+    /// Ends the run for `exit`, with the registers.
+    fn guest_error(&self, exit: Exit) -> VmmError {
+        VmmError::Guest {
+            vcpu: self.index,
+            dump: self.dump(),
+            exit,
+        }
+    }
+}
+
+impl Shared {
+    /// `KVM_HC_MAP_GPA_RANGE` and any other hypercall: 0 or a negative errno.
+    pub(crate) fn hypercall(&self, args: DoorbellArgs) -> i64 {
+        match abi::decode_hypercall(args, self.config.mem_size) {
+            Err(errno) => errno,
+            Ok(Request::MapGpaRange { range, to }) => {
+                match self
+                    .converter
+                    .convert(range.start, range.end - range.start, to)
+                {
+                    Ok(_) => 0,
+                    Err(e) => -i64::from(e.errno()),
+                }
+            }
+        }
+    }
+
+    /// The shared-buffer console: prints the bytes if all are shared RAM.
+    fn print_shared(&self, gpa: u64, len: u64, console: &Console) -> i64 {
+        if len > MAX_CONSOLE_BYTES {
+            return -abi::EINVAL;
+        }
+        if let Err(errno) = abi::guest_bytes(gpa, len, self.config.mem_size) {
+            return errno;
+        }
+        let mut buf = vec![0u8; len as usize];
+        match self.converter.view().read(gpa, &mut buf) {
+            Ok(()) => {
+                console.write(&buf);
+                0
+            }
+            Err(_) => -abi::EFAULT,
+        }
+    }
+
+    /// Free page reporting: punch the pages.
+    fn discard(&self, gpa: u64, pages: u64) -> i64 {
+        match abi::guest_pages(gpa, pages, self.config.mem_size) {
+            Err(errno) => errno,
+            Ok(range) => match self.converter.discard(range.start, range.end - range.start) {
+                Ok(_) => 0,
+                Err(e) => -i64::from(e.errno()),
+            },
+        }
+    }
+}
+
+/// Runs `vcpu` to its next exit and handles it.
+pub(crate) fn run_once(
+    vcpu: &mut VcpuState,
+    shared: &Shared,
+    console: &Console,
+    counts: &mut ExitCounts,
+) -> Result<Step, VmmError> {
+    let Some(exit) = vcpu.run_decoded()? else {
+        return Ok(Step::Interrupted);
+    };
+    counts.add(exit.reason());
+    if !matches!(exit, Exit::MemoryFault { .. }) {
+        vcpu.last_fault = None;
+    }
+    match &exit {
+        &Exit::IoOut { port, value, .. } => match port {
+            PORT_SERIAL => console.write(&[value as u8]),
+            PORT_EXIT => return Ok(Step::Exit(value as i32)),
+            PORT_HYPERCALL => vcpu.doorbell(|r| {
+                shared.hypercall(DoorbellArgs {
+                    nr: r.rax & 0xffff_ffff,
+                    a0: r.rbx,
+                    a1: r.rcx,
+                    a2: r.rdx,
+                    a3: r.rsi,
+                })
+            })?,
+            PORT_SHARED_CONSOLE => vcpu.doorbell(|r| shared.print_shared(r.rbx, r.rcx, console))?,
+            PORT_DISCARD => vcpu.doorbell(|r| shared.discard(r.rbx, r.rcx))?,
+            _ => {
+                return Err(VmmError::UnknownPort {
+                    vcpu: vcpu.index,
+                    port,
+                    exit,
+                });
+            }
+        },
+        &Exit::IoIn { port, .. } => {
+            return Err(VmmError::UnknownPort {
+                vcpu: vcpu.index,
+                port,
+                exit,
+            });
+        }
+        Exit::Hlt => return Ok(Step::Halted),
+        &Exit::MemoryFault { gpa, size, flags } => {
+            if vcpu.last_fault == Some(gpa) {
+                return Err(VmmError::RepeatedFault {
+                    vcpu: vcpu.index,
+                    gpa,
+                });
+            }
+            vcpu.last_fault = Some(gpa);
+            shared
+                .converter
+                .handle_memory_fault(flags, gpa, size)
+                .map_err(|source| VmmError::Fault {
+                    vcpu: vcpu.index,
+                    gpa,
+                    source,
+                })?;
+        }
+        &Exit::Hypercall { nr, args } => {
+            let ret = shared.hypercall(DoorbellArgs {
+                nr,
+                a0: args[0],
+                a1: args[1],
+                a2: args[2],
+                a3: args[3],
+            });
+            let run = vcpu.fd.get_kvm_run();
+            if run.exit_reason == KVM_EXIT_HYPERCALL {
+                // The exit reason says the union holds `hypercall`; writing
+                // its `ret` is how userspace answers (api.rst).
+                run.__bindgen_anon_1.hypercall.ret = ret as u64;
+            }
+        }
+        Exit::Mmio { .. }
+        | Exit::Shutdown
+        | Exit::InternalError
+        | Exit::FailEntry(_)
+        | Exit::Other(_) => return Err(vcpu.guest_error(exit)),
+    }
+    Ok(Step::Continue(exit))
+}
