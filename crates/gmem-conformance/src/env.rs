@@ -7,8 +7,8 @@ use gmem::{
     BackingError, BackingKind, GmemFlags, MemoryOptions, RestrictedMemory, Vm, create_memory,
 };
 
-use crate::pool::{self, PoolGuard};
 use crate::{Need, Stop, skip};
+use gmem_testkit::pool::{self, PoolGuard};
 
 /// Where a check runs.
 pub struct Env {

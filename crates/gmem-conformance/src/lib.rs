@@ -16,7 +16,6 @@
 
 mod checks;
 mod env;
-pub mod pool;
 mod probe_access;
 
 use std::fmt;

@@ -11,10 +11,7 @@ use std::io::Write;
 
 use gmem::BackingKind;
 use gmem_conformance::{Need, Outcome, check, flag_sets, label, run};
-
-fn required(var: &str, backing: BackingKind) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1" || v.split(',').any(|b| b.trim() == backing.name()))
-}
+use gmem_testkit::{Lack, required};
 
 fn run_check(id: &str, backing: BackingKind) {
     let check = check(id).unwrap_or_else(|| panic!("no check {id}"));
@@ -27,10 +24,10 @@ fn run_check(id: &str, backing: BackingKind) {
         match outcome {
             Outcome::Pass => {}
             Outcome::Fail(why) => failures.push(format!("{name}: {why}")),
-            Outcome::Skip(Need::Kvm, why) if required("GMEM_REQUIRE_KVM", backing) => {
+            Outcome::Skip(Need::Kvm, why) if required(Lack::Kvm) => {
                 failures.push(format!("{name}: skipped under GMEM_REQUIRE_KVM=1: {why}"));
             }
-            Outcome::Skip(Need::HugePages, why) if required("GMEM_REQUIRE_HUGETLB", backing) => {
+            Outcome::Skip(Need::HugePages, why) if required(Lack::HugePages(backing)) => {
                 failures.push(format!("{name}: skipped under GMEM_REQUIRE_HUGETLB: {why}"));
             }
             Outcome::Skip(..) => {}

@@ -1,0 +1,226 @@
+//! The `gmem` binary as users run it: status codes, output, and clear errors
+//! for bad input.
+
+use std::process::{Command, Output};
+
+use gmem_testkit::kvm_or_skip;
+
+fn gmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .output()
+        .expect("run gmem")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_without_a_payload_runs_the_demo_and_reports() {
+    if !kvm_or_skip("gmem run") {
+        return;
+    }
+    let out = gmem(&["run"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for needle in [
+        "vcpu 00: a secret is in private memory",
+        "refused the private page: -EFAULT",
+        "reads zeroes",
+        "--- gmem run report",
+        "backing",
+        "populated",
+        "conversions",
+        "discards",
+        "exits",
+        "wall time",
+    ] {
+        assert!(stdout.contains(needle), "no {needle:?} in\n{stdout}");
+    }
+}
+
+#[test]
+fn run_json_prints_the_report_as_json() {
+    if !kvm_or_skip("gmem run --json") {
+        return;
+    }
+    let out = gmem(&[
+        "run",
+        "--json",
+        "--vcpus",
+        "2",
+        "--backing",
+        "memfd",
+        "--conversion",
+        "discard",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(report["status"], 0);
+    assert_eq!(report["backing"], "memfd");
+    assert_eq!(report["vcpus"], 2);
+    assert_eq!(report["policy"], "discard");
+    assert_eq!(report["conversions"]["to_shared"], 2);
+    assert!(report["exits"]["hlt"].as_u64() == Some(2));
+    assert!(report["populated_pages"].as_u64().is_some());
+    assert!(
+        text(&out.stderr).contains("vcpu 01:"),
+        "the console goes to stderr under --json"
+    );
+}
+
+#[test]
+fn run_exits_with_the_guest_status() {
+    if !kvm_or_skip("gmem run status") {
+        return;
+    }
+    // mov eax, 5; out 0xf4, eax
+    let payload = [0xb8, 5, 0, 0, 0, 0xe7, 0xf4];
+    let path = std::env::temp_dir().join(format!("gmem-status-{}.bin", std::process::id()));
+    std::fs::write(&path, payload).unwrap();
+    let out = gmem(&["run", path.to_str().unwrap(), "--backing", "memfd"]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_failure_status() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["run", "--mem", "lots"], "invalid size \"lots\""),
+        (
+            &["run", "--mem", "1M", "--backing", "memfd"],
+            "must be at least",
+        ),
+        (
+            &["run", "--mem", "3M", "--backing", "hugetlb-2m"],
+            "hugetlb-2m page size",
+        ),
+        (
+            &["run", "--backing", "floppy"],
+            "unknown backing \"floppy\"",
+        ),
+        (
+            &["run", "--vcpus", "0", "--backing", "memfd"],
+            "between 1 and 64",
+        ),
+        (
+            &["run", "/nonexistent/payload.bin", "--backing", "memfd"],
+            "reading the payload /nonexistent/payload.bin",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = gmem(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: no {needle:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}
+
+#[test]
+fn run_refuses_payloads_that_do_not_fit() {
+    if !kvm_or_skip("gmem run payload") {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("gmem-big-{}.bin", std::process::id()));
+    std::fs::write(&path, vec![0x90u8; 5 << 20]).unwrap();
+    let big = gmem(&[
+        "run",
+        path.to_str().unwrap(),
+        "--backing",
+        "memfd",
+        "--mem",
+        "4M",
+    ]);
+    std::fs::write(&path, [0xf4u8]).unwrap();
+    let low = gmem(&[
+        "run",
+        path.to_str().unwrap(),
+        "--backing",
+        "memfd",
+        "--load",
+        "0x1000",
+    ]);
+    let high = gmem(&[
+        "run",
+        path.to_str().unwrap(),
+        "--backing",
+        "memfd",
+        "--load",
+        "0x10000000",
+    ]);
+    std::fs::write(&path, []).unwrap();
+    let empty = gmem(&["run", path.to_str().unwrap(), "--backing", "memfd"]);
+    let _ = std::fs::remove_file(&path);
+    for (what, out, needle) in [
+        ("larger than RAM", big, "does not fit"),
+        ("below the payload area", low, "does not fit"),
+        ("outside RAM", high, "does not fit"),
+        ("empty", empty, "payload is empty"),
+    ] {
+        assert!(!out.status.success(), "{what}: succeeded");
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{what}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn probe_json_has_every_field() {
+    let out = gmem(&["probe", "--json"]);
+    assert!(out.status.success());
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    for field in ["kernel", "kvm_present", "huge_pages", "backings"] {
+        assert!(p.get(field).is_some(), "no {field}");
+    }
+    if p["kvm_present"] == true {
+        let kvm = &p["kvm"];
+        for field in [
+            "api_version",
+            "guest_memfd",
+            "guest_memfd_flags",
+            "vm_types",
+            "memory_attributes",
+            "pre_fault_memory",
+            "exit_hypercall_mask",
+        ] {
+            assert!(kvm.get(field).is_some(), "no kvm.{field}");
+        }
+        assert!(kvm["vm_types"][0].get("guest_memfd_flags").is_some());
+    }
+    let backings: Vec<&str> = p["backings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backing"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        backings,
+        ["guest-memfd", "memfd", "hugetlb-2m", "hugetlb-1g"]
+    );
+}
+
+#[test]
+fn selftest_prints_one_line_per_check_and_the_totals() {
+    let out = gmem(&["selftest", "--backing", "memfd", "--check", "T11"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("T11 fallocate [memfd, flags 0x0]: ok"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().last(),
+        Some("3 passed, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
+    let bad = gmem(&["selftest", "--check", "T99"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("no check \"T99\""));
+}
