@@ -43,15 +43,71 @@ fn populated_bytes(memory: &dyn RestrictedMemory) -> Result<u64, Stop> {
     Ok(memory.populated()?.iter().map(|r| r.end - r.start).sum())
 }
 
-/// The bytes the kernel holds for the file: `st_blocks` where the file
-/// system counts them (shmem, hugetlbfs), the populated ranges on
-/// guest_memfd (whose `st_blocks` stays 0).
-fn held_bytes(memory: &dyn RestrictedMemory) -> Result<u64, Stop> {
-    if memory.kind() == gmem::BackingKind::GuestMemfd {
-        return populated_bytes(memory);
+/// The bytes of the file resident in memory, measured independently of
+/// gmem's own query (and never with `st_blocks`): on guest_memfd and memfd by
+/// `mincore` over a fresh `PROT_NONE` mapping of the file (a page-cache
+/// lookup); on hugetlb, where mincore sees only page tables, by the
+/// `Shared_Hugetlb`/`Private_Hugetlb` of the host view's mapping in
+/// `/proc/self/smaps`.
+fn resident_bytes(memory: &dyn RestrictedMemory, view: &HostView) -> Result<u64, Stop> {
+    let size = memory.size();
+    if memory.kind().is_hugetlb() {
+        let start = view.as_ptr(GPA).map_or(0, |p| p as usize);
+        let kib = smaps_kib(start, "Shared_Hugetlb:")? + smaps_kib(start, "Private_Hugetlb:")?;
+        return Ok(kib << 10);
     }
-    let st = rustix::fs::fstat(memory.as_fd()).map_err(|e| Stop::Fail(format!("fstat: {e}")))?;
-    Ok(st.st_blocks as u64 * 512)
+    // SAFETY: a fresh PROT_NONE mapping at a kernel-chosen address, unmapped below.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            rustix::mm::ProtFlags::empty(),
+            rustix::mm::MapFlags::SHARED,
+            memory.as_fd(),
+            0,
+        )
+    }
+    .map_err(|e| Stop::Fail(format!("mmap for mincore: {e}")))?;
+    let mut vec = vec![0u8; (size / P) as usize];
+    // SAFETY: the live mapping just made; vec has a byte per page of it.
+    let rc = unsafe { libc::mincore(ptr, size as usize, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping just made, no longer used.
+    unsafe { rustix::mm::munmap(ptr, size as usize) }
+        .map_err(|e| Stop::Fail(format!("munmap: {e}")))?;
+    if rc != 0 {
+        return Err(Stop::Fail(format!("mincore: {err}")));
+    }
+    Ok(vec.iter().filter(|b| *b & 1 != 0).count() as u64 * P)
+}
+
+/// A kB field of the mapping starting at `start` in /proc/self/smaps.
+fn smaps_kib(start: usize, field: &str) -> Result<u64, Stop> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")
+        .map_err(|e| Stop::Fail(format!("smaps: {e}")))?;
+    let head = format!("{start:x}-");
+    let is_header = |line: &str| {
+        line.split_whitespace().next().is_some_and(|w| {
+            w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        })
+    };
+    let mut inside = false;
+    for line in smaps.lines() {
+        if is_header(line) {
+            if inside {
+                break;
+            }
+            inside = line.starts_with(&head);
+        } else if inside && let Some(rest) = line.strip_prefix(field) {
+            let kib = rest.trim().trim_end_matches("kB").trim();
+            return kib
+                .parse()
+                .map_err(|_| Stop::Fail(format!("smaps {field} {rest:?}")));
+        }
+    }
+    Err(Stop::Fail(format!(
+        "no {field} for the mapping at {start:#x} in /proc/self/smaps"
+    )))
 }
 
 fn read_byte(view: &HostView, gpa: u64) -> Result<u8, ViewError> {
@@ -69,6 +125,11 @@ pub(crate) fn c1_in_place_keeps_one_copy(env: &Env) -> Result<(), Stop> {
         view.write(GPA + page * P, &[page as u8 ^ 0x5a])?;
     }
     let populated = populated_bytes(&*f.memory)?;
+    let resident = resident_bytes(&*f.memory, view)?;
+    ensure!(
+        resident == size,
+        "resident {resident:#x} after writing every page of {size:#x}"
+    );
     let report = f.converter.convert(GPA, size, Attribute::Private)?;
     ensure!(
         report.changed_bytes == size && report.punched == gmem::PunchReport::default(),
@@ -319,7 +380,7 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
     let view = f.converter.view();
     let u = env.unit();
     view.fill(GPA, u, 7)?;
-    let before = held_bytes(&*f.memory)?;
+    let before = resident_bytes(&*f.memory, view)?;
     ensure!(
         before >= u,
         "the file holds {before:#x} bytes after a write of {u:#x}"
@@ -349,7 +410,7 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
         .map_err(|e| Stop::Fail(format!("munmap: {e}")))?;
     dontneed.map_err(|e| Stop::Fail(format!("madvise(MADV_DONTNEED): {e}")))?;
     ensure!(
-        held_bytes(&*f.memory)? == before,
+        resident_bytes(&*f.memory, view)? == before,
         "MADV_DONTNEED changed what the file holds (it should not: the memory stays allocated)"
     );
     ensure!(
@@ -359,7 +420,7 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
     let report = f.converter.discard(GPA, u)?;
     ensure!(report.bytes_freed == u, "discard report {report:?}");
     ensure!(
-        held_bytes(&*f.memory)? == before - u,
+        resident_bytes(&*f.memory, view)? == before - u,
         "a discard did not return the page"
     );
     ensure!(
