@@ -19,7 +19,7 @@ use crate::range_set::RangeSet;
 const MINCORE_CHUNK: usize = 64 << 20;
 
 #[derive(Debug)]
-pub(crate) struct FileCore {
+pub struct FileCore {
     // Field order is drop order: KVM's mapping goes before the fd.
     /// KVM's mapping (`userspace_addr`); never handed out.
     pub(crate) kvm_map: Option<Mapping>,

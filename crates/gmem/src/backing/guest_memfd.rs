@@ -4,17 +4,14 @@
 //! kernel's errno for anything it refuses on top.
 
 use std::ops::Range;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use kvm_bindings::kvm_create_guest_memfd;
 
 use super::file::{FileCore, cached_runs};
-use super::{
-    BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
-    validate_create,
-};
-use crate::kvm::{Vm, VmId};
-use crate::range::{FileRange, PAGE_SIZE};
+use super::{BackingError, BackingKind, GmemFlags, RestrictedMemory, sealed, validate_create};
+use crate::kvm::Vm;
+use crate::range::PAGE_SIZE;
 
 /// A guest_memfd file. It belongs to the VM it was created on, and keeps
 /// that VM alive in the kernel (spec §2.8).
@@ -71,40 +68,12 @@ impl GuestMemfd {
 }
 
 impl sealed::Sealed for GuestMemfd {
-    fn kvm_userspace_addr(&self) -> u64 {
-        self.core.kvm_userspace_addr()
-    }
-
-    fn claim(&self, vm: VmId) -> Result<(), VmId> {
-        self.core.claim(vm)
+    fn core(&self) -> &FileCore {
+        &self.core
     }
 }
 
 impl RestrictedMemory for GuestMemfd {
-    fn kind(&self) -> BackingKind {
-        BackingKind::GuestMemfd
-    }
-
-    fn size(&self) -> u64 {
-        self.core.size
-    }
-
-    fn flags(&self) -> GmemFlags {
-        self.core.flags
-    }
-
-    fn owner(&self) -> Option<VmId> {
-        self.core.owner.get().copied()
-    }
-
-    fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
-        self.core.allocate(range)
-    }
-
-    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
-        self.core.punch(range)
-    }
-
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
         // cachestat counts every page-cache folio, fallocated ones included,
         // mapped or not: exact, with or without MMAP.
@@ -122,13 +91,5 @@ impl RestrictedMemory for GuestMemfd {
         // the guest or the host faulted in show even where unmapped.
         self.core
             .populated(|runs| self.core.resident_via_kvm_map(runs))
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.core.fd()
-    }
-
-    fn map_host(&self) -> Result<HostMapping, BackingError> {
-        self.core.map_host()
     }
 }

@@ -11,18 +11,13 @@
 //! all of which are gmem's own, and gmem remembers what it allocated.
 
 use std::ops::Range;
-use std::os::fd::BorrowedFd;
 
 use rustix::fs::MemfdFlags;
 
 use super::file::{FileCore, resident_into};
 use super::sealed_memfd::{SUPPORTED_FLAGS, create_sealed};
-use super::{
-    BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
-    validate_create,
-};
-use crate::kvm::{Vm, VmId};
-use crate::range::FileRange;
+use super::{BackingError, BackingKind, GmemFlags, RestrictedMemory, sealed, validate_create};
+use crate::kvm::Vm;
 
 /// One size's huge page pool, from `/sys/kernel/mm/hugepages`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -136,40 +131,12 @@ impl HugetlbMemfd {
 }
 
 impl sealed::Sealed for HugetlbMemfd {
-    fn kvm_userspace_addr(&self) -> u64 {
-        self.core.kvm_userspace_addr()
-    }
-
-    fn claim(&self, vm: VmId) -> Result<(), VmId> {
-        self.core.claim(vm)
+    fn core(&self) -> &FileCore {
+        &self.core
     }
 }
 
 impl RestrictedMemory for HugetlbMemfd {
-    fn kind(&self) -> BackingKind {
-        self.core.kind
-    }
-
-    fn size(&self) -> u64 {
-        self.core.size
-    }
-
-    fn flags(&self) -> GmemFlags {
-        self.core.flags
-    }
-
-    fn owner(&self) -> Option<VmId> {
-        self.core.owner.get().copied()
-    }
-
-    fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
-        self.core.allocate(range)
-    }
-
-    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
-        self.core.punch(range)
-    }
-
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
         // Faulted-in huge pages show only in page tables: KVM's mapping and
         // the host mappings, all of them gmem's.
@@ -189,13 +156,5 @@ impl RestrictedMemory for HugetlbMemfd {
             return Err(BackingError::Unlocatable { located, populated });
         }
         Ok(runs)
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.core.fd()
-    }
-
-    fn map_host(&self) -> Result<HostMapping, BackingError> {
-        self.core.map_host()
     }
 }

@@ -283,15 +283,25 @@ pub(crate) fn validate_create(
 
 pub(crate) mod sealed {
     use super::VmId;
+    use super::file::FileCore;
 
-    /// What bindings need of a file and nobody else may call.
+    /// What bindings need of a file and nobody else may call, and the shared
+    /// core every backing keeps.
     pub trait Sealed {
+        /// The fd, size, flags, owner and KVM mapping every backing has.
+        fn core(&self) -> &FileCore;
+
         /// KVM's `userspace_addr` for file offset 0: the file's own mapping,
         /// or 0 when the file may not be mapped (spec §3.6).
-        fn kvm_userspace_addr(&self) -> u64;
+        fn kvm_userspace_addr(&self) -> u64 {
+            self.core().kvm_userspace_addr()
+        }
+
         /// Records `vm` as the file's VM if it has none yet; returns the owner
         /// if it is another VM.
-        fn claim(&self, vm: VmId) -> Result<(), VmId>;
+        fn claim(&self, vm: VmId) -> Result<(), VmId> {
+            self.core().claim(vm)
+        }
     }
 }
 
@@ -307,10 +317,14 @@ pub(crate) mod sealed {
 /// backings of this module.
 pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     /// Which backing this is.
-    fn kind(&self) -> BackingKind;
+    fn kind(&self) -> BackingKind {
+        self.core().kind
+    }
 
     /// The size in bytes, fixed at creation.
-    fn size(&self) -> u64;
+    fn size(&self) -> u64 {
+        self.core().size
+    }
 
     /// The backing's page size (4 KiB, 2 MiB or 1 GiB).
     fn page_size(&self) -> u64 {
@@ -318,10 +332,14 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     }
 
     /// The creation flags.
-    fn flags(&self) -> GmemFlags;
+    fn flags(&self) -> GmemFlags {
+        self.core().flags
+    }
 
     /// The VM the file belongs to, if it was created for one or has been bound.
-    fn owner(&self) -> Option<VmId>;
+    fn owner(&self) -> Option<VmId> {
+        self.core().owner.get().copied()
+    }
 
     /// Populates `range`, as `fallocate(FALLOC_FL_KEEP_SIZE)`.
     ///
@@ -332,7 +350,9 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     /// [`RangeError::PastEnd`] (`EINVAL`) if the range reaches past the size;
     /// [`BackingError::Syscall`] with the kernel's errno (`ENOMEM`, `EINTR`,
     /// `ENOSPC` for an empty hugetlb pool) otherwise.
-    fn allocate(&self, range: FileRange) -> Result<(), BackingError>;
+    fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
+        self.core().allocate(range)
+    }
 
     /// Discards `range`, as `fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE)`.
     ///
@@ -343,7 +363,9 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     ///
     /// # Errors
     /// [`BackingError::Syscall`] with the kernel's errno.
-    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError>;
+    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
+        self.core().punch(range)
+    }
 
     /// The populated ranges of the file, in order, merged.
     ///
@@ -355,14 +377,18 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
 
     /// The file descriptor, for `fstat` and for tests of the kernel's own
     /// behaviour. Reading or writing it bypasses gmem's rules.
-    fn as_fd(&self) -> BorrowedFd<'_>;
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.core().fd()
+    }
 
     /// Maps the whole file for host access (`MAP_SHARED`, read-write).
     ///
     /// # Errors
     /// [`BackingError::MappingNotAllowed`] (`ENODEV`) without `MMAP`;
     /// [`BackingError::Syscall`] if `mmap` fails.
-    fn map_host(&self) -> Result<HostMapping, BackingError>;
+    fn map_host(&self) -> Result<HostMapping, BackingError> {
+        self.core().map_host()
+    }
 }
 
 /// The arguments of [`create_memory`].

@@ -3,18 +3,15 @@
 //! keeps it immutable. It needs neither KVM nor a recent kernel.
 
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 use rustix::io::Errno;
 
 use super::file::{FileCore, cached_runs};
-use super::{
-    BackingError, BackingKind, GmemFlags, HostMapping, PunchReport, RestrictedMemory, sealed,
-    validate_create,
-};
-use crate::kvm::{Vm, VmId};
-use crate::range::{FileRange, PAGE_SIZE};
+use super::{BackingError, BackingKind, GmemFlags, RestrictedMemory, sealed, validate_create};
+use crate::kvm::Vm;
+use crate::range::PAGE_SIZE;
 
 /// The creation flags the memfd backings accept: those of a default VM.
 pub const SUPPORTED_FLAGS: u64 = GmemFlags::MMAP.bits() | GmemFlags::INIT_SHARED.bits();
@@ -74,40 +71,12 @@ impl SealedMemfd {
 }
 
 impl sealed::Sealed for SealedMemfd {
-    fn kvm_userspace_addr(&self) -> u64 {
-        self.core.kvm_userspace_addr()
-    }
-
-    fn claim(&self, vm: VmId) -> Result<(), VmId> {
-        self.core.claim(vm)
+    fn core(&self) -> &FileCore {
+        &self.core
     }
 }
 
 impl RestrictedMemory for SealedMemfd {
-    fn kind(&self) -> BackingKind {
-        BackingKind::Memfd
-    }
-
-    fn size(&self) -> u64 {
-        self.core.size
-    }
-
-    fn flags(&self) -> GmemFlags {
-        self.core.flags
-    }
-
-    fn owner(&self) -> Option<VmId> {
-        self.core.owner.get().copied()
-    }
-
-    fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
-        self.core.allocate(range)
-    }
-
-    fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
-        self.core.punch(range)
-    }
-
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
         if let Some(runs) = cached_runs(self.core.fd(), self.core.size)? {
             return Ok(runs.to_vec());
@@ -136,13 +105,5 @@ impl RestrictedMemory for SealedMemfd {
             }
             Ok(())
         })
-    }
-
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.core.fd()
-    }
-
-    fn map_host(&self) -> Result<HostMapping, BackingError> {
-        self.core.map_host()
     }
 }
