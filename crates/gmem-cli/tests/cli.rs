@@ -224,3 +224,27 @@ fn selftest_prints_one_line_per_check_and_the_totals() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("no check \"T99\""));
 }
+
+#[test]
+fn run_without_dev_kvm_says_so() {
+    // A private mount namespace with an empty /dev: needs root and unshare(1).
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run",
+        env!("CARGO_BIN_EXE_gmem")
+    );
+    let out = match Command::new("unshare").args(["-m", "sh", "-c", &script]).output() {
+        Ok(out) if !text(&out.stderr).contains("unshare failed") => out,
+        _ => {
+            eprintln!("run_without_dev_kvm_says_so: skipped: needs root and unshare(1)");
+            return;
+        }
+    };
+    let stderr = text(&out.stderr);
+    if stderr.contains("mount:") {
+        eprintln!("run_without_dev_kvm_says_so: skipped: cannot mount here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
