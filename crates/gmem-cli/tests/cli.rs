@@ -232,7 +232,10 @@ fn run_without_dev_kvm_says_so() {
         "mount -t tmpfs none /dev && exec {} run",
         env!("CARGO_BIN_EXE_gmem")
     );
-    let out = match Command::new("unshare").args(["-m", "sh", "-c", &script]).output() {
+    let out = match Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+    {
         Ok(out) if !text(&out.stderr).contains("unshare failed") => out,
         _ => {
             eprintln!("run_without_dev_kvm_says_so: skipped: needs root and unshare(1)");

@@ -31,14 +31,23 @@ const PTE_HUGE: u64 = 1 << 7;
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
 const TSS_SELECTOR: u16 = 0x18;
+/// The CPL3 data selector (GDT entry 5, RPL 3), for payloads that drop to
+/// user mode with `iretq`.
+pub const USER_DATA_SELECTOR: u16 = 0x28 | 3;
+/// The CPL3 64-bit code selector (GDT entry 6, RPL 3).
+pub const USER_CODE_SELECTOR: u16 = 0x30 | 3;
 
-/// The GDT: null, 64-bit code, data, TSS (Firecracker's layout).
-pub fn gdt() -> [u64; 4] {
+/// The GDT: null, 64-bit code, data, TSS (two words in long mode; the
+/// Firecracker layout so far), then user data and 64-bit user code.
+pub fn gdt() -> [u64; 7] {
     [
         0,
         gdt_entry(0xa09b, 0, 0xfffff),
         gdt_entry(0xc093, 0, 0xfffff),
         gdt_entry(0x808b, 0, 0xfffff),
+        0,
+        gdt_entry(0xc0f3, 0, 0xfffff),
+        gdt_entry(0xa0fb, 0, 0xfffff),
     ]
 }
 
@@ -139,6 +148,15 @@ mod tests {
         let cs = segment(CODE_SELECTOR, gdt()[1]);
         assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.s), (1, 0, 1, 0xb, 1));
         assert_eq!(cs.limit, 0xfffff);
+    }
+
+    #[test]
+    fn user_segments_are_dpl3() {
+        let g = gdt();
+        let code = segment(USER_CODE_SELECTOR, g[6]);
+        assert_eq!((code.dpl, code.l, code.type_), (3, 1, 0xb));
+        let data = segment(USER_DATA_SELECTOR, g[5]);
+        assert_eq!((data.dpl, data.type_), (3, 3));
     }
 
     #[test]
