@@ -25,6 +25,9 @@ enum Command {
     /// that speaks the guest ABI (docs/guest-abi.md). Exits with the guest's
     /// status.
     Run(commands::run::Args),
+    /// Measure every backing beside the raw system calls and plain memory:
+    /// populate, fault-in, discard, guest fault-in, launch, conversion.
+    Bench(commands::bench::Args),
     /// Run the conformance suite (the upstream T-checks and gmem's G-checks)
     /// on every backing this host has, or on one.
     Selftest(commands::selftest::Args),
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe(args) => commands::probe::run(&args),
         Command::Run(args) => commands::run::run(&args),
+        Command::Bench(args) => commands::bench::run(&args),
         Command::Selftest(args) => commands::selftest::run(&args),
     };
     match result {

@@ -251,3 +251,42 @@ fn run_without_dev_kvm_says_so() {
     assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn bench_runs_at_a_tiny_size() {
+    if !kvm_or_skip("gmem bench") {
+        return;
+    }
+    let svg = std::env::temp_dir().join(format!("gmem-bench-{}.svg", std::process::id()));
+    let out = gmem(&[
+        "bench", "--backing", "memfd", "--size", "4M", "--reps", "1", "--json", "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = report["rows"].as_array().unwrap();
+    for metric in [
+        "populate",
+        "host fault-in",
+        "discard, unmapped",
+        "discard, host-mapped",
+        "guest fault-in (CPL3)",
+        "launch, 2 MiB",
+        "conversion round trips (doorbell)",
+        "bulk conversion",
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["metric"] == metric && r["subject"] == "memfd")
+            .unwrap_or_else(|| panic!("no {metric} row for memfd"));
+        assert!(row["gmem"]["median"].as_f64().unwrap() > 0.0, "{metric}");
+        assert!(row["raw"]["median"].as_f64().unwrap() > 0.0, "{metric}");
+    }
+    assert!(rows.iter().any(|r| r["subject"] == "anon-thp"), "the THP baseline is measured");
+    let chart = std::fs::read_to_string(&svg).expect("the chart");
+    let _ = std::fs::remove_file(&svg);
+    assert!(chart.starts_with("<svg") && chart.contains("populate"));
+    let bad = gmem(&["bench", "--size", "3M"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("multiple of 2 MiB"), "{}", text(&bad.stderr));
+}

@@ -259,6 +259,7 @@ impl Machine {
             converter.view().write(addr, &word.to_le_bytes())?;
         }
         enable_exit_hypercall(&vm);
+        let sync_regs = vm.fd().check_extension(kvm_ioctls::Cap::SyncRegs);
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus as usize {
             let vcpu_err = |op| {
@@ -275,7 +276,7 @@ impl Machine {
             let sregs = fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
             fd.set_sregs(&boot::long_mode_sregs(sregs))
                 .map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpus.push(VcpuState::new(index, fd));
+            vcpus.push(VcpuState::new(index, fd, sync_regs));
         }
         Ok(Machine {
             vcpus,

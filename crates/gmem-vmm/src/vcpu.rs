@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_EXIT_HYPERCALL, kvm_regs};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::abi::{
     self, DoorbellArgs, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
@@ -103,14 +103,22 @@ pub(crate) struct VcpuState {
     pub(crate) fd: VcpuFd,
     /// The last memory fault handled, to catch one that repeats.
     last_fault: Option<u64>,
+    /// Whether KVM copies the general registers into `kvm_run` on every exit
+    /// (`KVM_CAP_SYNC_REGS`), so a doorbell needs no `KVM_GET_REGS` and
+    /// `KVM_SET_REGS` (about 5 µs each on this project's hosts).
+    sync_regs: bool,
 }
 
 impl VcpuState {
-    pub(crate) fn new(index: usize, fd: VcpuFd) -> Self {
+    pub(crate) fn new(index: usize, mut fd: VcpuFd, sync_regs: bool) -> Self {
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
         VcpuState {
             index,
             fd,
             last_fault: None,
+            sync_regs,
         }
     }
 
@@ -154,7 +162,13 @@ impl VcpuState {
 
     /// Answers a doorbell: the result goes to rax, the rest of the registers
     /// (rip included) stay as they are.
-    fn doorbell(&self, answer: impl FnOnce(&kvm_regs) -> i64) -> Result<(), VmmError> {
+    fn doorbell(&mut self, answer: impl FnOnce(&kvm_regs) -> i64) -> Result<(), VmmError> {
+        if self.sync_regs {
+            let regs = self.fd.sync_regs().regs;
+            self.fd.sync_regs_mut().regs.rax = answer(&regs) as u64;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
         let mut regs = self.regs()?;
         regs.rax = answer(&regs) as u64;
         self.fd.set_regs(&regs).map_err(self.err("KVM_SET_REGS"))

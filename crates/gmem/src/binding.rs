@@ -265,19 +265,20 @@ impl SlotTable {
             return Err(BindError::OffsetWraps { offset, len });
         }
         // Step 4: slot id, GPA wrap, slot size.
+        let max_slots = vm.max_slots();
         let slot = match slot {
-            Some(slot) if u32::from(slot.0) >= vm.max_slots => {
+            Some(slot) if u32::from(slot.0) >= max_slots => {
                 return Err(BindError::InvalidSlot {
                     slot,
-                    max: vm.max_slots,
+                    max: max_slots,
                 });
             }
             Some(slot) => slot,
-            None => (0..vm.max_slots)
+            None => (0..max_slots)
                 .filter_map(|id| u16::try_from(id).ok())
                 .find(|id| !self.slots.contains_key(id))
                 .map(Slot)
-                .ok_or(BindError::NoFreeSlot { max: vm.max_slots })?,
+                .ok_or(BindError::NoFreeSlot { max: max_slots })?,
         };
         if gpa.checked_add(len).is_none() {
             return Err(BindError::GpaWraps { gpa, len });

@@ -31,12 +31,11 @@ impl RangeSet {
             start = s;
             end = end.max(e);
         }
-        // Runs starting inside [start, end] are swallowed.
-        let swallowed: Vec<u64> = self.runs.range(start..=end).map(|(&s, _)| s).collect();
-        for s in swallowed {
-            if let Some(e) = self.runs.remove(&s) {
-                end = end.max(e);
-            }
+        // Runs starting inside [start, end] are swallowed (no allocation: one
+        // B-tree lookup per swallowed run).
+        while let Some((&s, &e)) = self.runs.range(start..=end).next() {
+            self.runs.remove(&s);
+            end = end.max(e);
         }
         self.runs.insert(start, end);
     }
@@ -56,15 +55,11 @@ impl RangeSet {
                 return;
             }
         }
-        let inside: Vec<(u64, u64)> = self
-            .runs
-            .range(r.start..r.end)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in inside {
+        while let Some((&s, &e)) = self.runs.range(r.start..r.end).next() {
             self.runs.remove(&s);
             if e > r.end {
                 self.runs.insert(r.end, e);
+                break;
             }
         }
     }

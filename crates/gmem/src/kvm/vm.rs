@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
@@ -107,11 +107,30 @@ pub(crate) struct VmInner {
     pub(crate) id: VmId,
     pub(crate) fd: VmFd,
     pub(crate) vm_type: VmType,
-    pub(crate) gmem_flags: u64,
-    pub(crate) max_slots: u32,
+    /// Capabilities, read on first use (each ioctl costs microseconds on
+    /// nested hosts, and a launch should pay only for what it uses).
+    caps: VmCaps,
     pub(crate) slots: Mutex<SlotTable>,
     // Kept so the system fd lives as long as the VM: vCPU mmap sizes and caps come from it.
     pub(crate) kvm: Kvm,
+}
+
+/// Capabilities of one VM, each read once.
+#[derive(Default)]
+struct VmCaps {
+    gmem_flags: OnceLock<u64>,
+    guest_memfd: OnceLock<bool>,
+    max_slots: OnceLock<u32>,
+}
+
+impl VmInner {
+    /// `KVM_CAP_NR_MEMSLOTS`.
+    pub(crate) fn max_slots(&self) -> u32 {
+        *self
+            .caps
+            .max_slots
+            .get_or_init(|| u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX))
+    }
 }
 
 /// A KVM VM. Cheap to clone: clones share the VM, and a binding keeps the VM
@@ -151,16 +170,12 @@ impl Vm {
             vm_type: vm_type.name(),
             source,
         })?;
-        let gmem_flags =
-            u64::try_from(fd.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())).unwrap_or(0);
-        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
         Ok(Vm {
             inner: Arc::new(VmInner {
                 id: VmId::next(),
                 fd,
                 vm_type,
-                gmem_flags,
-                max_slots,
+                caps: VmCaps::default(),
                 slots: Mutex::new(SlotTable::default()),
                 kvm,
             }),
@@ -180,12 +195,23 @@ impl Vm {
     /// The guest_memfd creation flags this VM accepts
     /// (`KVM_CAP_GUEST_MEMFD_FLAGS` on the VM fd; 0 on kernels before 6.18).
     pub fn supported_gmem_flags(&self) -> u64 {
-        self.inner.gmem_flags
+        *self.inner.caps.gmem_flags.get_or_init(|| {
+            u64::try_from(
+                self.inner
+                    .fd
+                    .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into()),
+            )
+            .unwrap_or(0)
+        })
     }
 
     /// Whether `KVM_CREATE_GUEST_MEMFD` exists (`KVM_CAP_GUEST_MEMFD`).
     pub fn has_guest_memfd(&self) -> bool {
-        self.inner.fd.check_extension(Cap::GuestMemfd)
+        *self
+            .inner
+            .caps
+            .guest_memfd
+            .get_or_init(|| self.inner.fd.check_extension(Cap::GuestMemfd))
     }
 
     /// `KVM_CAP_MEMORY_ATTRIBUTES` on the VM fd: the attributes
@@ -202,7 +228,7 @@ impl Vm {
 
     /// How many memslots the VM has (`KVM_CAP_NR_MEMSLOTS`).
     pub fn max_slots(&self) -> u32 {
-        self.inner.max_slots
+        self.inner.max_slots()
     }
 
     /// The VM fd, for ioctls gmem does not wrap (vCPU creation, for example).

@@ -1,0 +1,80 @@
+//! `gmem bench`: every backing beside the raw system calls and plain memory.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use gmem::BackingKind;
+use gmem_bench::{BenchOptions, output};
+
+use crate::units::parse_size;
+
+/// `gmem bench` arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Backings to measure; repeat for several [default: all four].
+    #[arg(long)]
+    backing: Vec<BackingKind>,
+    /// The region size per measurement (a multiple of 2 MiB).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    size: u64,
+    /// Measured reps per measurement, after one warm-up rep.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write an SVG chart to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Runs `gmem bench`.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let opts = BenchOptions {
+        backings: if args.backing.is_empty() {
+            BackingKind::ALL.to_vec()
+        } else {
+            args.backing.clone()
+        },
+        size: args.size,
+        reps: args.reps,
+    };
+    opts.validate()?;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_metric = String::new();
+    let mut progress = |done: usize, total: usize, label: &str| {
+        let mut err = std::io::stderr();
+        if tty {
+            let filled = done * 30 / total.max(1);
+            let _ = write!(
+                err,
+                "\r\x1b[K[{}{}] {done}/{total} {label}",
+                "#".repeat(filled),
+                " ".repeat(30 - filled)
+            );
+            if done == total {
+                let _ = writeln!(err);
+            }
+        } else {
+            let metric = label.split(" · ").take(2).collect::<Vec<_>>().join(" · ");
+            if metric != last_metric {
+                let _ = writeln!(err, "[{done}/{total}] {metric}");
+                last_metric = metric;
+            }
+        }
+    };
+    let report = gmem_bench::run(&opts, &mut progress).context("running the benchmarks")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", output::table(&report));
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, output::svg(&report))
+            .with_context(|| format!("writing the chart {}", path.display()))?;
+        eprintln!("chart written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
