@@ -29,6 +29,8 @@ struct Plan {
     /// The least ratio the issue tracker asks for.
     goal: Option<f64>,
     note: Option<String>,
+    /// The least reps, for measurements short and noisy enough to need more.
+    min_reps: u32,
 }
 
 impl Plan {
@@ -47,7 +49,13 @@ impl Plan {
             raw: None,
             goal: None,
             note: None,
+            min_reps: 0,
         }
+    }
+
+    fn min_reps(mut self, reps: u32) -> Plan {
+        self.min_reps = reps;
+        self
     }
 
     fn gmem(mut self, f: impl FnMut() -> Result<f64, BenchError> + 'static) -> Plan {
@@ -516,7 +524,10 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
             if !ram.is_multiple_of(s.page_size()) {
                 continue;
             }
-            let mut p = Plan::new(label, s, "µs", false).raw(move || launch_raw(s, ram));
+            // A launch takes about a millisecond and varies by ±20 %: more reps.
+            let mut p = Plan::new(label, s, "µs", false)
+                .raw(move || launch_raw(s, ram))
+                .min_reps(15);
             if let Some(k) = s.backing() {
                 p = p.gmem(move || launch_gmem(k, ram)).goal(0.95);
             }
@@ -639,15 +650,15 @@ pub(crate) fn run_all(
         backings.push(b);
     }
     let mut plans = plans(opts, &backings);
-    let reps = opts.reps as usize;
-    let sides: usize = plans
+    let reps_of = |p: &Plan| opts.reps.max(p.min_reps) as usize;
+    let total: usize = plans
         .iter()
-        .map(|p| usize::from(p.gmem.is_some()) + usize::from(p.raw.is_some()))
+        .map(|p| (usize::from(p.gmem.is_some()) + usize::from(p.raw.is_some())) * (reps_of(p) + 1))
         .sum();
-    let total = sides * (reps + 1);
     let mut done = 0;
     let mut rows = Vec::new();
     for plan in &mut plans {
+        let reps = reps_of(plan);
         let mut measure = |side: &str, f: &mut Rep| -> Result<Sample, BenchError> {
             let mut values = Vec::with_capacity(reps);
             for rep in 0..=reps {

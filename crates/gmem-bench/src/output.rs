@@ -94,7 +94,7 @@ pub fn svg(report: &BenchReport) -> String {
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">
 <rect width="100%" height="100%" fill="white"/>
-<text x="10" y="20" font-size="15" font-weight="bold">gmem bench: gmem (blue) beside the raw baseline (grey), region {} MiB, median of {} reps</text>
+<text x="10" y="20" font-size="15" font-weight="bold">gmem bench: gmem (blue) beside the raw baseline (grey), region {} MiB, median of {} reps, log scale</text>
 "##,
         report.size >> 20,
         report.reps
@@ -109,13 +109,17 @@ pub fn svg(report: &BenchReport) -> String {
         } else {
             "lower is better"
         };
-        let max = rows
+        // Log scale: the baselines can be 100× the others.
+        let values: Vec<f64> = rows
             .iter()
             .flat_map(|r| [r.gmem, r.raw])
             .flatten()
             .map(|s| s.median)
-            .fold(0.0f64, f64::max)
-            .max(1e-12);
+            .filter(|v| *v > 0.0)
+            .collect();
+        let hi = values.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+        let lo = values.iter().copied().fold(hi, f64::min) / 2.0;
+        let span = (hi / lo).ln().max(1e-9);
         let _ = writeln!(
             svg,
             r#"<text x="{x0}" y="{}" font-weight="bold">{} ({}, {better})</text>"#,
@@ -134,7 +138,7 @@ pub fn svg(report: &BenchReport) -> String {
                 .enumerate()
             {
                 if let Some(s) = s {
-                    let h = plot_h * s.median / max;
+                    let h = plot_h * (s.median.max(lo) / lo).ln() / span;
                     let bx = sx + k as f64 * (bar + 2.0);
                     let _ = writeln!(
                         svg,

@@ -259,7 +259,15 @@ fn bench_runs_at_a_tiny_size() {
     }
     let svg = std::env::temp_dir().join(format!("gmem-bench-{}.svg", std::process::id()));
     let out = gmem(&[
-        "bench", "--backing", "memfd", "--size", "4M", "--reps", "1", "--json", "--plot",
+        "bench",
+        "--backing",
+        "memfd",
+        "--size",
+        "4M",
+        "--reps",
+        "1",
+        "--json",
+        "--plot",
         svg.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -282,11 +290,18 @@ fn bench_runs_at_a_tiny_size() {
         assert!(row["gmem"]["median"].as_f64().unwrap() > 0.0, "{metric}");
         assert!(row["raw"]["median"].as_f64().unwrap() > 0.0, "{metric}");
     }
-    assert!(rows.iter().any(|r| r["subject"] == "anon-thp"), "the THP baseline is measured");
+    assert!(
+        rows.iter().any(|r| r["subject"] == "anon-thp"),
+        "the THP baseline is measured"
+    );
     let chart = std::fs::read_to_string(&svg).expect("the chart");
     let _ = std::fs::remove_file(&svg);
     assert!(chart.starts_with("<svg") && chart.contains("populate"));
     let bad = gmem(&["bench", "--size", "3M"]);
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("multiple of 2 MiB"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("multiple of 2 MiB"),
+        "{}",
+        text(&bad.stderr)
+    );
 }

@@ -259,7 +259,10 @@ impl Machine {
             converter.view().write(addr, &word.to_le_bytes())?;
         }
         enable_exit_hypercall(&vm);
-        let sync_regs = vm.fd().check_extension(kvm_ioctls::Cap::SyncRegs);
+        // A property of the kernel: read once per process.
+        static SYNC_REGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let sync_regs =
+            *SYNC_REGS.get_or_init(|| vm.fd().check_extension(kvm_ioctls::Cap::SyncRegs));
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus as usize {
             let vcpu_err = |op| {
@@ -409,9 +412,12 @@ impl Machine {
 /// Lets `vmcall` with `KVM_HC_MAP_GPA_RANGE` exit to userspace where KVM can
 /// (`KVM_CAP_EXIT_HYPERCALL`). Hosts that cannot just keep the doorbell port.
 fn enable_exit_hypercall(vm: &Vm) {
-    let mask = vm.fd().check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into());
+    static MASK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let mask = *MASK.get_or_init(|| {
+        u64::try_from(vm.fd().check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into())).unwrap_or(0)
+    });
     let wanted = 1u64 << HC_MAP_GPA_RANGE;
-    if u64::try_from(mask).unwrap_or(0) & wanted != 0 {
+    if mask & wanted != 0 {
         let mut cap = kvm_enable_cap {
             cap: KVM_CAP_EXIT_HYPERCALL,
             ..Default::default()

@@ -28,18 +28,22 @@ fn attribute_map(c: &mut Criterion) {
             black_box(map.get(black_box(gpa)))
         })
     });
-    c.bench_function("attribute map: convert a page and back, 1 TiB / 1000 runs", |b| {
-        let mut map = map.clone();
-        let mut gpa = 0u64;
-        b.iter(|| {
-            gpa = (gpa + 0x1234_5000) % ((1 << 40) - PAGE);
-            map.set(gpa..gpa + PAGE, Attribute::Shared);
-            map.set(gpa..gpa + PAGE, Attribute::Private);
-        })
-    });
-    c.bench_function("attribute map: uniform over 1 GiB, 1 TiB / 1000 runs", |b| {
-        b.iter(|| black_box(map.uniform(black_box(0x4000_0000..0x8000_0000))))
-    });
+    c.bench_function(
+        "attribute map: convert a page and back, 1 TiB / 1000 runs",
+        |b| {
+            let mut map = map.clone();
+            let mut gpa = 0u64;
+            b.iter(|| {
+                gpa = (gpa + 0x1234_5000) % ((1 << 40) - PAGE);
+                map.set(gpa..gpa + PAGE, Attribute::Shared);
+                map.set(gpa..gpa + PAGE, Attribute::Private);
+            })
+        },
+    );
+    c.bench_function(
+        "attribute map: uniform over 1 GiB, 1 TiB / 1000 runs",
+        |b| b.iter(|| black_box(map.uniform(black_box(0x4000_0000..0x8000_0000)))),
+    );
 }
 
 fn range_validation(c: &mut Criterion) {

@@ -189,7 +189,8 @@ impl HostView {
             regions,
             attributes: RwLock::new(attributes),
         };
-        {
+        // A fresh mapping is read-write: only private memory needs protecting.
+        if initial == Attribute::Private {
             let attrs = view.read_attributes();
             for i in 0..view.regions.len() {
                 let r = &view.regions[i];

@@ -107,17 +107,20 @@ impl HugetlbMemfd {
                 free: pool.map_or(0, |p| p.available()),
             }
         };
-        let Some(pool) = HugePagePool::read(page) else {
-            return Err(BackingError::Unsupported {
-                op: "create",
-                kind,
-                reason: "the kernel has no huge page pool of this size",
-            });
-        };
-        if pool.available() < size / page {
-            return Err(exhausted());
-        }
-        let fd = create_sealed("gmem-hugetlb", MemfdFlags::HUGETLB | page_flag, size)?;
+        // The pool is read only on failure: the mapping below reserves the
+        // pages, and its ENOMEM is the authoritative "too few free".
+        let fd =
+            create_sealed("gmem-hugetlb", MemfdFlags::HUGETLB | page_flag, size).map_err(|e| {
+                if HugePagePool::read(page).is_none() {
+                    BackingError::Unsupported {
+                        op: "create",
+                        kind,
+                        reason: "the kernel has no huge page pool of this size",
+                    }
+                } else {
+                    e
+                }
+            })?;
         let core = FileCore::new(fd, kind, size, flags, vm.map(Vm::id)).map_err(|e| {
             // Another process may have taken the pages between the check and mmap.
             if e.errno() == libc::ENOMEM {

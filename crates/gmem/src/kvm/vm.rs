@@ -107,27 +107,49 @@ pub(crate) struct VmInner {
     pub(crate) id: VmId,
     pub(crate) fd: VmFd,
     pub(crate) vm_type: VmType,
-    /// Capabilities, read on first use (each ioctl costs microseconds on
-    /// nested hosts, and a launch should pay only for what it uses).
-    caps: VmCaps,
     pub(crate) slots: Mutex<SlotTable>,
     // Kept so the system fd lives as long as the VM: vCPU mmap sizes and caps come from it.
     pub(crate) kvm: Kvm,
 }
 
-/// Capabilities of one VM, each read once.
-#[derive(Default)]
+/// The capabilities of one VM type, read once per process on the first VM
+/// that needs them: they are properties of the kernel and the VM type, and
+/// each ioctl costs microseconds on nested hosts, which a launch should not
+/// pay again and again.
 struct VmCaps {
     gmem_flags: OnceLock<u64>,
     guest_memfd: OnceLock<bool>,
+    memory_attributes: OnceLock<u64>,
     max_slots: OnceLock<u32>,
 }
 
+#[expect(
+    clippy::declare_interior_mutable_const,
+    reason = "only used to initialise CAPS, each element its own OnceLocks"
+)]
+const NO_CAPS: VmCaps = VmCaps {
+    gmem_flags: OnceLock::new(),
+    guest_memfd: OnceLock::new(),
+    memory_attributes: OnceLock::new(),
+    max_slots: OnceLock::new(),
+};
+
+/// Per VM type, in `VmType::raw` order.
+static CAPS: [VmCaps; 6] = [NO_CAPS; 6];
+
 impl VmInner {
+    fn caps(&self) -> &'static VmCaps {
+        &CAPS[self.vm_type.raw() as usize]
+    }
+
+    fn cap(&self, nr: u32) -> u64 {
+        u64::try_from(self.fd.check_extension_raw(nr.into())).unwrap_or(0)
+    }
+
     /// `KVM_CAP_NR_MEMSLOTS`.
     pub(crate) fn max_slots(&self) -> u32 {
         *self
-            .caps
+            .caps()
             .max_slots
             .get_or_init(|| u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX))
     }
@@ -175,7 +197,6 @@ impl Vm {
                 id: VmId::next(),
                 fd,
                 vm_type,
-                caps: VmCaps::default(),
                 slots: Mutex::new(SlotTable::default()),
                 kvm,
             }),
@@ -195,35 +216,31 @@ impl Vm {
     /// The guest_memfd creation flags this VM accepts
     /// (`KVM_CAP_GUEST_MEMFD_FLAGS` on the VM fd; 0 on kernels before 6.18).
     pub fn supported_gmem_flags(&self) -> u64 {
-        *self.inner.caps.gmem_flags.get_or_init(|| {
-            u64::try_from(
-                self.inner
-                    .fd
-                    .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into()),
-            )
-            .unwrap_or(0)
-        })
+        let inner = &self.inner;
+        *inner
+            .caps()
+            .gmem_flags
+            .get_or_init(|| inner.cap(KVM_CAP_GUEST_MEMFD_FLAGS))
     }
 
     /// Whether `KVM_CREATE_GUEST_MEMFD` exists (`KVM_CAP_GUEST_MEMFD`).
     pub fn has_guest_memfd(&self) -> bool {
-        *self
-            .inner
-            .caps
+        let inner = &self.inner;
+        *inner
+            .caps()
             .guest_memfd
-            .get_or_init(|| self.inner.fd.check_extension(Cap::GuestMemfd))
+            .get_or_init(|| inner.fd.check_extension(Cap::GuestMemfd))
     }
 
     /// `KVM_CAP_MEMORY_ATTRIBUTES` on the VM fd: the attributes
     /// `KVM_SET_MEMORY_ATTRIBUTES` accepts for this VM (bit 3 = PRIVATE; 0
     /// where the kernel has no memory attributes).
     pub fn memory_attributes(&self) -> u64 {
-        u64::try_from(
-            self.inner
-                .fd
-                .check_extension_raw(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES.into()),
-        )
-        .unwrap_or(0)
+        let inner = &self.inner;
+        *inner
+            .caps()
+            .memory_attributes
+            .get_or_init(|| inner.cap(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES))
     }
 
     /// How many memslots the VM has (`KVM_CAP_NR_MEMSLOTS`).
