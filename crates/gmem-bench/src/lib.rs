@@ -175,6 +175,8 @@ pub struct BenchReport {
     pub rows: Vec<Row>,
     /// Subjects or metrics not measured, and why.
     pub skipped: Vec<String>,
+    /// What the run did to the host, such as raising a huge page pool.
+    pub host_changes: Vec<String>,
 }
 
 /// Runs every measurement. `progress(done, total, label)` is called before

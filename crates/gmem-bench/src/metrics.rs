@@ -626,6 +626,7 @@ pub(crate) fn run_all(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<BenchReport, BenchError> {
     let mut skipped = Vec::new();
+    let mut host_changes = Vec::new();
     let mut guards = Vec::new();
     let mut backings = Vec::new();
     for &b in &opts.backings {
@@ -641,9 +642,17 @@ pub(crate) fn run_all(
             let slack = if b == BackingKind::Hugetlb1G { 0 } else { 4 };
             let pages = bytes / b.page_size() + slack;
             let guard = gmem_testkit::pool::lock(b.page_size());
+            let before = gmem::backing::HugePagePool::read(b.page_size()).map_or(0, |p| p.total);
             if let Err(why) = gmem_testkit::pool::ensure_free(b.page_size(), pages) {
                 skipped.push(format!("{b}: {why}"));
                 continue;
+            }
+            let after = gmem::backing::HugePagePool::read(b.page_size()).map_or(0, |p| p.total);
+            if after != before {
+                host_changes.push(format!(
+                    "raised the {} KiB huge page pool from {before} to {after} pages for {b}; it is restored at the end",
+                    b.page_size() >> 10
+                ));
             }
             guards.push(guard);
         }
@@ -711,6 +720,7 @@ pub(crate) fn run_all(
             .into_owned(),
         rows,
         skipped,
+        host_changes,
     })
 }
 

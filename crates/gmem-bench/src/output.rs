@@ -60,6 +60,9 @@ pub fn table(report: &BenchReport) -> String {
     for s in &report.skipped {
         let _ = writeln!(out, "\nnot measured: {s}");
     }
+    for c in &report.host_changes {
+        let _ = writeln!(out, "\nhost: {c}");
+    }
     out
 }
 
@@ -198,6 +201,7 @@ mod tests {
                 note: Some("a <note>".into()),
             }],
             skipped: vec!["hugetlb-1g: no pages".into()],
+            host_changes: Vec::new(),
         }
     }
 
