@@ -31,6 +31,8 @@ struct Plan {
     note: Option<String>,
     /// The least reps, for measurements short and noisy enough to need more.
     min_reps: u32,
+    /// The subject's name in the results, where it is not a memory kind.
+    label: Option<&'static str>,
 }
 
 impl Plan {
@@ -50,7 +52,13 @@ impl Plan {
             goal: None,
             note: None,
             min_reps: 0,
+            label: None,
         }
+    }
+
+    fn label(mut self, label: &'static str) -> Plan {
+        self.label = Some(label);
+        self
     }
 
     fn min_reps(mut self, reps: u32) -> Plan {
@@ -566,6 +574,7 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
         Plan::new("attribute-map updates", Subject::Anon, "ops/s", true)
             .gmem(attribute_map_gmem)
             .raw(attribute_map_naive)
+            .label("bookkeeping")
             .note("1-16 pages each over 4 GiB; raw: a naive byte per page"),
     );
     plans
@@ -668,25 +677,31 @@ pub(crate) fn run_all(
     let mut rows = Vec::new();
     for plan in &mut plans {
         let reps = reps_of(plan);
-        let mut measure = |side: &str, f: &mut Rep| -> Result<Sample, BenchError> {
-            let mut values = Vec::with_capacity(reps);
-            for rep in 0..=reps {
-                let label = format!(
-                    "{} · {} · {side} · rep {rep}/{reps}",
-                    plan.metric,
-                    plan.subject.name()
+        // gmem and raw take turns rep by rep, so that neither always runs on
+        // memory the other has just warmed (or cooled).
+        let name = plan.label.unwrap_or(plan.subject.name());
+        let mut gmem_values = Vec::with_capacity(reps);
+        let mut raw_values = Vec::with_capacity(reps);
+        for rep in 0..=reps {
+            for (side, f, values) in [
+                ("gmem", plan.gmem.as_mut(), &mut gmem_values),
+                ("raw", plan.raw.as_mut(), &mut raw_values),
+            ] {
+                let Some(f) = f else { continue };
+                progress(
+                    done,
+                    total,
+                    &format!("{} · {name} · {side} · rep {rep}/{reps}", plan.metric),
                 );
-                progress(done, total, &label);
                 done += 1;
                 let v = f()?;
                 if rep > 0 {
                     values.push(v);
                 }
             }
-            Ok(Sample::of(&values))
-        };
-        let gmem = plan.gmem.as_mut().map(|f| measure("gmem", f)).transpose()?;
-        let raw = plan.raw.as_mut().map(|f| measure("raw", f)).transpose()?;
+        }
+        let gmem = (!gmem_values.is_empty()).then(|| Sample::of(&gmem_values));
+        let raw = (!raw_values.is_empty()).then(|| Sample::of(&raw_values));
         let ratio = match (gmem, raw) {
             (Some(g), Some(r)) if plan.higher_is_better => Some(g.median / r.median),
             (Some(g), Some(r)) => Some(r.median / g.median),
@@ -694,7 +709,7 @@ pub(crate) fn run_all(
         };
         rows.push(Row {
             metric: plan.metric.clone(),
-            subject: plan.subject.name().to_owned(),
+            subject: plan.label.unwrap_or(plan.subject.name()).to_owned(),
             unit: plan.unit,
             higher_is_better: plan.higher_is_better,
             gmem,

@@ -3,7 +3,7 @@
 //! Ranges are 4 KiB-aligned as on the other backings, and follow hugetlbfs:
 //! allocate populates every huge page the range touches; punch frees the
 //! whole huge pages inside the range and zeroes the partial ones in place
-//! (spec §8.8), and its [`PunchReport`] says which is which.
+//! (spec §8.8), and its [`PunchReport`](super::PunchReport) says which is which.
 //!
 //! The kernel reveals which huge pages are populated only through page tables
 //! (mincore reports mapped pages only, and hugetlbfs has no SEEK_DATA): pages
