@@ -208,23 +208,42 @@ impl BindError {
 }
 
 /// One bound slot, as the VM's slot table records it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SlotEntry {
     gpa: u64,
     len: u64,
-    /// The file's identity: the address of its shared allocation.
+    /// The file's identity.
     file: usize,
     offset: u64,
 }
 
-/// The VM's memslots, keyed by slot id.
-#[derive(Debug, Default)]
-pub(crate) struct SlotTable {
-    slots: BTreeMap<u16, SlotEntry>,
+/// What the binding rules need to know of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileFacts {
+    /// The file's identity (gmem uses the address of its shared allocation).
+    pub id: usize,
+    /// The VM the file belongs to, if any.
+    pub owner: Option<VmId>,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
-fn file_key(memory: &Arc<dyn RestrictedMemory>) -> usize {
-    Arc::as_ptr(memory).cast::<()>() as usize
+impl FileFacts {
+    fn of(memory: &Arc<dyn RestrictedMemory>) -> FileFacts {
+        FileFacts {
+            id: Arc::as_ptr(memory).cast::<()>() as usize,
+            owner: memory.owner(),
+            size: memory.size(),
+        }
+    }
+}
+
+/// A VM's memslots, keyed by slot id, and the binding rules over them as a
+/// pure function: what [`Vm::bind`] checks before it issues any ioctl.
+/// Public so that models and fuzzers can drive the rules without KVM.
+#[derive(Debug, Default)]
+pub struct SlotTable {
+    slots: BTreeMap<u16, SlotEntry>,
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -232,11 +251,49 @@ fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
 }
 
 impl SlotTable {
-    /// Applies the rules in the kernel's order; returns the slot to use.
-    fn check(
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many slots are bound.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no slot is bound.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Records a binding that [`check`](Self::check) accepted.
+    pub fn insert(&mut self, slot: Slot, file: FileFacts, req: SlotRequest) {
+        self.slots.insert(
+            slot.0,
+            SlotEntry {
+                gpa: req.guest_phys_addr,
+                len: req.len,
+                file: file.id,
+                offset: req.offset,
+            },
+        );
+    }
+
+    /// Forgets a deleted slot; whether it was bound.
+    pub fn remove(&mut self, slot: Slot) -> bool {
+        self.slots.remove(&slot.0).is_some()
+    }
+
+    /// Applies the rules in the kernel's order for `vm` (which has
+    /// `max_slots` memslots) binding `file`; returns the slot to use.
+    ///
+    /// # Errors
+    /// As [`Vm::bind`], but for [`BindError::Kvm`].
+    pub fn check(
         &self,
-        vm: &VmInner,
-        memory: &Arc<dyn RestrictedMemory>,
+        vm: VmId,
+        max_slots: u32,
+        file: FileFacts,
         req: SlotRequest,
     ) -> Result<Slot, BindError> {
         let SlotRequest {
@@ -265,7 +322,6 @@ impl SlotTable {
             return Err(BindError::OffsetWraps { offset, len });
         }
         // Step 4: slot id, GPA wrap, slot size.
-        let max_slots = vm.max_slots();
         let slot = match slot {
             Some(slot) if u32::from(slot.0) >= max_slots => {
                 return Err(BindError::InvalidSlot {
@@ -305,18 +361,17 @@ impl SlotTable {
             });
         }
         // Step 8 (kvm_gmem_bind): owner, bounds, file-range overlap.
-        if let Some(owner) = memory.owner().filter(|&o| o != vm.id) {
-            return Err(BindError::ForeignVm { vm: vm.id, owner });
+        if let Some(owner) = file.owner.filter(|&o| o != vm) {
+            return Err(BindError::ForeignVm { vm, owner });
         }
-        let size = memory.size();
+        let size = file.size;
         if offset + len > size {
             return Err(BindError::PastEnd { offset, len, size });
         }
-        let key = file_key(memory);
         if let Some((&other, e)) = self
             .slots
             .iter()
-            .find(|(_, e)| e.file == key && overlaps(offset, len, e.offset, e.len))
+            .find(|(_, e)| e.file == file.id && overlaps(offset, len, e.offset, e.len))
         {
             return Err(BindError::FileRangeOverlap {
                 offset,
@@ -422,7 +477,7 @@ impl Drop for Binding {
         // KVM by a delete.
         let result = unsafe { self.vm.fd.set_user_memory_region2(delete) };
         if result.is_ok() {
-            table.slots.remove(&self.slot.0);
+            table.remove(self.slot);
         } else {
             // KVM may still use the file's mapping: keep the file (and so the
             // mapping) alive for the life of the process rather than unmap
@@ -457,7 +512,8 @@ impl Vm {
     ) -> Result<Binding, BindError> {
         let vm = &self.inner;
         let mut table = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = table.check(vm, memory, req)?;
+        let file = FileFacts::of(memory);
+        let slot = table.check(vm.id, vm.max_slots(), file, req)?;
         let SlotRequest {
             guest_phys_addr: gpa,
             offset,
@@ -481,15 +537,7 @@ impl Vm {
             }
             return Err(BindError::ForeignVm { vm: vm.id, owner });
         }
-        table.slots.insert(
-            slot.0,
-            SlotEntry {
-                gpa,
-                len,
-                file: file_key(memory),
-                offset,
-            },
-        );
+        table.insert(slot, file, req);
         Ok(Binding {
             vm: Arc::clone(vm),
             memory: Arc::clone(memory),

@@ -44,7 +44,7 @@ pub use backing::{
     AccessError, BackingError, BackingKind, GmemFlags, HostMapping, MemoryOptions, PunchReport,
     RestrictedMemory, create_memory,
 };
-pub use binding::{BindError, Binding, Slot, SlotRequest};
+pub use binding::{BindError, Binding, FileFacts, Slot, SlotRequest, SlotTable};
 pub use convert::{ConversionStats, ConvertError, ConvertReport, Converter, Policy};
 pub use error::Error;
 pub use host_view::{HostView, ViewError};

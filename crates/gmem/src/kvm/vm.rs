@@ -22,6 +22,12 @@ impl fmt::Display for VmId {
 }
 
 impl VmId {
+    /// An id from a number, for models and tests of the binding rules
+    /// ([`crate::binding::SlotTable`]); real VMs get theirs from [`Vm::new`].
+    pub fn from_raw(id: u64) -> VmId {
+        VmId(id)
+    }
+
     pub(crate) fn next() -> VmId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         VmId(NEXT.fetch_add(1, Ordering::Relaxed))
