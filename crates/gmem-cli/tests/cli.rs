@@ -222,7 +222,11 @@ fn selftest_prints_one_line_per_check_and_the_totals() {
     );
     let bad = gmem(&["selftest", "--check", "T99"]);
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("no check \"T99\""));
+    assert!(
+        text(&bad.stderr).contains("no check \"T99\"; the ids are T1..T20, G1..G9, C1..C7"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[test]

@@ -20,6 +20,6 @@ pub mod runner;
 pub mod vcpu;
 
 pub use exit::Exit;
-pub use machine::{MAX_VCPUS, MIN_RAM, Machine, MachineConfig, VmmError};
+pub use machine::{MAX_VCPUS, MIN_RAM, Machine, MachineConfig, MemoryHandle, VmmError};
 pub use runner::RunReport;
 pub use vcpu::{Console, Step};

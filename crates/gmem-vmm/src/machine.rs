@@ -383,6 +383,13 @@ impl Machine {
         self.shared.converter.view()
     }
 
+    /// A handle on guest memory that outlives the machine's vCPUs: for host
+    /// threads (device models, tests) that work while
+    /// [`run_to_end`](Self::run_to_end) runs the guest.
+    pub fn memory_handle(&self) -> MemoryHandle {
+        MemoryHandle(Arc::clone(&self.shared))
+    }
+
     /// The conversion engine.
     pub fn converter(&self) -> &Converter {
         &self.shared.converter
@@ -406,6 +413,23 @@ impl Machine {
     /// How many vCPUs there are.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+}
+
+/// A shared handle on a machine's guest memory: its host view and
+/// conversion engine, usable from other threads while the vCPUs run.
+#[derive(Clone)]
+pub struct MemoryHandle(Arc<Shared>);
+
+impl MemoryHandle {
+    /// The conversion engine.
+    pub fn converter(&self) -> &Converter {
+        &self.0.converter
+    }
+
+    /// The host view.
+    pub fn view(&self) -> &HostView {
+        self.0.converter.view()
     }
 }
 

@@ -52,7 +52,7 @@ impl AttributeMap {
 
     /// The attribute of the byte at `gpa`.
     pub fn get(&self, gpa: u64) -> Attribute {
-        if self.private.contains(gpa..gpa + 1) {
+        if self.private.contains_point(gpa) {
             Attribute::Private
         } else {
             Attribute::Shared
@@ -131,6 +131,18 @@ mod tests {
         assert_eq!(m.private_bytes(0..4 * P), 3 * P);
         assert_eq!(m.first_private(P..4 * P), Some(2 * P));
         assert_eq!(m.run_count(), 2);
+    }
+
+    /// Found by the `attributes` fuzz target: `get(u64::MAX)` built the range
+    /// `u64::MAX..0`, which overflowed (debug) or was empty and so "contained"
+    /// (release): the last byte of the address space read as private.
+    #[test]
+    fn the_top_of_the_address_space_is_shared_until_converted() {
+        let mut m = AttributeMap::new();
+        assert_eq!(m.get(u64::MAX), Attribute::Shared);
+        m.set(u64::MAX - P + 1..u64::MAX, Attribute::Private);
+        assert_eq!(m.get(u64::MAX - 1), Attribute::Private);
+        assert_eq!(m.get(u64::MAX), Attribute::Shared);
     }
 
     #[test]

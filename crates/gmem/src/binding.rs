@@ -548,3 +548,68 @@ impl Vm {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn file(id: usize, owner: Option<u64>) -> FileFacts {
+        FileFacts {
+            id,
+            owner: owner.map(VmId::from_raw),
+            size: 16 * P,
+        }
+    }
+
+    #[test]
+    fn a_full_table_is_enospc_and_names_the_slot_count() {
+        let vm = VmId::from_raw(1);
+        let mut table = SlotTable::new();
+        for i in 0..2 {
+            let req = SlotRequest::new(i * P, i * P, P);
+            let slot = table.check(vm, 2, file(1, Some(1)), req).unwrap();
+            table.insert(slot, file(1, Some(1)), req);
+        }
+        let e = table
+            .check(vm, 2, file(1, Some(1)), SlotRequest::new(8 * P, 8 * P, P))
+            .unwrap_err();
+        assert!(matches!(e, BindError::NoFreeSlot { max: 2 }), "{e}");
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert_eq!(e.to_string(), "all 2 memslots are in use");
+        assert_eq!(table.len(), 2, "a refusal changes nothing");
+    }
+
+    #[test]
+    fn deleting_a_slot_frees_its_ranges_and_only_once() {
+        let vm = VmId::from_raw(1);
+        let mut table = SlotTable::new();
+        let req = SlotRequest::new(0, 0, P);
+        let slot = table.check(vm, 8, file(1, None), req).unwrap();
+        table.insert(slot, file(1, None), req);
+        assert!(table.remove(slot));
+        assert!(!table.remove(slot), "a deleted slot is not bound");
+        assert!(table.check(vm, 8, file(1, None), req).is_ok());
+    }
+
+    #[test]
+    fn messages_name_the_values() {
+        let vm = VmId::from_raw(1);
+        let table = SlotTable::new();
+        let e = table
+            .check(vm, 8, file(1, Some(2)), SlotRequest::new(0, 0, P))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the file belongs to vm#2; it cannot be bound in vm#1"
+        );
+        let e = table
+            .check(vm, 8, file(1, None), SlotRequest::new(0x1001, 0, P))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest_phys_addr 0x1001 is not a multiple of the page size 0x1000"
+        );
+    }
+}

@@ -187,8 +187,12 @@ impl FileRange {
     }
 
     /// The part of the range inside a file of `size` bytes, if any, as punching
-    /// a hole does (it has no size check).
+    /// a hole does (it has no size check). A `size` that is not page-aligned
+    /// counts up to the end of its last page, so the result stays aligned.
     pub fn clamp_to(self, size: u64) -> Option<FileRange> {
+        let size = size
+            .checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX / PAGE_SIZE * PAGE_SIZE);
         let end = self.end().min(size);
         (end > self.offset).then(|| FileRange {
             offset: self.offset,
@@ -308,6 +312,17 @@ mod tests {
         assert_eq!(r.within(4 * P).unwrap_err().errno(), libc::EINVAL);
         assert_eq!(r.clamp_to(4 * P).unwrap().len(), P);
         assert!(r.clamp_to(3 * P).is_none());
+    }
+
+    /// Found by the `range` fuzz target: clamping to a size that is not page
+    /// aligned produced an unaligned range.
+    #[test]
+    fn clamp_to_an_unaligned_size_stays_aligned() {
+        let r = FileRange::new(144115183780888576, 562949936644096).unwrap();
+        let c = r.clamp_to(144115188059143952).unwrap();
+        assert_eq!(c.len() % PAGE_SIZE, 0);
+        assert_eq!(c.end(), 144115188059143952u64.next_multiple_of(PAGE_SIZE));
+        assert_eq!(FileRange::new(0, P).unwrap().clamp_to(1).unwrap().len(), P);
     }
 
     #[test]

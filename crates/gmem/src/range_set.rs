@@ -74,6 +74,14 @@ impl RangeSet {
                 .is_some_and(|(_, &e)| e >= r.end)
     }
 
+    /// Whether the byte at `x` is in the set.
+    pub fn contains_point(&self, x: u64) -> bool {
+        self.runs
+            .range(..=x)
+            .next_back()
+            .is_some_and(|(_, &e)| e > x)
+    }
+
     /// The runs that overlap `r`, in order (not clipped to `r`).
     pub fn overlapping(&self, r: Range<u64>) -> impl Iterator<Item = Range<u64>> + '_ {
         let first = self

@@ -32,10 +32,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         })
         .collect();
     if selected.is_empty() {
+        let families: Vec<String> = ['T', 'G', 'C']
+            .into_iter()
+            .filter_map(|f| {
+                let n = checks().iter().filter(|c| c.id.starts_with(f)).count();
+                (n > 0).then(|| format!("{f}1..{f}{n}"))
+            })
+            .collect();
         anyhow::bail!(
-            "no check {:?}; the ids are T1..T20 and G1..G{}",
+            "no check {:?}; the ids are {}",
             args.check.as_deref().unwrap_or(""),
-            checks().iter().filter(|c| c.id.starts_with('G')).count()
+            families.join(", ")
         );
     }
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);

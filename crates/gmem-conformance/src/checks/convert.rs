@@ -352,6 +352,14 @@ pub(crate) fn c5_refusals_change_nothing(env: &Env) -> Result<(), Stop> {
         converter.view().attributes() == attrs,
         "refused conversions changed the attributes"
     );
+    let mut byte = [0u8];
+    ensure!(
+        matches!(
+            converter.view().read(GPA + 2 * size, &mut byte),
+            Err(ViewError::OutsideMemory { .. })
+        ),
+        "a host-view read past guest memory was not refused"
+    );
     ensure!(
         converter.stats() == gmem::ConversionStats::default(),
         "refused conversions counted"

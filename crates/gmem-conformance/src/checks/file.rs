@@ -165,7 +165,7 @@ pub(crate) fn t2_create_multiple(env: &Env) -> Result<(), Stop> {
 }
 
 pub(crate) fn t3_invalid_sizes(env: &Env) -> Result<(), Stop> {
-    let mut sizes: Vec<u64> = (1..P).collect();
+    let mut sizes: Vec<u64> = (0..P).collect();
     if env.backing.is_hugetlb() {
         sizes.extend([P, env.unit() - P, env.unit() + P]);
     }

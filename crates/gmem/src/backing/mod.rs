@@ -475,6 +475,23 @@ mod tests {
     }
 
     #[test]
+    fn guest_memfd_without_a_vm_is_refused() {
+        let e = create_memory(MemoryOptions::new(BackingKind::GuestMemfd, 4096), None).unwrap_err();
+        assert!(matches!(
+            e,
+            BackingError::NeedsVm {
+                kind: BackingKind::GuestMemfd
+            }
+        ));
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(
+            e.to_string()
+                .contains("guest-memfd backing is created through a VM"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn validate_create_size_rules() {
         let ok = GmemFlags::empty();
         for size in [0, 1, 4095, 4097, 1 << 63, u64::MAX - 4095] {
