@@ -1,6 +1,7 @@
 //! The built-in demo guest, assembled with iced-x86. On every vCPU it:
 //!
-//! 1. writes a secret to its private page;
+//! 1. makes its secret page private (`KVM_HC_MAP_GPA_RANGE`; a no-op unless
+//!    RAM started shared) and writes a secret to it;
 //! 2. converts its message page to shared (`KVM_HC_MAP_GPA_RANGE` through the
 //!    doorbell) and prints a line through the shared-buffer console;
 //! 3. asks the device to print its private page, is refused with `-EFAULT`,
@@ -19,7 +20,8 @@ use iced_x86::code_asm::{
 };
 
 use crate::abi::{
-    EFAULT, HC_MAP_GPA_RANGE, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SHARED_CONSOLE,
+    EFAULT, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL,
+    PORT_SHARED_CONSOLE,
 };
 
 /// Where the first vCPU's pages start.
@@ -64,7 +66,16 @@ pub fn payload(load_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(r14, AREA_BASE)?;
     a.add(r14, rax)?;
 
-    // 1. A secret in private memory: "SECRET-" and the index.
+    // 1. A secret in private memory: make sure the page is private (it is
+    //    already, unless the run started with --initial shared), then write
+    //    "SECRET-" and the index.
+    a.mov(eax, HC_MAP_GPA_RANGE as u32)?;
+    a.mov(rbx, r14)?;
+    a.mov(ecx, 1)?;
+    a.mov(edx, MAP_GPA_RANGE_ENCRYPTED as u32)?;
+    a.out(u32::from(PORT_HYPERCALL), eax)?;
+    a.test(rax, rax)?;
+    a.jnz(fail[1])?;
     a.mov(rax, u64::from_le_bytes(*b"SECRET-\0"))?;
     a.mov(rbx, r15)?;
     a.add(rbx, i32::from(b'0'))?;

@@ -12,10 +12,11 @@
 //! - [`Policy::InPlace`]: the content is kept. The page is the same page on
 //!   both sides; only who may touch it changes. This is the direction of the
 //!   upstream in-place conversion work and of pKVM.
-//! - [`Policy::Discard`]: the range is punched, so it reads as zero and its
-//!   memory is freed, as SEV-SNP and TDX hardware conversions behave. When
-//!   going private → shared the punch happens **before** the host view opens
-//!   the pages, so no secret is ever visible.
+//! - [`Policy::Discard`]: the pages that change sides are punched, so they
+//!   read as zero and their memory is freed, as SEV-SNP and TDX hardware
+//!   conversions behave (a page converted to the side it is on keeps its
+//!   content). When going private → shared the punch happens **before** the
+//!   host view opens the pages, so no secret is ever visible.
 //!
 //! Either way no page exists twice: there is one file, mapped `MAP_SHARED`.
 //!
@@ -354,7 +355,7 @@ impl Converter {
                     return Err(e);
                 }
                 if policy == Policy::Discard {
-                    punched = match self.punch(&parts) {
+                    punched = match self.punch_changing(&range, &before, to) {
                         Ok(report) => report,
                         Err(e) => {
                             let _ = self.set_kernel(&range, Attribute::Shared);
@@ -367,7 +368,7 @@ impl Converter {
             Attribute::Shared => {
                 // Discard the secret before anyone can see it.
                 if policy == Policy::Discard {
-                    punched = self.punch(&parts)?;
+                    punched = self.punch_changing(&range, &before, to)?;
                 }
                 self.set_kernel(&range, to)?;
                 if let Err(e) = self.apply(&mut attrs, &parts, &range, to, &before) {
@@ -472,6 +473,45 @@ impl Converter {
         for part in parts {
             let _ = self.view.reprotect(attrs, part);
         }
+    }
+
+    /// The discard policy's punch: only the pages of `range` whose attribute
+    /// changes (converting a private page to private again keeps it), given
+    /// `before`, the private runs of `range` before the conversion.
+    fn punch_changing(
+        &self,
+        range: &Range<u64>,
+        before: &[Range<u64>],
+        to: Attribute,
+    ) -> Result<PunchReport, ConvertError> {
+        let changing: Vec<Range<u64>> = match to {
+            Attribute::Shared => before.to_vec(),
+            Attribute::Private => {
+                let mut shared = Vec::new();
+                let mut pos = range.start;
+                for run in before {
+                    if run.start > pos {
+                        shared.push(pos..run.start);
+                    }
+                    pos = run.end;
+                }
+                if range.end > pos {
+                    shared.push(pos..range.end);
+                }
+                shared
+            }
+        };
+        let mut report = PunchReport::default();
+        for r in changing {
+            let parts = self.view.parts(r.start, r.end - r.start).map_err(|_| {
+                ConvertError::OutsideMemory {
+                    gpa: r.start,
+                    len: r.end - r.start,
+                }
+            })?;
+            report += self.punch(&parts)?;
+        }
+        Ok(report)
     }
 
     fn punch(&self, parts: &[Part]) -> Result<PunchReport, ConvertError> {

@@ -205,6 +205,12 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
         read_byte(view, GPA + P)? == 0,
         "a discarded page does not read zero"
     );
+    // Converting a page to the side it is on changes nothing, content included.
+    let report = f.converter.convert(GPA, P, Attribute::Shared)?;
+    ensure!(
+        report.changed_bytes == 0 && report.punched == gmem::PunchReport::default(),
+        "a shared page converted to shared was punched: {report:?}"
+    );
     ensure!(
         read_byte(view, GPA)? == 0xcc,
         "the neighbouring page lost its content"
