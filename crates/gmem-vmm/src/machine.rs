@@ -78,6 +78,14 @@ pub enum VmmError {
     /// The machine was launched already.
     #[error("the machine is launched: the host no longer writes guest memory")]
     AlreadyLaunched,
+    /// A vCPU index beyond the machine's vCPUs.
+    #[error("vCPU {index} does not exist: the machine has {count}")]
+    NoSuchVcpu {
+        /// The index given.
+        index: usize,
+        /// How many vCPUs there are.
+        count: usize,
+    },
     /// A vCPU ioctl failed.
     #[error("{op} on vCPU {vcpu} failed")]
     Vcpu {
@@ -352,7 +360,11 @@ impl Machine {
     /// # Errors
     /// As the runner: guest failures, unknown ports and failed ioctls.
     pub fn step(&mut self, index: usize, console: &Console) -> Result<Step, VmmError> {
-        let vcpu = &mut self.vcpus[index];
+        let count = self.vcpus.len();
+        let vcpu = self
+            .vcpus
+            .get_mut(index)
+            .ok_or(VmmError::NoSuchVcpu { index, count })?;
         run_once(vcpu, &self.shared, console, &mut self.counts)
     }
 
@@ -362,7 +374,11 @@ impl Machine {
     /// # Errors
     /// [`VmmError::Vcpu`] if `KVM_RUN` fails other than with `EINTR`/`EAGAIN`.
     pub fn run(&mut self, index: usize) -> Result<Exit, VmmError> {
-        self.vcpus[index].run_raw()
+        let count = self.vcpus.len();
+        self.vcpus
+            .get_mut(index)
+            .ok_or(VmmError::NoSuchVcpu { index, count })?
+            .run_raw()
     }
 
     /// vCPU `index`'s general registers.
@@ -370,7 +386,13 @@ impl Machine {
     /// # Errors
     /// [`VmmError::Vcpu`] if `KVM_GET_REGS` fails.
     pub fn regs(&self, index: usize) -> Result<kvm_bindings::kvm_regs, VmmError> {
-        self.vcpus[index].regs()
+        self.vcpus
+            .get(index)
+            .ok_or(VmmError::NoSuchVcpu {
+                index,
+                count: self.vcpus.len(),
+            })?
+            .regs()
     }
 
     /// The guest RAM file.
