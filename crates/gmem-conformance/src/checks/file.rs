@@ -571,6 +571,17 @@ pub(crate) fn g1_populated(env: &Env) -> Result<(), Stop> {
         "after punching everything: {:?}",
         mem.populated()?
     );
+    // A 4 KiB-aligned range across a backing-page boundary populates every
+    // backing page it touches (hugetlbfs's rule; trivially so on 4 KiB pages).
+    if size >= 2 * u {
+        mem.allocate(FileRange::new(u - P, 2 * P)?)?;
+        let want = pages(u, &[(u - P, u + P)]);
+        ensure!(
+            mem.populated()? == want,
+            "allocating across a page boundary: {:?}, expected {want:?}",
+            mem.populated()?
+        );
+    }
     Ok(())
 }
 
