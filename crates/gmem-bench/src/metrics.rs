@@ -148,6 +148,14 @@ fn view_ptr(view: &HostView) -> *mut u8 {
     view.as_ptr(0).unwrap_or(std::ptr::null_mut())
 }
 
+/// A raw file of `kind` (created on a fresh VM for guest-memfd; the VM is
+/// returned too, since the file is its).
+fn raw_file(kind: BackingKind, size: u64) -> Result<(std::os::fd::OwnedFd, Vm), BenchError> {
+    let vm = Vm::new()?;
+    let fd = raw::file(kind, size, vm.fd())?;
+    Ok((fd, vm))
+}
+
 // --- populate -------------------------------------------------------------
 
 fn populate_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
@@ -160,8 +168,7 @@ fn populate_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
 fn populate_raw(subject: Subject, size: u64) -> Result<f64, BenchError> {
     match subject.backing() {
         Some(kind) => {
-            let vm = Vm::new()?;
-            let fd = raw::file(kind, size, vm.fd())?;
+            let (fd, _vm) = raw_file(kind, size)?;
             Ok(gib_per_s(
                 size,
                 timed(|| raw::populate(std::os::fd::AsFd::as_fd(&fd), size))?,
@@ -183,10 +190,9 @@ fn populate_raw(subject: Subject, size: u64) -> Result<f64, BenchError> {
 fn host_touch_gmem(kind: BackingKind, size: u64) -> Result<Duration, BenchError> {
     let b = bound(kind, size)?;
     let ptr = view_ptr(&b.view);
-    // SAFETY: the view maps all `size` bytes shared and read-write, and no
-    // reference points into it.
     timed(|| {
-        // SAFETY: as above.
+        // SAFETY: the view maps all `size` bytes shared and read-write, and
+        // no reference points into it.
         unsafe { raw::touch(ptr, size) };
         Ok(())
     })
@@ -195,8 +201,7 @@ fn host_touch_gmem(kind: BackingKind, size: u64) -> Result<Duration, BenchError>
 fn host_touch_raw(subject: Subject, size: u64) -> Result<Duration, BenchError> {
     let (map, _fd) = match subject.backing() {
         Some(kind) => {
-            let vm = Vm::new()?;
-            let fd = raw::file(kind, size, vm.fd())?;
+            let (fd, vm) = raw_file(kind, size)?;
             (
                 Map::shared(std::os::fd::AsFd::as_fd(&fd), size)?,
                 Some((fd, vm)),
@@ -204,9 +209,8 @@ fn host_touch_raw(subject: Subject, size: u64) -> Result<Duration, BenchError> {
         }
         None => (Map::anon(size, subject == Subject::AnonThp)?, None),
     };
-    // SAFETY: the mapping is live, read-write, `size` bytes, unreferenced.
     timed(|| {
-        // SAFETY: as above.
+        // SAFETY: the mapping is live, read-write, `size` bytes, unreferenced.
         unsafe { raw::touch(map.as_ptr(), size) };
         Ok(())
     })
@@ -225,8 +229,7 @@ fn punch_unmapped_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> 
 fn punch_unmapped_raw(subject: Subject, size: u64) -> Result<f64, BenchError> {
     match subject.backing() {
         Some(kind) => {
-            let vm = Vm::new()?;
-            let fd = raw::file(kind, size, vm.fd())?;
+            let (fd, _vm) = raw_file(kind, size)?;
             let fd = std::os::fd::AsFd::as_fd(&fd);
             raw::populate(fd, size)?;
             Ok(gib_per_s(size, timed(|| raw::punch(fd, size))?))
@@ -251,8 +254,7 @@ fn punch_mapped_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
 }
 
 fn punch_mapped_raw(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
-    let vm = Vm::new()?;
-    let fd = raw::file(kind, size, vm.fd())?;
+    let (fd, _vm) = raw_file(kind, size)?;
     let map = Map::shared(std::os::fd::AsFd::as_fd(&fd), size)?;
     // SAFETY: the mapping is live, read-write, `size` bytes, unreferenced.
     unsafe { raw::touch(map.as_ptr(), size) };
@@ -378,8 +380,7 @@ fn bulk_convert_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
 }
 
 fn bulk_convert_raw(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
-    let vm = Vm::new()?;
-    let fd = raw::file(kind, size, vm.fd())?;
+    let (fd, _vm) = raw_file(kind, size)?;
     let map = Map::shared(std::os::fd::AsFd::as_fd(&fd), size)?;
     // SAFETY: the mapping is live, read-write, `size` bytes, unreferenced.
     unsafe { raw::touch(map.as_ptr(), size) };

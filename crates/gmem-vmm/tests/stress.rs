@@ -52,6 +52,24 @@ const FAIL_VERIFY: u32 = 101;
 const FAIL_DOORBELL: u32 = 102;
 const FAIL_NOT_ZERO: u32 = 103;
 
+/// `KVM_HC_MAP_GPA_RANGE` of page r8 with `attrs` through the doorbell;
+/// jumps to `fail` unless it returns 0.
+fn convert_page(
+    a: &mut CodeAssembler,
+    page_addr: CodeLabel,
+    attrs: u64,
+    fail: CodeLabel,
+) -> Result<(), IcedError> {
+    a.call(page_addr)?;
+    a.mov(rbx, rdi)?;
+    a.mov(eax, HC_MAP_GPA_RANGE as u32)?;
+    a.mov(ecx, 1)?;
+    a.mov(edx, attrs as u32)?;
+    a.out(u32::from(PORT_HYPERCALL), eax)?;
+    a.test(rax, rax)?;
+    a.jnz(fail)
+}
+
 fn guest(steps: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut user = a.create_label();
@@ -191,14 +209,7 @@ fn guest(steps: u64) -> Result<Vec<u8>, IcedError> {
     a.cmp(qword_ptr(r13 + r8 * 8), 0)?;
     a.je(to_shared)?;
     // shared -> private, then the secret.
-    a.call(page_addr)?;
-    a.mov(rbx, rdi)?;
-    a.mov(eax, HC_MAP_GPA_RANGE as u32)?;
-    a.mov(ecx, 1)?;
-    a.mov(edx, MAP_GPA_RANGE_ENCRYPTED as u32)?;
-    a.out(u32::from(PORT_HYPERCALL), eax)?;
-    a.test(rax, rax)?;
-    a.jnz(fail_door)?;
+    convert_page(&mut a, page_addr, MAP_GPA_RANGE_ENCRYPTED, fail_door)?;
     a.mov(qword_ptr(r13 + r8 * 8), 0)?;
     a.call(fill)?;
     a.jmp(stepped)?;
@@ -206,14 +217,7 @@ fn guest(steps: u64) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut to_shared)?;
     a.mov(qword_ptr(r13 + r8 * 8), 1)?;
     a.call(fill)?;
-    a.call(page_addr)?;
-    a.mov(rbx, rdi)?;
-    a.mov(eax, HC_MAP_GPA_RANGE as u32)?;
-    a.mov(ecx, 1)?;
-    a.xor(edx, edx)?;
-    a.out(u32::from(PORT_HYPERCALL), eax)?;
-    a.test(rax, rax)?;
-    a.jnz(fail_door)?;
+    convert_page(&mut a, page_addr, 0, fail_door)?;
     a.call(fill)?; // the discard policy zeroed it
     a.jmp(stepped)?;
 
