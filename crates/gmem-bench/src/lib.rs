@@ -65,7 +65,7 @@ from_gmem!(
     gmem::BindError,
     gmem::RangeError,
     gmem::KvmError,
-    gmem::ViewError,
+    gmem::GateError,
     gmem::ConvertError
 );
 

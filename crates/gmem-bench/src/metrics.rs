@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gmem::{
-    Attribute, AttributeMap, BackingKind, Converter, FileRange, GmemFlags, HostView, MemoryOptions,
-    Policy, RestrictedMemory, SlotRequest, Vm, create_memory,
+    Attribute, AttributeMap, BackingKind, FileRange, GateOptions, Gatekeeper, GmemFlags,
+    MemoryOptions, RestrictedMemory, SlotRequest, Vm, create_memory,
 };
 use gmem_vmm::abi::PORT_EXIT;
 use gmem_vmm::{Console, Exit, Machine, MachineConfig, Step};
@@ -123,29 +123,23 @@ fn whole(size: u64) -> Result<FileRange, BenchError> {
     Ok(FileRange::new(0, size)?)
 }
 
-/// A VM, a file bound at GPA 0 and a shared host view over it.
+/// A VM, a file bound at GPA 0 and a shared gatekeeper over it.
 struct Bound {
-    view: HostView,
+    gate: Gatekeeper,
     memory: Arc<dyn RestrictedMemory>,
-    _binding: gmem::Binding,
-    vm: Vm,
+    _vm: Vm,
 }
 
 fn bound(kind: BackingKind, size: u64) -> Result<Bound, BenchError> {
     let vm = Vm::new()?;
     let memory = memory(kind, size, &vm)?;
     let binding = vm.bind(&memory, SlotRequest::new(0, 0, size))?;
-    let view = HostView::new(&[&binding], Attribute::Shared)?;
+    let gate = Gatekeeper::new(&vm, vec![binding], GateOptions::default())?;
     Ok(Bound {
-        view,
+        gate,
         memory,
-        _binding: binding,
-        vm,
+        _vm: vm,
     })
-}
-
-fn view_ptr(view: &HostView) -> *mut u8 {
-    view.as_ptr(0).unwrap_or(std::ptr::null_mut())
 }
 
 /// A raw file of `kind` (created on a fresh VM for guest-memfd; the VM is
@@ -186,13 +180,15 @@ fn populate_raw(subject: Subject, size: u64) -> Result<f64, BenchError> {
 
 // --- host fault-in ----------------------------------------------------------
 
-/// Touches every 4 KiB page through the host view; returns the time.
+/// Touches every 4 KiB page through a device's pin of the whole region (the
+/// view, opened once outside the timing); returns the time.
 fn host_touch_gmem(kind: BackingKind, size: u64) -> Result<Duration, BenchError> {
     let b = bound(kind, size)?;
-    let ptr = view_ptr(&b.view);
+    let pin = b.gate.pin(0, size)?;
+    let ptr = pin.as_ptr();
     timed(|| {
-        // SAFETY: the view maps all `size` bytes shared and read-write, and
-        // no reference points into it.
+        // SAFETY: the pin holds all `size` bytes shared and read-write in the
+        // view, and no reference points into it.
         unsafe { raw::touch(ptr, size) };
         Ok(())
     })
@@ -247,10 +243,13 @@ fn punch_unmapped_raw(subject: Subject, size: u64) -> Result<f64, BenchError> {
 
 fn punch_mapped_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
     let b = bound(kind, size)?;
-    // SAFETY: the view maps all `size` bytes shared and read-write.
-    unsafe { raw::touch(view_ptr(&b.view), size) };
+    let pin = b.gate.pin(0, size)?;
+    // SAFETY: the pin holds all `size` bytes shared and read-write.
+    unsafe { raw::touch(pin.as_ptr(), size) };
     let range = whole(size)?;
-    Ok(gib_per_s(size, timed(|| Ok(b.memory.punch_hole(range)?))?))
+    let d = timed(|| Ok(b.memory.punch_hole(range)?))?;
+    drop(pin);
+    Ok(gib_per_s(size, d))
 }
 
 fn punch_mapped_raw(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
@@ -361,21 +360,18 @@ fn round_trips_raw(subject: Subject, ram: u64) -> Result<f64, BenchError> {
 
 fn bulk_convert_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
     let b = bound(kind, size)?;
-    // SAFETY: the view maps all `size` bytes shared and read-write.
-    unsafe { raw::touch(view_ptr(&b.view), size) };
-    let Bound {
-        view,
-        vm,
-        memory,
-        _binding,
-    } = b;
-    let converter = Converter::new(view, Policy::InPlace, &vm)?;
+    {
+        // A device touched all of it (its window stays open once released).
+        let pin = b.gate.pin(0, size)?;
+        // SAFETY: the pin holds all `size` bytes shared and read-write.
+        unsafe { raw::touch(pin.as_ptr(), size) };
+    }
     let d = timed(|| {
-        converter.convert(0, size, Attribute::Private)?;
-        converter.convert(0, size, Attribute::Shared)?;
+        b.gate.convert(0, size, Attribute::Private)?;
+        b.gate.convert(0, size, Attribute::Shared)?;
         Ok(())
     })?;
-    drop((converter, _binding, memory));
+    drop(b);
     Ok(gib_per_s(2 * size, d))
 }
 

@@ -17,6 +17,7 @@
 mod checks;
 mod env;
 mod probe_access;
+mod raw;
 
 use std::fmt;
 

@@ -26,6 +26,8 @@ pub const MAP_GPA_RANGE_PAGE_SIZE_MASK: u64 = 0xf;
 
 /// The errno values the ABI returns, negated in rax.
 pub const EFAULT: i64 = 14;
+/// See [`EFAULT`]: a device holds the range; retry.
+pub const EAGAIN: i64 = 11;
 /// See [`EFAULT`].
 pub const EINVAL: i64 = 22;
 /// See [`EFAULT`].

@@ -1,12 +1,11 @@
 //! A machine: one VM, its guest RAM in a restricted memory file bound at GPA
-//! 0, the host view and conversion engine over it, and the vCPUs, booted into
-//! long mode.
+//! 0, the gatekeeper over it, and the vCPUs, booted into long mode.
 
 use std::sync::Arc;
 
 use gmem::{
-    Attribute, BackingError, BackingKind, BindError, Binding, ConvertError, Converter, GmemFlags,
-    HostView, KvmError, MemoryOptions, Policy, RestrictedMemory, SlotRequest, ViewError, Vm,
+    Attribute, BackingError, BackingKind, BindError, Binding, ConvertError, GateError, GateOptions,
+    Gatekeeper, GmemFlags, KvmError, MemoryOptions, Policy, RestrictedMemory, SlotRequest, Vm,
     create_memory,
 };
 use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap};
@@ -34,9 +33,9 @@ pub enum VmmError {
     /// Guest RAM could not be bound.
     #[error("binding guest RAM")]
     Bind(#[from] BindError),
-    /// The host view refused an access.
-    #[error("writing guest RAM")]
-    View(#[from] ViewError),
+    /// The gatekeeper refused an access or could not be built.
+    #[error("guest RAM's gatekeeper")]
+    Gate(#[from] GateError),
     /// A conversion failed.
     #[error("converting guest RAM")]
     Convert(#[from] ConvertError),
@@ -223,12 +222,12 @@ impl MachineConfig {
     }
 }
 
-/// What every vCPU shares: the VM, RAM, its binding and the conversion engine.
+/// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
+/// binding).
 pub(crate) struct Shared {
-    // Field order is drop order: the host view's mappings, then the slot,
+    // Field order is drop order: the gatekeeper (its view, then the slot),
     // then the file, then the VM.
-    pub(crate) converter: Converter,
-    pub(crate) binding: Binding,
+    pub(crate) gate: Gatekeeper,
     pub(crate) memory: Arc<dyn RestrictedMemory>,
     pub(crate) vm: Vm,
     pub(crate) config: MachineConfig,
@@ -246,8 +245,8 @@ pub struct Machine {
 
 impl Machine {
     /// Creates the VM and its RAM (`MMAP|INIT_SHARED`, so the VMM can write
-    /// the boot structures), binds the RAM at GPA 0, builds the host view and
-    /// conversion engine, and creates the vCPUs.
+    /// the boot structures), binds the RAM at GPA 0, hands the binding to a
+    /// gatekeeper, and creates the vCPUs.
     ///
     /// # Errors
     /// [`VmmError::InvalidRam`] / [`VmmError::InvalidVcpus`] for a bad
@@ -259,12 +258,15 @@ impl Machine {
             .with_flags(GmemFlags::MMAP | GmemFlags::INIT_SHARED);
         let memory = create_memory(opts, Some(&vm))?;
         let binding = vm.bind(&memory, SlotRequest::new(0, 0, config.mem_size))?;
-        let view = HostView::new(&[&binding], Attribute::Shared)?;
-        let converter = Converter::new(view, config.policy, &vm)?;
+        let gate = Gatekeeper::new(
+            &vm,
+            vec![binding],
+            GateOptions::new(Attribute::Shared, config.policy),
+        )?;
         let gdt: Vec<u8> = boot::gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
-        converter.view().write(boot::GDT_ADDR, &gdt)?;
+        gate.write(boot::GDT_ADDR, &gdt)?;
         for (addr, word) in boot::page_tables(config.mem_size) {
-            converter.view().write(addr, &word.to_le_bytes())?;
+            gate.write(addr, &word.to_le_bytes())?;
         }
         enable_exit_hypercall(&vm);
         // A property of the kernel: read once per process.
@@ -292,8 +294,7 @@ impl Machine {
         Ok(Machine {
             vcpus,
             shared: Arc::new(Shared {
-                converter,
-                binding,
+                gate,
                 memory,
                 vm,
                 config,
@@ -334,7 +335,7 @@ impl Machine {
                 limit,
             });
         }
-        self.shared.converter.view().write(load_addr, payload)?;
+        self.shared.gate.write(load_addr, payload)?;
         for vcpu in &self.vcpus {
             let index = vcpu.index as u64;
             let regs = boot::entry_regs(
@@ -349,7 +350,7 @@ impl Machine {
                 source,
             })?;
         }
-        self.shared.converter.launch(config.initial)?;
+        self.shared.gate.launch(config.initial)?;
         self.launched = true;
         Ok(())
     }
@@ -400,9 +401,10 @@ impl Machine {
         &self.shared.memory
     }
 
-    /// The host view of guest RAM (GPA-addressed; private pages refused).
-    pub fn view(&self) -> &HostView {
-        self.shared.converter.view()
+    /// Guest RAM's gatekeeper: the only way host code reaches it
+    /// (GPA-addressed; private pages refused), and its conversions.
+    pub fn gate(&self) -> &Gatekeeper {
+        &self.shared.gate
     }
 
     /// A handle on guest memory that outlives the machine's vCPUs: for host
@@ -412,11 +414,6 @@ impl Machine {
         MemoryHandle(Arc::clone(&self.shared))
     }
 
-    /// The conversion engine.
-    pub fn converter(&self) -> &Converter {
-        &self.shared.converter
-    }
-
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.shared.vm
@@ -424,7 +421,12 @@ impl Machine {
 
     /// RAM's binding (at GPA 0).
     pub fn binding(&self) -> &Binding {
-        &self.shared.binding
+        // The gatekeeper holds exactly the one binding `new` gave it.
+        self.shared
+            .gate
+            .bindings()
+            .next()
+            .expect("a machine's gatekeeper holds RAM's binding")
     }
 
     /// The configuration.
@@ -438,20 +440,15 @@ impl Machine {
     }
 }
 
-/// A shared handle on a machine's guest memory: its host view and
-/// conversion engine, usable from other threads while the vCPUs run.
+/// A shared handle on a machine's guest memory, usable from other threads
+/// while the vCPUs run.
 #[derive(Clone)]
 pub struct MemoryHandle(Arc<Shared>);
 
 impl MemoryHandle {
-    /// The conversion engine.
-    pub fn converter(&self) -> &Converter {
-        &self.0.converter
-    }
-
-    /// The host view.
-    pub fn view(&self) -> &HostView {
-        self.0.converter.view()
+    /// Guest RAM's gatekeeper.
+    pub fn gate(&self) -> &Gatekeeper {
+        &self.0.gate
     }
 }
 

@@ -161,7 +161,7 @@ impl Machine {
             initial: config.initial,
             populated_bytes,
             populated_pages: populated_bytes / gmem::PAGE_SIZE,
-            conversions: shared.converter.stats(),
+            conversions: shared.gate.stats(),
             exits: counts
                 .0
                 .into_iter()

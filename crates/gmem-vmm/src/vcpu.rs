@@ -225,10 +225,7 @@ impl Shared {
         match abi::decode_hypercall(args, self.config.mem_size) {
             Err(errno) => errno,
             Ok(Request::MapGpaRange { range, to }) => {
-                match self
-                    .converter
-                    .convert(range.start, range.end - range.start, to)
-                {
+                match self.gate.convert(range.start, range.end - range.start, to) {
                     Ok(_) => 0,
                     Err(e) => -i64::from(e.errno()),
                 }
@@ -245,7 +242,7 @@ impl Shared {
             return errno;
         }
         let mut buf = vec![0u8; len as usize];
-        match self.converter.view().read(gpa, &mut buf) {
+        match self.gate.read(gpa, &mut buf) {
             Ok(()) => {
                 console.write(&buf);
                 0
@@ -258,7 +255,7 @@ impl Shared {
     fn discard(&self, gpa: u64, pages: u64) -> i64 {
         match abi::guest_pages(gpa, pages, self.config.mem_size) {
             Err(errno) => errno,
-            Ok(range) => match self.converter.discard(range.start, range.end - range.start) {
+            Ok(range) => match self.gate.discard(range.start, range.end - range.start) {
                 Ok(_) => 0,
                 Err(e) => -i64::from(e.errno()),
             },
@@ -320,7 +317,7 @@ pub(crate) fn run_once(
             }
             vcpu.last_fault = Some(gpa);
             shared
-                .converter
+                .gate
                 .handle_memory_fault(flags, gpa, size)
                 .map_err(|source| VmmError::Fault {
                     vcpu: vcpu.index,

@@ -385,10 +385,10 @@ fn host_writes_end_at_launch() {
     }
     let mut machine = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();
     machine.load(&[0xf4], LOAD, LOAD).unwrap();
-    assert_eq!(machine.view().attribute(LOAD), Attribute::Private);
+    assert_eq!(machine.gate().attribute(LOAD), Some(Attribute::Private));
     assert!(matches!(
-        machine.view().write(LOAD, &[0]),
-        Err(gmem::ViewError::Private { gpa: LOAD })
+        machine.gate().write(LOAD, &[0]),
+        Err(gmem::GateError::Private { private: LOAD, .. })
     ));
     assert!(matches!(
         machine.load(&[0xf4], LOAD, LOAD),

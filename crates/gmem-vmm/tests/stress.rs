@@ -324,7 +324,7 @@ fn stress(backing: BackingKind, policy: Policy, steps: u64) {
                     1 => OWN + (1 << 20) + (r >> 8) % OWNED * PAGE,
                     _ => SCRATCH + (r >> 8) % SCRATCH_PAGES * PAGE,
                 };
-                match memory.view().read(gpa, &mut buf) {
+                match memory.gate().read(gpa, &mut buf) {
                     Ok(()) => {
                         counts.reads.fetch_add(1, Ordering::Relaxed);
                         let leaked = buf
@@ -348,7 +348,7 @@ fn stress(backing: BackingKind, policy: Policy, steps: u64) {
                 let pages = 1 + r % 16;
                 let first = (r >> 8) % (SCRATCH_PAGES - pages);
                 let gpa = SCRATCH + first * PAGE;
-                let converter = memory.converter();
+                let converter = memory.gate();
                 if r >> 60 == 0 {
                     converter.discard(gpa, pages * PAGE).expect("discard");
                     counts.discards.fetch_add(1, Ordering::Relaxed);

@@ -6,8 +6,11 @@ fn main() -> Result<(), gmem::Error> {
     let vm = Vm::new()?;
     let mem = create_memory(MemoryOptions::new(BackingKind::Memfd, 4 << 20), Some(&vm))?;
     let binding = vm.bind(&mem, SlotRequest::new(0, 0, 4 << 20))?;
-    let view = HostView::new(&[&binding], Attribute::Private)?;
-    let converter = Converter::new(view, Policy::InPlace, &vm)?;
+    let gate = Gatekeeper::new(
+        &vm,
+        vec![binding],
+        GateOptions::new(Attribute::Private, Policy::InPlace),
+    )?;
     let start = std::time::Instant::now();
     for i in 0..200_000 {
         let to = if i % 2 == 0 {
@@ -15,7 +18,7 @@ fn main() -> Result<(), gmem::Error> {
         } else {
             Attribute::Private
         };
-        converter.convert(0x20_0000, 4096, to)?;
+        gate.convert(0x20_0000, 4096, to)?;
     }
     println!("{:?} per conversion", start.elapsed() / 200_000);
     Ok(())

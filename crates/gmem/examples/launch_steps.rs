@@ -1,4 +1,4 @@
-//! Where a launch's time goes, step by step (VM, memory, binding, host view),
+//! Where a launch's time goes, step by step (VM, memory, binding, gatekeeper),
 //! for `gmem bench`'s launch figures.
 use std::time::Instant;
 
@@ -14,13 +14,12 @@ fn main() -> Result<(), gmem::Error> {
             let t_mem = t.elapsed();
             let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;
             let t_bind = t.elapsed();
-            let view = HostView::new(&[&b], Attribute::Shared)?;
+            let gate = Gatekeeper::new(&vm, vec![b], GateOptions::default())?;
             let t_view = t.elapsed();
-            let c = Converter::new(view, Policy::InPlace, &vm)?;
-            c.launch(Attribute::Private)?;
+            gate.launch(Attribute::Private)?;
             let t_conv = t.elapsed();
             println!(
-                "{kind}: vm {t_vm:?} memory {:?} bind {:?} view {:?} converter+launch {:?}",
+                "{kind}: vm {t_vm:?} memory {:?} bind {:?} gatekeeper {:?} launch {:?}",
                 t_mem - t_vm,
                 t_bind - t_mem,
                 t_view - t_bind,

@@ -405,7 +405,7 @@ fn region(
         userspace_addr: if base == 0 { 0 } else { base + offset },
         guest_memfd_offset: if is_gmem { offset } else { 0 },
         guest_memfd: if is_gmem {
-            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&memory.as_fd())).unwrap_or(u32::MAX)
+            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&memory.core().fd())).unwrap_or(u32::MAX)
         } else {
             0
         },
@@ -461,6 +461,11 @@ impl Binding {
     /// Always false: bindings are never empty.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// The VM the slot is in.
+    pub fn vm_id(&self) -> VmId {
+        self.vm.id
     }
 
     /// The bound file.

@@ -5,12 +5,13 @@ use thiserror::Error;
 use crate::backing::{AccessError, BackingError};
 use crate::binding::BindError;
 use crate::convert::ConvertError;
-use crate::host_view::ViewError;
+use crate::gate::GateError;
 use crate::kvm::KvmError;
 use crate::range::RangeError;
 
 /// Any gmem error. Each variant wraps one domain's error unchanged.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A malformed or out-of-bounds range.
     #[error(transparent)]
@@ -27,9 +28,9 @@ pub enum Error {
     /// A host access was refused.
     #[error(transparent)]
     Access(#[from] AccessError),
-    /// A host-view access was refused.
+    /// The gatekeeper refused an access or a pin.
     #[error(transparent)]
-    View(#[from] ViewError),
+    Gate(#[from] GateError),
     /// A conversion or discard was refused.
     #[error(transparent)]
     Convert(#[from] ConvertError),
@@ -44,7 +45,7 @@ impl Error {
             Error::Bind(e) => e.errno(),
             Error::Kvm(e) => e.errno(),
             Error::Access(e) => e.errno(),
-            Error::View(e) => e.errno(),
+            Error::Gate(e) => e.errno(),
             Error::Convert(e) => e.errno(),
         }
     }

@@ -33,7 +33,7 @@ pub mod backing;
 pub mod binding;
 pub mod convert;
 mod error;
-pub mod host_view;
+pub mod gate;
 pub mod kvm;
 pub mod probe;
 pub mod range;
@@ -45,8 +45,10 @@ pub use backing::{
     RestrictedMemory, create_memory,
 };
 pub use binding::{BindError, Binding, FileFacts, Slot, SlotRequest, SlotTable};
-pub use convert::{ConversionStats, ConvertError, ConvertReport, Converter, Policy};
+pub use convert::{ConversionStats, ConvertError, ConvertReport, Policy};
 pub use error::Error;
-pub use host_view::{HostView, ViewError};
+#[cfg(feature = "vm-memory")]
+pub use gate::DeviceMemory;
+pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, Pin};
 pub use kvm::{KvmError, Vm, VmId, VmType};
 pub use range::{FileRange, GmemOffset, GuestAddress, PAGE_SIZE, RangeError};

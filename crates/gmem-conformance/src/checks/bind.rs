@@ -11,6 +11,7 @@ use kvm_bindings::{
 };
 
 use crate::env::expect_errno;
+use crate::raw::RawAccess;
 use crate::{Env, Need, Stop, ensure, skip};
 
 const P: u64 = PAGE_SIZE;
@@ -38,7 +39,7 @@ pub(crate) fn t14_invalid_region_flags(env: &Env) -> Result<(), Stop> {
     }
     let vm = env.vm()?;
     let mem = env.create(env.file_size())?;
-    let fd = mem.as_fd().as_raw_fd();
+    let fd = mem.raw_fd().as_raw_fd();
     let supported = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
     for bit in 0..32 {
         let flag = 1u32 << bit;
@@ -106,7 +107,7 @@ pub(crate) fn t15_add_private_region(env: &Env) -> Result<(), Stop> {
             ("/dev/kvm", kvm_fd),
             ("the VM fd", vm_fd),
             ("a memfd", memfd.as_raw_fd()),
-            ("another VM's guest_memfd", theirs.as_fd().as_raw_fd()),
+            ("another VM's guest_memfd", theirs.raw_fd().as_raw_fd()),
         ] {
             // SAFETY: the fd is not this VM's guest_memfd, so the kernel refuses
             // the slot before it maps anything.
@@ -155,7 +156,7 @@ pub(crate) fn g6_bind_rules(env: &Env) -> Result<(), Stop> {
     let size = env.file_size();
     env.need_pages(2 * size / env.unit())?;
     let mem = env.create_for(vm, size)?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     host.write(0, b"marker")?;
     let populated = mem.populated()?;
     let gpa = 0x1000_0000;
@@ -309,7 +310,7 @@ pub(crate) fn g7_drop_orders(env: &Env) -> Result<(), Stop> {
         let vm = env.new_vm()?;
         let weak = vm.downgrade();
         let mem = env.create_for(&vm, size)?;
-        let ino = rustix::fs::fstat(mem.as_fd())
+        let ino = rustix::fs::fstat(mem.raw_fd())
             .map_err(|e| Stop::Fail(e.to_string()))?
             .st_ino;
         let binding = vm.bind(&mem, SlotRequest::new(0, 0, size))?;

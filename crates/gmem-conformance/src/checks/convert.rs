@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use gmem::{
-    Attribute, Binding, ConvertError, Converter, HostView, PAGE_SIZE, Policy, RestrictedMemory,
-    SlotRequest, ViewError, Vm,
+    Attribute, ConvertError, GateError, GateOptions, Gatekeeper, PAGE_SIZE, Policy,
+    RestrictedMemory, SlotRequest, Vm,
 };
 
 use crate::env::expect_errno;
 use crate::probe_access::{Access, probe};
+use crate::raw::RawAccess;
 use crate::{Env, Need, Stop, ensure, skip};
 
 const P: u64 = PAGE_SIZE;
@@ -18,9 +19,8 @@ const P: u64 = PAGE_SIZE;
 const GPA: u64 = 0x4000_0000;
 
 struct Fixture {
-    converter: Converter,
+    gate: Gatekeeper,
     memory: Arc<dyn RestrictedMemory>,
-    _binding: Binding,
     _vm: Vm,
 }
 
@@ -29,12 +29,10 @@ fn fixture(env: &Env, initial: Attribute, policy: Policy) -> Result<Fixture, Sto
     let size = env.file_size();
     let memory = env.create_for(&vm, size)?;
     let binding = vm.bind(&memory, SlotRequest::new(GPA, 0, size))?;
-    let view = HostView::new(&[&binding], initial)?;
-    let converter = Converter::new(view, policy, &vm)?;
+    let gate = Gatekeeper::new(&vm, vec![binding], GateOptions::new(initial, policy))?;
     Ok(Fixture {
-        converter,
+        gate,
         memory,
-        _binding: binding,
         _vm: vm,
     })
 }
@@ -47,14 +45,13 @@ fn populated_bytes(memory: &dyn RestrictedMemory) -> Result<u64, Stop> {
 /// gmem's own query (and never with `st_blocks`): on guest_memfd and memfd by
 /// `mincore` over a fresh `PROT_NONE` mapping of the file (a page-cache
 /// lookup); on hugetlb, where mincore sees only page tables, by the
-/// `Shared_Hugetlb`/`Private_Hugetlb` of the host view's mapping in
-/// `/proc/self/smaps`.
-fn resident_bytes(memory: &dyn RestrictedMemory, view: &HostView) -> Result<u64, Stop> {
+/// hugetlbfs inode's block count, which hugetlbfs keeps exact per huge page.
+fn resident_bytes(memory: &dyn RestrictedMemory) -> Result<u64, Stop> {
     let size = memory.size();
     if memory.kind().is_hugetlb() {
-        let start = view.as_ptr(GPA).map_or(0, |p| p as usize);
-        let kib = smaps_kib(start, "Shared_Hugetlb:")? + smaps_kib(start, "Private_Hugetlb:")?;
-        return Ok(kib << 10);
+        let st =
+            rustix::fs::fstat(memory.raw_fd()).map_err(|e| Stop::Fail(format!("fstat: {e}")))?;
+        return Ok(st.st_blocks as u64 * 512);
     }
     // SAFETY: a fresh PROT_NONE mapping at a kernel-chosen address, unmapped below.
     let ptr = unsafe {
@@ -63,7 +60,7 @@ fn resident_bytes(memory: &dyn RestrictedMemory, view: &HostView) -> Result<u64,
             size as usize,
             rustix::mm::ProtFlags::empty(),
             rustix::mm::MapFlags::SHARED,
-            memory.as_fd(),
+            memory.raw_fd(),
             0,
         )
     }
@@ -81,36 +78,7 @@ fn resident_bytes(memory: &dyn RestrictedMemory, view: &HostView) -> Result<u64,
     Ok(vec.iter().filter(|b| *b & 1 != 0).count() as u64 * P)
 }
 
-/// A kB field of the mapping starting at `start` in /proc/self/smaps.
-fn smaps_kib(start: usize, field: &str) -> Result<u64, Stop> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")
-        .map_err(|e| Stop::Fail(format!("smaps: {e}")))?;
-    let head = format!("{start:x}-");
-    let is_header = |line: &str| {
-        line.split_whitespace().next().is_some_and(|w| {
-            w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-        })
-    };
-    let mut inside = false;
-    for line in smaps.lines() {
-        if is_header(line) {
-            if inside {
-                break;
-            }
-            inside = line.starts_with(&head);
-        } else if inside && let Some(rest) = line.strip_prefix(field) {
-            let kib = rest.trim().trim_end_matches("kB").trim();
-            return kib
-                .parse()
-                .map_err(|_| Stop::Fail(format!("smaps {field} {rest:?}")));
-        }
-    }
-    Err(Stop::Fail(format!(
-        "no {field} for the mapping at {start:#x} in /proc/self/smaps"
-    )))
-}
-
-fn read_byte(view: &HostView, gpa: u64) -> Result<u8, ViewError> {
+fn read_byte(view: &Gatekeeper, gpa: u64) -> Result<u8, GateError> {
     let mut b = [0u8];
     view.read(gpa, &mut b)?;
     Ok(b[0])
@@ -119,26 +87,26 @@ fn read_byte(view: &HostView, gpa: u64) -> Result<u8, ViewError> {
 pub(crate) fn c1_in_place_keeps_one_copy(env: &Env) -> Result<(), Stop> {
     env.vm()?;
     let f = fixture(env, Attribute::Shared, Policy::InPlace)?;
-    let view = f.converter.view();
+    let view = &f.gate;
     let size = env.file_size();
     for page in 0..size / P {
         view.write(GPA + page * P, &[page as u8 ^ 0x5a])?;
     }
     let populated = populated_bytes(&*f.memory)?;
-    let resident = resident_bytes(&*f.memory, view)?;
+    let resident = resident_bytes(&*f.memory)?;
     ensure!(
         resident == size,
         "resident {resident:#x} after writing every page of {size:#x}"
     );
-    let report = f.converter.convert(GPA, size, Attribute::Private)?;
+    let report = f.gate.convert(GPA, size, Attribute::Private)?;
     ensure!(
         report.changed_bytes == size && report.punched == gmem::PunchReport::default(),
         "report {report:?}"
     );
     match read_byte(view, GPA + P) {
-        Err(ViewError::Private { gpa }) => ensure!(
-            gpa == GPA + P,
-            "the error names GPA {gpa:#x}, not {:#x}",
+        Err(GateError::Private { private, .. }) => ensure!(
+            private == GPA + P,
+            "the error names GPA {private:#x}, not {:#x}",
             GPA + P
         ),
         other => return Err(Stop::Fail(format!("reading private memory: {other:?}"))),
@@ -147,7 +115,7 @@ pub(crate) fn c1_in_place_keeps_one_copy(env: &Env) -> Result<(), Stop> {
         populated_bytes(&*f.memory)? == populated,
         "converting to private changed the populated bytes"
     );
-    f.converter.convert(GPA, size, Attribute::Shared)?;
+    f.gate.convert(GPA, size, Attribute::Shared)?;
     for page in 0..size / P {
         let b = read_byte(view, GPA + page * P)?;
         ensure!(
@@ -159,7 +127,7 @@ pub(crate) fn c1_in_place_keeps_one_copy(env: &Env) -> Result<(), Stop> {
         populated_bytes(&*f.memory)? == populated,
         "a round trip changed the populated bytes: a page exists twice"
     );
-    let stats = f.converter.stats();
+    let stats = f.gate.stats();
     ensure!(
         stats.to_private == 1 && stats.to_shared == 1,
         "stats {stats:?}"
@@ -174,7 +142,7 @@ pub(crate) fn c1_in_place_keeps_one_copy(env: &Env) -> Result<(), Stop> {
 pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
     env.vm()?;
     let f = fixture(env, Attribute::Shared, Policy::Discard)?;
-    let view = f.converter.view();
+    let view = &f.gate;
     let size = env.file_size();
     let u = env.unit();
     view.fill(GPA, size, 0xcc)?;
@@ -184,7 +152,7 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
         "populated {before:#x} after filling {size:#x}"
     );
     // One 4 KiB page: freed on 4 KiB backings, zeroed in place on hugetlb.
-    let report = f.converter.convert(GPA + P, P, Attribute::Private)?;
+    let report = f.gate.convert(GPA + P, P, Attribute::Private)?;
     let expected_freed = if u == P { P } else { 0 };
     ensure!(
         report.punched.bytes_freed == expected_freed,
@@ -200,13 +168,13 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
         populated_bytes(&*f.memory)? == before - expected_freed,
         "populated after a 4 KiB discard"
     );
-    f.converter.convert(GPA + P, P, Attribute::Shared)?;
+    f.gate.convert(GPA + P, P, Attribute::Shared)?;
     ensure!(
         read_byte(view, GPA + P)? == 0,
         "a discarded page does not read zero"
     );
     // Converting a page to the side it is on changes nothing, content included.
-    let report = f.converter.convert(GPA, P, Attribute::Shared)?;
+    let report = f.gate.convert(GPA, P, Attribute::Shared)?;
     ensure!(
         report.changed_bytes == 0 && report.punched == gmem::PunchReport::default(),
         "a shared page converted to shared was punched: {report:?}"
@@ -217,7 +185,7 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
     );
     // A whole backing page is freed on every backing.
     if size >= 2 * u {
-        let report = f.converter.convert(GPA + u, u, Attribute::Private)?;
+        let report = f.gate.convert(GPA + u, u, Attribute::Private)?;
         ensure!(
             report.punched.bytes_freed == u,
             "whole-page punch report {:?}",
@@ -234,21 +202,24 @@ pub(crate) fn c2_discard_zeroes_and_frees(env: &Env) -> Result<(), Stop> {
 pub(crate) fn c3_private_pages_fault(env: &Env) -> Result<(), Stop> {
     env.vm()?;
     let f = fixture(env, Attribute::Private, Policy::InPlace)?;
-    let view = f.converter.view();
-    let ptr = view
-        .as_ptr(GPA)
-        .ok_or_else(|| Stop::Fail("no host address for guest memory".into()))?;
+    let ptr = f
+        .gate
+        .view_addr(GPA)
+        .ok_or_else(|| Stop::Fail("no view address for guest memory".into()))?
+        .cast_mut();
     // A CLONE_VM child shares this address space, the view included.
     let access = probe(ptr, 1, None);
     ensure!(
         matches!(access, Access::Signal(libc::SIGSEGV | libc::SIGBUS)),
         "reading private memory through a raw pointer: {access:?}"
     );
-    f.converter.convert(GPA, env.unit(), Attribute::Shared)?;
+    f.gate.convert(GPA, env.unit(), Attribute::Shared)?;
+    let pin = f.gate.pin(GPA, env.unit())?;
+    ensure!(pin.as_ptr() == ptr, "the pin's address is not the view's");
     let access = probe(ptr, 1, None);
     ensure!(
         access == Access::Completed,
-        "reading the page after conversion to shared: {access:?}"
+        "reading a pinned page after conversion to shared: {access:?}"
     );
     // A forked child does not even have the mapping (MADV_DONTFORK).
     // SAFETY: the child only reads one byte and exits with _exit; it takes
@@ -268,6 +239,20 @@ pub(crate) fn c3_private_pages_fault(env: &Env) -> Result<(), Stop> {
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
         "a forked child read guest memory (status {status:#x}); MADV_DONTFORK should have kept it out"
     );
+    // While pinned, the guest cannot take the page back; once released, it
+    // can, and the stale pointer faults again.
+    expect_errno(
+        f.gate.convert(GPA, env.unit(), Attribute::Private),
+        libc::EAGAIN,
+        "converting a pinned page to private",
+    )?;
+    drop(pin);
+    f.gate.convert(GPA, env.unit(), Attribute::Private)?;
+    let access = probe(ptr, 1, None);
+    ensure!(
+        matches!(access, Access::Signal(libc::SIGSEGV | libc::SIGBUS)),
+        "a pointer kept past its pin read a page made private again: {access:?}"
+    );
     Ok(())
 }
 
@@ -275,54 +260,56 @@ pub(crate) fn c4_huge_page_granularity(env: &Env) -> Result<(), Stop> {
     env.vm()?;
     let u = env.unit();
     let f = fixture(env, Attribute::Private, Policy::InPlace)?;
-    let view = f.converter.view();
+    let view = &f.gate;
     // Share one 4 KiB page in the middle of the first backing page.
     let shared = GPA + if u > P { u / 2 } else { 0 };
-    f.converter.convert(shared, P, Attribute::Shared)?;
+    f.gate.convert(shared, P, Attribute::Shared)?;
     view.write(shared, b"device")?;
     let mut buf = [0u8; 6];
     view.read(shared, &mut buf)?;
     ensure!(&buf == b"device", "the shared page does not read back");
-    let raw = probe(
-        view.as_ptr(shared).unwrap_or(std::ptr::null_mut()),
-        P as usize,
-        Some(0x42),
-    );
+    let pin = view.pin(shared, P)?;
+    let raw = probe(pin.as_ptr(), P as usize, Some(0x42));
     ensure!(
         raw == Access::Completed,
-        "writing the shared page through a raw pointer: {raw:?}"
+        "writing the pinned shared page through its pointer: {raw:?}"
     );
     if u > P {
         // Its private neighbour in the same huge page: refused by the API.
         match read_byte(view, GPA) {
-            Err(ViewError::Private { gpa }) => ensure!(gpa == GPA, "names {gpa:#x}"),
+            Err(GateError::Private { private, .. }) => {
+                ensure!(private == GPA, "names {private:#x}")
+            }
             other => {
                 return Err(Stop::Fail(format!(
                     "private remainder of a mixed huge page: {other:?}"
                 )));
             }
         }
+        // And a pin of it is refused too.
+        ensure!(
+            matches!(view.pin(GPA, P), Err(GateError::Private { .. })),
+            "a pin of the private remainder of a mixed huge page was not refused"
+        );
     }
     // A backing page that is all private faults.
     if env.file_size() >= 2 * u {
-        let access = probe(
-            view.as_ptr(GPA + u).unwrap_or(std::ptr::null_mut()),
-            1,
-            None,
-        );
+        let addr = view.view_addr(GPA + u).unwrap_or(std::ptr::null());
+        let access = probe(addr.cast_mut(), 1, None);
         ensure!(
             matches!(access, Access::Signal(_)),
             "an all-private backing page did not fault: {access:?}"
         );
-    } else {
-        // Make the only huge page private again: now it faults.
-        f.converter.convert(shared, P, Attribute::Private)?;
-        let access = probe(view.as_ptr(GPA).unwrap_or(std::ptr::null_mut()), 1, None);
-        ensure!(
-            matches!(access, Access::Signal(_)),
-            "an all-private huge page did not fault: {access:?}"
-        );
     }
+    // Released, and the page private again: the whole backing page faults.
+    drop(pin);
+    f.gate.convert(shared, P, Attribute::Private)?;
+    let addr = view.view_addr(shared).unwrap_or(std::ptr::null());
+    let access = probe(addr.cast_mut(), 1, None);
+    ensure!(
+        matches!(access, Access::Signal(_)),
+        "an all-private backing page, once released, did not fault: {access:?}"
+    );
     Ok(())
 }
 
@@ -335,9 +322,12 @@ pub(crate) fn c5_refusals_change_nothing(env: &Env) -> Result<(), Stop> {
     let b = env.create_for(&vm, size)?;
     let ba = vm.bind(&a, SlotRequest::new(GPA, 0, size))?;
     let bb = vm.bind(&b, SlotRequest::new(GPA + size, 0, size))?;
-    let view = HostView::new(&[&ba, &bb], Attribute::Private)?;
-    let converter = Converter::new(view, Policy::InPlace, &vm)?;
-    let attrs = converter.view().attributes();
+    let gate = Gatekeeper::new(
+        &vm,
+        vec![ba, bb],
+        GateOptions::new(Attribute::Private, Policy::InPlace),
+    )?;
+    let attrs = gate.attributes();
     let refusals: [(&str, u64, u64); 6] = [
         ("length 0", GPA, 0),
         ("unaligned GPA", GPA + 1, P),
@@ -348,37 +338,35 @@ pub(crate) fn c5_refusals_change_nothing(env: &Env) -> Result<(), Stop> {
     ];
     for (what, gpa, len) in refusals {
         expect_errno(
-            converter.convert(gpa, len, Attribute::Shared),
+            gate.convert(gpa, len, Attribute::Shared),
             libc::EINVAL,
             what,
         )?;
-        expect_errno(converter.discard(gpa, len), libc::EINVAL, what)?;
+        expect_errno(gate.discard(gpa, len), libc::EINVAL, what)?;
     }
     ensure!(
-        converter.view().attributes() == attrs,
+        gate.attributes() == attrs,
         "refused conversions changed the attributes"
     );
     let mut byte = [0u8];
     ensure!(
         matches!(
-            converter.view().read(GPA + 2 * size, &mut byte),
-            Err(ViewError::OutsideMemory { .. })
+            gate.read(GPA + 2 * size, &mut byte),
+            Err(GateError::OutsideMemory { .. })
         ),
         "a host-view read past guest memory was not refused"
     );
     ensure!(
-        converter.stats() == gmem::ConversionStats::default(),
+        gate.stats() == gmem::ConversionStats::default(),
         "refused conversions counted"
     );
     // A range spanning both slots converts as one.
-    let report = converter.convert(GPA + size - P, 2 * P, Attribute::Shared)?;
+    let report = gate.convert(GPA + size - P, 2 * P, Attribute::Shared)?;
     ensure!(
         report.changed_bytes == 2 * P,
         "spanning conversion report {report:?}"
     );
-    converter
-        .view()
-        .write(GPA + size - P, &vec![1; 2 * P as usize])?;
+    gate.write(GPA + size - P, &vec![1; 2 * P as usize])?;
     Ok(())
 }
 
@@ -391,10 +379,10 @@ impl crate::env::Errno for ConvertError {
 pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
     env.vm()?;
     let f = fixture(env, Attribute::Shared, Policy::InPlace)?;
-    let view = f.converter.view();
+    let view = &f.gate;
     let u = env.unit();
     view.fill(GPA, u, 7)?;
-    let before = resident_bytes(&*f.memory, view)?;
+    let before = resident_bytes(&*f.memory)?;
     ensure!(
         before >= u,
         "the file holds {before:#x} bytes after a write of {u:#x}"
@@ -409,7 +397,7 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
             u as usize,
             rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
             rustix::mm::MapFlags::SHARED,
-            f.memory.as_fd(),
+            f.memory.raw_fd(),
             0,
         )
     }
@@ -424,17 +412,17 @@ pub(crate) fn c6_dontneed_does_not_free(env: &Env) -> Result<(), Stop> {
         .map_err(|e| Stop::Fail(format!("munmap: {e}")))?;
     dontneed.map_err(|e| Stop::Fail(format!("madvise(MADV_DONTNEED): {e}")))?;
     ensure!(
-        resident_bytes(&*f.memory, view)? == before,
+        resident_bytes(&*f.memory)? == before,
         "MADV_DONTNEED changed what the file holds (it should not: the memory stays allocated)"
     );
     ensure!(
         read_byte(view, GPA)? == 7,
         "MADV_DONTNEED lost shared-file content"
     );
-    let report = f.converter.discard(GPA, u)?;
+    let report = f.gate.discard(GPA, u)?;
     ensure!(report.bytes_freed == u, "discard report {report:?}");
     ensure!(
-        resident_bytes(&*f.memory, view)? == before - u,
+        resident_bytes(&*f.memory)? == before - u,
         "a discard did not return the page"
     );
     ensure!(
@@ -481,9 +469,11 @@ pub(crate) fn c7_out_of_swap(env: &Env) -> Result<(), Stop> {
     const KPF_MLOCKED: u64 = 1 << 33;
     env.vm()?;
     let f = fixture(env, Attribute::Shared, Policy::InPlace)?;
-    let view = f.converter.view();
-    view.write(GPA, &[1])?;
-    let addr = view.as_ptr(GPA).map_or(0, |p| p as usize);
+    let view = &f.gate;
+    // A device's pin maps the page in the view, where its flags can be read.
+    let pin = view.pin(GPA, P)?;
+    pin.write(0, &[1])?;
+    let addr = pin.as_ptr() as usize;
     drain_lru_batches();
     let Some(flags) = page_flags(addr) else {
         skip!(

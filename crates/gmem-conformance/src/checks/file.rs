@@ -13,6 +13,7 @@ use kvm_bindings::kvm_create_guest_memfd;
 
 use crate::env::expect_errno;
 use crate::probe_access::{Access, probe};
+use crate::raw::RawAccess;
 use crate::{Env, Need, Stop, ensure, skip};
 
 const P: u64 = PAGE_SIZE;
@@ -62,7 +63,7 @@ fn api_fallocate(
 }
 
 fn fstat(mem: &dyn RestrictedMemory) -> Result<rustix::fs::Stat, Stop> {
-    rustix::fs::fstat(mem.as_fd()).map_err(|e| Stop::Fail(format!("fstat: {e}")))
+    rustix::fs::fstat(mem.raw_fd()).map_err(|e| Stop::Fail(format!("fstat: {e}")))
 }
 
 /// Checks that `[off, off + len)` reads `byte` through `host`: every byte of
@@ -199,7 +200,7 @@ pub(crate) fn t4_read_write(env: &Env) -> Result<(), Stop> {
         );
     }
     let mem = env.create(env.file_size())?;
-    let fd = mem.as_fd().as_raw_fd();
+    let fd = mem.raw_fd().as_raw_fd();
     let mut buf = [0u8; 64];
     let expect = |name: &str, rc: isize, expected: i32| {
         let got = errno();
@@ -229,7 +230,7 @@ pub(crate) fn t5_mmap_supported(env: &Env) -> Result<(), Stop> {
     env.require_flags(GmemFlags::MMAP | GmemFlags::INIT_SHARED, true)?;
     let size = env.file_size();
     let mem = env.create(size)?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     host.fill(0, size as usize, 0xaa)?;
     verify(&host, 0, size, 0xaa)?;
     mem.punch_hole(FileRange::new(0, P)?)?;
@@ -257,7 +258,7 @@ pub(crate) fn t6_fault_overflow(env: &Env) -> Result<(), Stop> {
             map_len,
             rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
             rustix::mm::MapFlags::SHARED,
-            mem.as_fd(),
+            mem.raw_fd(),
             0,
         )
     }
@@ -297,7 +298,7 @@ pub(crate) fn t6_fault_overflow(env: &Env) -> Result<(), Stop> {
 pub(crate) fn t7_fault_private(env: &Env) -> Result<(), Stop> {
     env.require_flags(GmemFlags::MMAP, true)?;
     let mem = env.create(env.file_size())?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     ensure!(
         !host.is_shared(),
         "a file without INIT_SHARED mapped shared"
@@ -331,7 +332,7 @@ pub(crate) fn t8_mmap_cow(env: &Env) -> Result<(), Stop> {
                 P as usize,
                 rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                 rustix::mm::MapFlags::PRIVATE,
-                mem.as_fd(),
+                mem.raw_fd(),
                 0,
             )
         };
@@ -357,7 +358,7 @@ pub(crate) fn t8_mmap_cow(env: &Env) -> Result<(), Stop> {
             "private file: its host mappings cannot be read to compare"
         );
     }
-    let (a, b) = (mem.map_host()?, mem.map_host()?);
+    let (a, b) = (mem.raw_map()?, mem.raw_map()?);
     a.write(P, &[0x5a])?;
     let mut byte = [0u8];
     b.read(P, &mut byte)?;
@@ -373,7 +374,7 @@ pub(crate) fn t9_mmap_not_supported(env: &Env) -> Result<(), Stop> {
         skip!(Need::NotApplicable, "runs on files without MMAP");
     }
     let mem = env.create(env.file_size())?;
-    expect_errno(mem.map_host(), libc::ENODEV, "map_host without MMAP")?;
+    expect_errno(mem.raw_map(), libc::ENODEV, "map_host without MMAP")?;
     if env.is_gmem() {
         for len in [P, 4 * P] {
             // SAFETY: a fresh mapping request, expected to fail.
@@ -383,7 +384,7 @@ pub(crate) fn t9_mmap_not_supported(env: &Env) -> Result<(), Stop> {
                     len as usize,
                     rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                     rustix::mm::MapFlags::SHARED,
-                    mem.as_fd(),
+                    mem.raw_fd(),
                     0,
                 )
             };
@@ -448,7 +449,7 @@ pub(crate) fn t11_fallocate(env: &Env) -> Result<(), Stop> {
         ensure!(got == expected, "{what}: errno {got}, expected {expected}");
         if let Some(raw) = &raw {
             let mode = if punch { FALLOC_PUNCH } else { FALLOC_ALLOCATE };
-            let kernel = raw_fallocate(raw.as_fd(), mode, off, len);
+            let kernel = raw_fallocate(raw.raw_fd(), mode, off, len);
             ensure!(
                 kernel == expected,
                 "{what}: the kernel gave errno {kernel}, gmem expects {expected}"
@@ -479,7 +480,7 @@ pub(crate) fn t12_invalid_punch_hole(env: &Env) -> Result<(), Stop> {
             &format!("punch {off:#x}+{len:#x}"),
         )?;
         if env.is_gmem() {
-            let kernel = raw_fallocate(mem.as_fd(), FALLOC_PUNCH, off, len);
+            let kernel = raw_fallocate(mem.raw_fd(), FALLOC_PUNCH, off, len);
             ensure!(
                 kernel == libc::EINVAL,
                 "kernel punch {off:#x}+{len:#x}: errno {kernel}"
@@ -499,7 +500,7 @@ pub(crate) fn t12_invalid_punch_hole(env: &Env) -> Result<(), Stop> {
             &format!("punch {off:#x}+{len:#x}"),
         )?;
         if env.is_gmem() {
-            let kernel = raw_fallocate(mem.as_fd(), FALLOC_PUNCH, off, len);
+            let kernel = raw_fallocate(mem.raw_fd(), FALLOC_PUNCH, off, len);
             ensure!(
                 kernel == expected,
                 "kernel punch {off:#x}+{len:#x}: errno {kernel}, gmem expects {expected}"
@@ -522,7 +523,7 @@ pub(crate) fn g1_populated(env: &Env) -> Result<(), Stop> {
     let size = env.file_size();
     let u = env.unit();
     let mem = env.create(size)?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     ensure!(
         mem.populated()?.is_empty(),
         "a new file reports {:?} populated",
@@ -589,7 +590,7 @@ pub(crate) fn g2_punch_report(env: &Env) -> Result<(), Stop> {
     let size = env.file_size();
     let u = env.unit();
     let mem = env.create(size)?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     host.fill(0, size as usize, 0xaa)?;
     // A range from the second 4 KiB page to one 4 KiB page past the second
     // backing page (or, with one huge page, a small range inside it).
@@ -630,7 +631,7 @@ pub(crate) fn g3_size_immutable(env: &Env) -> Result<(), Stop> {
     let mem = env.create(size)?;
     // Whole backing pages: hugetlbfs refuses other lengths before the seals.
     for new_len in [size + env.unit(), size - env.unit(), 0] {
-        let result = rustix::fs::ftruncate(mem.as_fd(), new_len);
+        let result = rustix::fs::ftruncate(mem.raw_fd(), new_len);
         // guest_memfd refuses any setattr (EINVAL); the memfds' seals say EPERM.
         let expected = if env.is_gmem() {
             rustix::io::Errno::INVAL
@@ -647,7 +648,7 @@ pub(crate) fn g3_size_immutable(env: &Env) -> Result<(), Stop> {
         );
     }
     ensure!(fstat(&*mem)?.st_size as u64 == size, "the size changed");
-    let seals = rustix::fs::fcntl_get_seals(mem.as_fd());
+    let seals = rustix::fs::fcntl_get_seals(mem.raw_fd());
     if env.is_gmem() {
         ensure!(
             seals.err() == Some(rustix::io::Errno::INVAL),
@@ -707,7 +708,7 @@ pub(crate) fn vm_flags(addr: usize) -> Option<String> {
 
 pub(crate) fn g5_dontdump_dontfork(env: &Env) -> Result<(), Stop> {
     let mem: Arc<dyn RestrictedMemory> = env.create(env.file_size())?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     let flags = vm_flags(host.as_ptr() as usize)
         .ok_or_else(|| Stop::Fail("the host mapping is not in /proc/self/smaps".into()))?;
     let words: Vec<&str> = flags.split_whitespace().collect();
@@ -725,7 +726,7 @@ pub(crate) fn g5_dontdump_dontfork(env: &Env) -> Result<(), Stop> {
 pub(crate) fn g9_refusals_change_nothing(env: &Env) -> Result<(), Stop> {
     let size = env.file_size();
     let mem = env.create(size)?;
-    let host = mem.map_host()?;
+    let host = mem.raw_map()?;
     host.fill(0, P as usize, 0x3c)?;
     mem.allocate(FileRange::new(size - P, P)?)?;
     let populated = mem.populated()?;

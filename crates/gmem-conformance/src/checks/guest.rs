@@ -78,10 +78,10 @@ pub(crate) fn t13_guest(env: &Env) -> Result<(), Stop> {
         a.hlt()
     })?;
     m.load(&code, LOAD, LOAD)?;
-    m.view().fill(DATA, PAGE_SIZE, 0xaa)?;
+    m.gate().fill(DATA, PAGE_SIZE, 0xaa)?;
     let report = next_report(&mut m)?;
     ensure!(report == 0, "the guest did not see the host's 0xaa bytes");
-    verify_view(m.view(), DATA, PAGE_SIZE, 0xff)
+    verify_view(m.gate(), DATA, PAGE_SIZE, 0xff)
 }
 
 pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
@@ -96,7 +96,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
     })?;
     m.load(&code, LOAD, LOAD)?;
     let code_end = LOAD + code.len() as u64;
-    m.view().write(DATA, &[0x5a])?;
+    m.gate().write(DATA, &[0x5a])?;
     ensure!(
         next_report(&mut m)? == 0x5a,
         "the guest does not see the host's byte"
@@ -112,7 +112,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
         seen == 0,
         "after a 4 KiB punch the guest reads {seen:#x}, not 0"
     );
-    m.view().write(DATA, &[0x77])?;
+    m.gate().write(DATA, &[0x77])?;
     ensure!(
         next_report(&mut m)? == 0x77,
         "the guest does not see the host's new byte"
@@ -135,7 +135,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
     Ok(())
 }
 
-fn verify_view(view: &gmem::HostView, gpa: u64, len: u64, byte: u8) -> Result<(), Stop> {
+fn verify_view(view: &gmem::Gatekeeper, gpa: u64, len: u64, byte: u8) -> Result<(), Stop> {
     let mut buf = vec![0u8; len as usize];
     view.read(gpa, &mut buf)?;
     match buf.iter().position(|&b| b != byte) {

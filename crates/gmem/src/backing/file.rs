@@ -33,6 +33,10 @@ pub struct FileCore {
     /// kernel does not reveal these (fallocate leaves pages not uptodate, so
     /// mincore and SEEK_DATA skip them), so gmem remembers them.
     allocated: Mutex<RangeSet>,
+    /// File offsets that were private when the last gatekeeper over them was
+    /// dropped: the next gatekeeper starts them private, whatever its
+    /// initial attribute, so that dropping a gatekeeper never shares a page.
+    pub(crate) retained_private: Mutex<RangeSet>,
 }
 
 impl FileCore {
@@ -60,6 +64,7 @@ impl FileCore {
             owner: OnceLock::new(),
             host_maps: Arc::default(),
             allocated: Mutex::default(),
+            retained_private: Mutex::default(),
         };
         if let Some(vm) = owner {
             let _ = core.owner.set(vm);
@@ -69,6 +74,11 @@ impl FileCore {
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// KVM's mapping of the whole file, if the file may be mapped.
+    pub(crate) fn kvm_map(&self) -> Option<&Mapping> {
+        self.kvm_map.as_ref()
     }
 
     pub(crate) fn kvm_userspace_addr(&self) -> u64 {
@@ -141,19 +151,20 @@ impl FileCore {
     /// themselves, and the memfd mappings are mlocked (where DONTNEED is
     /// refused), so only guest_memfd takes this path.
     fn zap_mappings(&self, range: FileRange) {
-        let zap = |addr: usize, len: usize| {
-            let start = range.offset() as usize;
-            let end = (range.end() as usize).min(len);
+        let zap = |addr: usize, len: usize, off: u64| {
+            // The punched range in this mapping's offsets, clipped to it.
+            let start = range.offset().max(off) - off;
+            let end = (range.end() - off.min(range.end())).min(len as u64);
             if end > start {
                 // SAFETY: [addr + start, addr + end) lies inside a live
-                // mapping of this file (KVM's, owned by self, or a host
-                // mapping held alive by the registry lock); DONTNEED on a
-                // shared file mapping only drops page-table entries, and the
-                // punch that follows discards the content anyway.
+                // mapping of this file (KVM's, owned by self, or one held
+                // alive by the registry lock); DONTNEED on a shared file
+                // mapping only drops page-table entries, and the punch that
+                // follows discards the content anyway.
                 let _ = unsafe {
                     rustix::mm::madvise(
-                        (addr + start) as *mut std::ffi::c_void,
-                        end - start,
+                        (addr + start as usize) as *mut std::ffi::c_void,
+                        (end - start) as usize,
                         Advice::LinuxDontNeed,
                     )
                 };
@@ -161,7 +172,7 @@ impl FileCore {
             Ok::<(), ()>(())
         };
         if let Some(map) = &self.kvm_map {
-            let _ = zap(map.addr(), map.len());
+            let _ = zap(map.addr(), map.len(), 0);
         }
         let _ = self.host_maps.for_each(zap);
     }
@@ -209,7 +220,7 @@ impl FileCore {
     /// The resident ranges of the file as seen through KVM's mapping.
     pub(crate) fn resident_via_kvm_map(&self, runs: &mut RangeSet) -> Result<(), BackingError> {
         if let Some(map) = &self.kvm_map {
-            resident_into(map.addr(), map.len(), runs)?;
+            resident_into(map.addr(), map.len(), 0, runs)?;
         }
         Ok(())
     }
@@ -293,7 +304,7 @@ pub(crate) fn cached_runs(fd: BorrowedFd<'_>, size: u64) -> Result<Option<RangeS
 /// dumps (`MADV_DONTDUMP`), out of forked children (`MADV_DONTFORK`) and, on
 /// the shmem memfd whose pages could be swapped, out of swap (`mlock2` on
 /// fault). guest_memfd and hugetlb pages are unevictable already.
-fn guard(map: &Mapping, kind: BackingKind) -> Result<(), BackingError> {
+pub(crate) fn guard(map: &Mapping, kind: BackingKind) -> Result<(), BackingError> {
     map.advise(Advice::LinuxDontDump)?;
     map.advise(Advice::LinuxDontFork)?;
     if kind == BackingKind::Memfd {
@@ -303,10 +314,12 @@ fn guard(map: &Mapping, kind: BackingKind) -> Result<(), BackingError> {
 }
 
 /// Adds the pages of the mapping `[addr, addr + len)` (which maps the file
-/// from offset 0) that `mincore(2)` reports resident to `runs`, as file offsets.
+/// from offset `base`) that `mincore(2)` reports resident to `runs`, as file
+/// offsets.
 pub(crate) fn resident_into(
     addr: usize,
     len: usize,
+    base: u64,
     runs: &mut RangeSet,
 ) -> Result<(), BackingError> {
     let mut vec = vec![0u8; MINCORE_CHUNK / 4096];
@@ -326,7 +339,7 @@ pub(crate) fn resident_into(
         }
         for (i, b) in vec[..chunk.div_ceil(4096)].iter().enumerate() {
             if b & 1 != 0 {
-                let off = (start + i * 4096) as u64;
+                let off = base + (start + i * 4096) as u64;
                 runs.insert(off..off + 4096);
             }
         }

@@ -147,7 +147,7 @@ impl RestrictedMemory for HugetlbMemfd {
             self.core.resident_via_kvm_map(runs)?;
             self.core
                 .host_maps
-                .for_each(|addr, len| resident_into(addr, len, runs))
+                .for_each(|addr, len, off| resident_into(addr, len, off, runs))
         })?;
         // hugetlbfs counts its pages in i_blocks: never report less than that.
         let populated = rustix::fs::fstat(self.core.fd())

@@ -31,6 +31,17 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, `MAP_SHARED`, read-write.
     pub(crate) fn shared(fd: BorrowedFd<'_>, len: u64) -> Result<Mapping, BackingError> {
+        Mapping::new(fd, 0, len, ProtFlags::READ | ProtFlags::WRITE)
+    }
+
+    /// Maps `len` bytes of `fd` from file offset `offset`, `MAP_SHARED`,
+    /// with protection `prot`.
+    pub(crate) fn new(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        prot: ProtFlags,
+    ) -> Result<Mapping, BackingError> {
         let len_usize = usize::try_from(len).map_err(|_| {
             BackingError::syscall(format!("mmap of {len:#x} bytes"), rustix::io::Errno::NOMEM)
         })?;
@@ -41,13 +52,18 @@ impl Mapping {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len_usize,
-                ProtFlags::READ | ProtFlags::WRITE,
+                prot,
                 MapFlags::SHARED,
                 fd,
-                0,
+                offset,
             )
         }
-        .map_err(|e| BackingError::syscall(format!("mmap(MAP_SHARED, {len:#x} bytes)"), e))?;
+        .map_err(|e| {
+            BackingError::syscall(
+                format!("mmap(MAP_SHARED, {len:#x} bytes at offset {offset:#x})"),
+                e,
+            )
+        })?;
         let addr = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| BackingError::syscall("mmap returned NULL", rustix::io::Errno::INVAL))?;
         Ok(Mapping {
@@ -81,6 +97,22 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// Sets the protection of `[start, start + len)` (offsets in the mapping).
+    pub(crate) fn protect(
+        &self,
+        start: usize,
+        len: usize,
+        prot: rustix::mm::MprotectFlags,
+    ) -> Result<(), rustix::io::Errno> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(rustix::io::Errno::INVAL);
+        }
+        // SAFETY: the range was just checked to lie inside this live mapping;
+        // changing protections moves or frees no memory, and no Rust reference
+        // points into guest memory (copies are raw and volatile).
+        unsafe { rustix::mm::mprotect(self.addr.as_ptr().add(start).cast(), len, prot) }
+    }
+
     /// Keeps the mapping's pages out of swap as they are faulted in
     /// (`mlock2(MLOCK_ONFAULT)`).
     pub(crate) fn lock_on_fault(&self) -> Result<(), BackingError> {
@@ -108,27 +140,46 @@ impl Drop for Mapping {
     }
 }
 
-/// The live host mappings of one file, so that a backing whose population the
-/// kernel reveals only through page tables (hugetlb) can consult all of them.
+/// The live mappings of one file other than KVM's (host mappings and
+/// gatekeeper views), so that a backing whose population the kernel reveals
+/// only through page tables (hugetlb) can consult all of them, and a punch
+/// can zap them in bulk.
 #[derive(Debug, Default)]
 pub(crate) struct MappingRegistry {
-    maps: Mutex<Vec<(usize, usize)>>,
+    /// `(addr, len, file offset of addr)` of each live mapping.
+    maps: Mutex<Vec<(usize, usize, u64)>>,
 }
 
 impl MappingRegistry {
-    /// Runs `f` over every live mapping `(addr, len)`, holding the registry
-    /// lock so that none of them is unmapped meanwhile.
+    /// Runs `f` over every live mapping `(addr, len, file offset)`, holding
+    /// the registry lock so that none of them is unmapped meanwhile.
     pub(crate) fn for_each<E>(
         &self,
-        mut f: impl FnMut(usize, usize) -> Result<(), E>,
+        mut f: impl FnMut(usize, usize, u64) -> Result<(), E>,
     ) -> Result<(), E> {
         let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        maps.iter().try_for_each(|&(addr, len)| f(addr, len))
+        maps.iter()
+            .try_for_each(|&(addr, len, off)| f(addr, len, off))
+    }
+
+    /// Records `map`, which maps the file from offset `off`, until the
+    /// returned registration is dropped (before the mapping).
+    pub(crate) fn register(self: &Arc<Self>, map: &Mapping, off: u64) -> Registration {
+        let addr = map.addr();
+        self.maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((addr, map.len(), off));
+        Registration {
+            registry: Arc::clone(self),
+            addr,
+        }
     }
 }
 
+/// A mapping's entry in a [`MappingRegistry`]; dropping it removes the entry.
 #[derive(Debug)]
-struct Registration {
+pub(crate) struct Registration {
     registry: Arc<MappingRegistry>,
     addr: usize,
 }
@@ -136,7 +187,7 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut maps = self.registry.maps.lock().unwrap_or_else(|e| e.into_inner());
-        maps.retain(|&(addr, _)| addr != self.addr);
+        maps.retain(|&(addr, _, _)| addr != self.addr);
     }
 }
 
@@ -190,18 +241,7 @@ impl HostMapping {
         shared: bool,
         registry: Option<&Arc<MappingRegistry>>,
     ) -> Self {
-        let _registration = registry.map(|registry| {
-            let addr = map.addr();
-            registry
-                .maps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((addr, map.len()));
-            Registration {
-                registry: Arc::clone(registry),
-                addr,
-            }
-        });
+        let _registration = registry.map(|registry| registry.register(&map, 0));
         HostMapping {
             _registration,
             map,
@@ -257,11 +297,10 @@ impl HostMapping {
     /// the file is private.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let start = self.check(offset, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `check` proved [start, start + len) lies inside the live
-            // mapping, and the file is shared, so the page is host-accessible.
-            *b = unsafe { self.map.as_ptr().add(start + i).read_volatile() };
-        }
+        // SAFETY: `check` proved [start, start + len) lies inside the live
+        // mapping, and the file is shared, so the page is host-accessible;
+        // `buf` is a distinct Rust buffer of that length.
+        unsafe { copy_from_guest(buf, self.map.as_ptr().add(start)) };
         Ok(())
     }
 
@@ -271,10 +310,9 @@ impl HostMapping {
     /// As [`read`](Self::read).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
         let start = self.check(offset, data.len())?;
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: as in `read`: in bounds of a live, host-accessible mapping.
-            unsafe { self.map.as_ptr().add(start + i).write_volatile(*b) };
-        }
+        // SAFETY: as in `read`: in bounds of a live, host-accessible mapping,
+        // and `data` is a distinct Rust buffer.
+        unsafe { copy_to_guest(self.map.as_ptr().add(start), data) };
         Ok(())
     }
 
@@ -287,5 +325,66 @@ impl HostMapping {
         // SAFETY: as in `read`: in bounds of a live, host-accessible mapping.
         unsafe { std::ptr::write_bytes(self.map.as_ptr().add(start), byte, len) };
         Ok(())
+    }
+}
+
+/// Copies guest memory at `src` into `buf`, as vm-memory's `copy_slice`
+/// does: accesses of up to 8 bytes are single aligned volatile loads (so a
+/// guest-shared word is read whole), longer ones one `memcpy`, which the
+/// guest's concurrent writes can tear but not make unsound for plain bytes.
+///
+/// # Safety
+/// - `[src, src + buf.len())` is mapped, readable, and stays so for the call;
+/// - it does not overlap `buf`.
+pub(crate) unsafe fn copy_from_guest(buf: &mut [u8], src: *const u8) {
+    // SAFETY: the caller's contract covers both pointers for `buf.len()` bytes.
+    unsafe { copy_slice(buf.as_mut_ptr(), src, buf.len()) }
+}
+
+/// Copies `data` into guest memory at `dst`, as [`copy_from_guest`].
+///
+/// # Safety
+/// - `[dst, dst + data.len())` is mapped, writable, and stays so for the call;
+/// - it does not overlap `data`.
+pub(crate) unsafe fn copy_to_guest(dst: *mut u8, data: &[u8]) {
+    // SAFETY: the caller's contract covers both pointers for `data.len()` bytes.
+    unsafe { copy_slice(dst, data.as_ptr(), data.len()) }
+}
+
+/// # Safety
+/// Both ranges are valid for `len` bytes and do not overlap.
+unsafe fn copy_slice(dst: *mut u8, src: *const u8, len: usize) {
+    let align = (dst as usize | src as usize | len).trailing_zeros();
+    match len {
+        8 if align >= 3 => {
+            // SAFETY: 8 valid bytes at both pointers (the caller's contract),
+            // both 8-aligned (`align`).
+            unsafe {
+                dst.cast::<u64>()
+                    .write_volatile(src.cast::<u64>().read_volatile())
+            }
+        }
+        4 if align >= 2 => {
+            // SAFETY: as above, 4 bytes, 4-aligned.
+            unsafe {
+                dst.cast::<u32>()
+                    .write_volatile(src.cast::<u32>().read_volatile())
+            }
+        }
+        2 if align >= 1 => {
+            // SAFETY: as above, 2 bytes, 2-aligned.
+            unsafe {
+                dst.cast::<u16>()
+                    .write_volatile(src.cast::<u16>().read_volatile())
+            }
+        }
+        0..=8 => {
+            for i in 0..len {
+                // SAFETY: `i < len`, inside both ranges.
+                unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+            }
+        }
+        // SAFETY: the caller's contract: valid, non-overlapping, `len` bytes.
+        _ => unsafe { std::ptr::copy_nonoverlapping(src, dst, len) },
     }
 }

@@ -19,10 +19,10 @@
 //!
 //! [`errno`]: BackingError::errno
 
-mod file;
+pub(crate) mod file;
 pub mod guest_memfd;
 pub mod hugetlb;
-mod mapping;
+pub(crate) mod mapping;
 pub mod sealed_memfd;
 
 use std::fmt;
@@ -310,8 +310,10 @@ pub(crate) mod sealed {
 /// A file has a fixed size, starts empty (reads as zero), is populated with
 /// [`allocate`](Self::allocate) or by faults, and discarded with
 /// [`punch_hole`](Self::punch_hole), after which every consumer (guest and
-/// host) reads zeroes. Host userspace reaches the memory only through a
-/// [`HostMapping`], which the file's flags may forbid.
+/// host) reads zeroes. Host code reaches the memory through the VM's
+/// [`Gatekeeper`](crate::Gatekeeper), which refuses private pages; the raw
+/// paths ([`as_fd`](Self::as_fd), [`map_host`](Self::map_host)) are
+/// `unsafe`, with the gatekeeper's rules as their contract.
 ///
 /// The trait is sealed: the conformance suite certifies exactly the three
 /// backings of this module.
@@ -376,17 +378,39 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError>;
 
     /// The file descriptor, for `fstat` and for tests of the kernel's own
-    /// behaviour. Reading or writing it bypasses gmem's rules.
-    fn as_fd(&self) -> BorrowedFd<'_> {
+    /// behaviour.
+    ///
+    /// # Safety
+    /// The fd reaches every byte of the file, private pages included, and
+    /// nothing checks what is done with it. The caller must:
+    /// - not read, write or map through it any page that is private, or that
+    ///   a [`Gatekeeper`](crate::Gatekeeper) over this file may make private
+    ///   while the access lasts;
+    /// - not change the file's size, seals or content behind a gatekeeper's
+    ///   back (punch through [`Gatekeeper::discard`](crate::Gatekeeper::discard)).
+    ///
+    /// Metadata calls (`fstat`, `fcntl(F_GET_SEALS)`) meet this contract.
+    unsafe fn as_fd(&self) -> BorrowedFd<'_> {
         self.core().fd()
     }
 
-    /// Maps the whole file for host access (`MAP_SHARED`, read-write).
+    /// Maps the whole file for host access (`MAP_SHARED`, read-write), with
+    /// no regard to which pages are private: the raw mapping that
+    /// conformance tests of the kernel's own behaviour need. Host code
+    /// reaches guest memory through a [`Gatekeeper`](crate::Gatekeeper).
+    ///
+    /// # Safety
+    /// The mapping bypasses the gatekeeper. The caller must:
+    /// - not read or write, through the mapping or a pointer from it, a page
+    ///   that is private or that a gatekeeper may make private while the
+    ///   access lasts (that would expose a secret or, on guest_memfd and
+    ///   private files, raise `SIGBUS`);
+    /// - not let the mapping reach code that does not keep this contract.
     ///
     /// # Errors
     /// [`BackingError::MappingNotAllowed`] (`ENODEV`) without `MMAP`;
     /// [`BackingError::Syscall`] if `mmap` fails.
-    fn map_host(&self) -> Result<HostMapping, BackingError> {
+    unsafe fn map_host(&self) -> Result<HostMapping, BackingError> {
         self.core().map_host()
     }
 }

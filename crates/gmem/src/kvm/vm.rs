@@ -114,6 +114,8 @@ pub(crate) struct VmInner {
     pub(crate) fd: VmFd,
     pub(crate) vm_type: VmType,
     pub(crate) slots: Mutex<SlotTable>,
+    /// Whether a gatekeeper owns this VM's memory now.
+    pub(crate) gated: std::sync::atomic::AtomicBool,
     // Kept so the system fd lives as long as the VM: vCPU mmap sizes and caps come from it.
     pub(crate) kvm: Kvm,
 }
@@ -204,6 +206,7 @@ impl Vm {
                 fd,
                 vm_type,
                 slots: Mutex::new(SlotTable::default()),
+                gated: Default::default(),
                 kvm,
             }),
         })

@@ -1,0 +1,151 @@
+//! The gatekeeper as vm-memory 0.18's permission-aware `GuestMemory`
+//! (feature `vm-memory`), so that `Bytes<GuestAddress>`,
+//! `read_obj`/`write_obj` and virtio-queue 0.18 work on it unchanged.
+//!
+//! vm-memory's `VolatileSlice`s carry no revocation, so every slice
+//! [`DeviceMemory::get_slices`] hands out is backed by a [`Pin`] that lives
+//! as long as the `DeviceMemory`: the guest cannot make that memory private
+//! (its conversion gets `EAGAIN`) while a device may still touch it. Take
+//! one `DeviceMemory` per device request (a descriptor chain) and drop it
+//! when the request is done; a long-lived one pins everything it has
+//! touched.
+//!
+//! Refusals, which read or write nothing:
+//! - a range that is not all bound guest memory:
+//!   `GuestMemoryError::InvalidGuestAddress(addr)`;
+//! - a range holding a private byte, or that cannot be pinned (a partly
+//!   bound huge page, the view budget): `GuestMemoryError::IOError` of kind
+//!   `PermissionDenied` whose inner error is the [`GateError`], naming the
+//!   GPA and the rule.
+//!
+//! `physical_memory()` is `None`: there is no way around the check.
+
+use std::iter::FusedIterator;
+use std::sync::Mutex;
+
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{
+    GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions, VolatileSlice,
+};
+
+use super::{GateError, Gatekeeper, Pin};
+
+/// A vm-memory `GuestMemory` over a [`Gatekeeper`], for one device request.
+/// See the module docs.
+#[derive(Debug)]
+pub struct DeviceMemory {
+    gate: Gatekeeper,
+    /// The pins behind every slice handed out; released on drop.
+    pins: Mutex<Vec<Pin>>,
+}
+
+impl DeviceMemory {
+    pub(super) fn new(gate: Gatekeeper) -> DeviceMemory {
+        DeviceMemory {
+            gate,
+            pins: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The gatekeeper.
+    pub fn gatekeeper(&self) -> &Gatekeeper {
+        &self.gate
+    }
+
+    /// How many pins this request holds.
+    pub fn pinned(&self) -> usize {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Releases every pin (no slice can be alive: this takes `&mut self`).
+    pub fn release(&mut self) {
+        self.pins
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+fn refused(addr: GuestAddress, e: GateError) -> GuestMemoryError {
+    match e {
+        GateError::OutsideMemory { .. } => GuestMemoryError::InvalidGuestAddress(addr),
+        other => GuestMemoryError::IOError(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            other,
+        )),
+    }
+}
+
+/// The slices of one `get_slices` call.
+pub struct Slices<'a>(std::vec::IntoIter<VolatileSlice<'a>>);
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = Result<VolatileSlice<'a>, GuestMemoryError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(Ok)
+    }
+}
+
+impl FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
+
+impl GuestMemory for DeviceMemory {
+    type PhysicalMemory = GuestMemoryMmap<()>;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
+        count == 0 || self.gate.is_shared(addr.0, count as u64)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        _access: Permissions,
+    ) -> Result<impl GuestMemorySliceIterator<'a, ()>, GuestMemoryError> {
+        let len = count as u64;
+        let mut pins = Vec::new();
+        if count > 0 {
+            let end = addr
+                .0
+                .checked_add(len)
+                .ok_or(GuestMemoryError::GuestAddressOverflow)?;
+            // All or nothing: pin every region's part before handing out any.
+            let mut pos = addr.0;
+            while pos < end {
+                let region_end = self
+                    .gate
+                    .regions()
+                    .find(|r| r.contains(&pos))
+                    .map(|r| r.end)
+                    .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(pos)))?;
+                let stop = end.min(region_end);
+                pins.push(
+                    self.gate
+                        .pin(pos, stop - pos)
+                        .map_err(|e| refused(addr, e))?,
+                );
+                pos = stop;
+            }
+        }
+        let slices: Vec<VolatileSlice<'a>> = pins
+            .iter()
+            .map(|pin| {
+                // SAFETY: the pin's `len` bytes at `as_ptr` are mapped
+                // read-write while the pin lives; the pin is moved into
+                // `self.pins` below and only dropped with `self` (or by
+                // `release`, which needs `&mut self`, so no `'a` borrow is
+                // alive), which outlasts `'a`. Other users of guest memory
+                // access it raw or volatile, never through references.
+                unsafe { VolatileSlice::new(pin.as_ptr(), pin.len() as usize) }
+            })
+            .collect();
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(pins);
+        Ok(Slices(slices.into_iter()))
+    }
+}
