@@ -9,7 +9,11 @@
 //!   punched range reads as zeroes for every consumer, guest included;
 //! - consumers use the small [`RestrictedMemory`] trait and nothing else;
 //! - a range of a file is bound to a guest memslot with [`Vm::bind`], under the
-//!   kernel's binding rules, on every backing.
+//!   kernel's binding rules, on every backing;
+//! - the bindings go to the VM's one [`Gatekeeper`], which owns the
+//!   private/shared state and every host access path: safe copies, device
+//!   [`Pin`]s and (feature `vm-memory`) vm-memory's `GuestMemory`
+//!   (`DeviceMemory`). No safe item returns a private byte.
 //!
 //! Three backings sit behind the trait: the kernel's guest_memfd, a sealed
 //! memfd for kernels without it, and hugetlb memfds with 2 MiB or 1 GiB pages.

@@ -15,7 +15,7 @@
 //! - **every host access path**: safe copies ([`read`](Gatekeeper::read),
 //!   [`write`](Gatekeeper::write), [`fill`](Gatekeeper::fill)) that refuse
 //!   any private byte, and [`Pin`]s, the direct windows devices use (and,
-//!   with the `vm-memory` feature, [`DeviceMemory`], vm-memory's
+//!   with the `vm-memory` feature, `DeviceMemory`, vm-memory's
 //!   `GuestMemory` over pins).
 //!
 //! The raw paths to a file ([`RestrictedMemory::map_host`],
@@ -482,6 +482,26 @@ impl Drop for GateInner {
 
 /// The gatekeeper of one VM's guest memory. Cheap to clone: clones share the
 /// one state. See the module docs.
+///
+/// ```
+/// use gmem::{Attribute, BackingKind, GateError, GateOptions, Gatekeeper, MemoryOptions, Policy};
+/// use gmem::{SlotRequest, Vm, create_memory};
+///
+/// let Ok(vm) = Vm::new() else { return Ok(()) }; // no /dev/kvm here: nothing to show
+/// let mem = create_memory(MemoryOptions::new(BackingKind::Memfd, 2 << 20), Some(&vm))?;
+/// let ram = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;
+/// let gate = Gatekeeper::new(&vm, vec![ram], GateOptions::new(Attribute::Shared, Policy::InPlace))?;
+/// gate.write(0x1000, b"secret")?;
+/// gate.convert(0x1000, 0x1000, Attribute::Private)?;
+/// let mut buf = [0u8; 6];
+/// assert!(matches!(gate.read(0x1000, &mut buf), Err(GateError::Private { .. })));
+/// // A device's pin holds a shared page; the guest cannot take it back meanwhile.
+/// let pin = gate.pin(0x2000, 16)?;
+/// assert_eq!(gate.convert(0x2000, 0x1000, Attribute::Private).unwrap_err().errno(), libc::EAGAIN);
+/// drop(pin);
+/// gate.convert(0x2000, 0x1000, Attribute::Private)?;
+/// # Ok::<(), gmem::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Gatekeeper(Arc<GateInner>);
 
