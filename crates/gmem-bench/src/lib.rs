@@ -13,8 +13,10 @@
 #![warn(missing_docs)]
 
 mod guest;
+mod host_access;
 mod metrics;
 pub mod output;
+mod plan;
 pub mod raw;
 
 use gmem::BackingKind;
@@ -78,6 +80,8 @@ pub struct BenchOptions {
     pub size: u64,
     /// Measured reps per measurement, after one warm-up rep.
     pub reps: u32,
+    /// Only the rows whose metric contains one of these (all if empty).
+    pub only: Vec<String>,
 }
 
 impl BenchOptions {

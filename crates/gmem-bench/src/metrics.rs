@@ -13,81 +13,10 @@ use gmem_vmm::{Console, Exit, Machine, MachineConfig, Step};
 use rustix::mm::{Advice, MprotectFlags};
 
 use crate::guest::{self, LOAD, MARK_PORT};
+use crate::plan::{Plan, gib_per_s, micros, per_s, timed};
 use crate::raw::{self, Map, RawVm, Subject};
 use crate::{BenchError, BenchOptions, BenchReport, Goal, Row, Sample};
 
-type Rep = Box<dyn FnMut() -> Result<f64, BenchError>>;
-
-/// One row to measure.
-struct Plan {
-    metric: String,
-    subject: Subject,
-    unit: &'static str,
-    higher_is_better: bool,
-    gmem: Option<Rep>,
-    raw: Option<Rep>,
-    /// The least ratio the issue tracker asks for.
-    goal: Option<f64>,
-    note: Option<String>,
-    /// The least reps, for measurements short and noisy enough to need more.
-    min_reps: u32,
-    /// The subject's name in the results, where it is not a memory kind.
-    label: Option<&'static str>,
-}
-
-impl Plan {
-    fn new(
-        metric: impl Into<String>,
-        subject: Subject,
-        unit: &'static str,
-        higher_is_better: bool,
-    ) -> Plan {
-        Plan {
-            metric: metric.into(),
-            subject,
-            unit,
-            higher_is_better,
-            gmem: None,
-            raw: None,
-            goal: None,
-            note: None,
-            min_reps: 0,
-            label: None,
-        }
-    }
-
-    fn label(mut self, label: &'static str) -> Plan {
-        self.label = Some(label);
-        self
-    }
-
-    fn min_reps(mut self, reps: u32) -> Plan {
-        self.min_reps = reps;
-        self
-    }
-
-    fn gmem(mut self, f: impl FnMut() -> Result<f64, BenchError> + 'static) -> Plan {
-        self.gmem = Some(Box::new(f));
-        self
-    }
-
-    fn raw(mut self, f: impl FnMut() -> Result<f64, BenchError> + 'static) -> Plan {
-        self.raw = Some(Box::new(f));
-        self
-    }
-
-    fn goal(mut self, ratio: f64) -> Plan {
-        self.goal = Some(ratio);
-        self
-    }
-
-    fn note(mut self, note: impl Into<String>) -> Plan {
-        self.note = Some(note.into());
-        self
-    }
-}
-
-const GIB: f64 = (1u64 << 30) as f64;
 const PAGE: u64 = 4096;
 /// Doorbell round trips per conversion measurement.
 const ROUND_TRIPS: u32 = 200;
@@ -95,24 +24,6 @@ const ROUND_TRIPS: u32 = 200;
 const ROUND_TRIP_GPA: u64 = 0x20_0000;
 /// Attribute-map operations per measurement.
 const MAP_OPS: u64 = 100_000;
-
-fn gib_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / GIB / d.as_secs_f64().max(1e-9)
-}
-
-fn per_s(count: u64, d: Duration) -> f64 {
-    count as f64 / d.as_secs_f64().max(1e-9)
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn timed<T>(f: impl FnOnce() -> Result<T, BenchError>) -> Result<Duration, BenchError> {
-    let start = Instant::now();
-    f()?;
-    Ok(start.elapsed())
-}
 
 fn memory(kind: BackingKind, size: u64, vm: &Vm) -> Result<Arc<dyn RestrictedMemory>, BenchError> {
     let opts = MemoryOptions::new(kind, size).with_flags(GmemFlags::MMAP | GmemFlags::INIT_SHARED);
@@ -567,6 +478,9 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
             s,
         ));
     }
+    plans.extend(crate::host_access::plans(backings, |k| {
+        size_for(Subject::Backing(k))
+    }));
     plans.push(
         Plan::new("attribute-map updates", Subject::Anon, "ops/s", true)
             .gmem(attribute_map_gmem)
@@ -665,6 +579,9 @@ pub(crate) fn run_all(
         backings.push(b);
     }
     let mut plans = plans(opts, &backings);
+    if !opts.only.is_empty() {
+        plans.retain(|p| opts.only.iter().any(|o| p.metric.contains(o.as_str())));
+    }
     let reps_of = |p: &Plan| opts.reps.max(p.min_reps) as usize;
     let total: usize = plans
         .iter()

@@ -161,6 +161,39 @@ impl Map {
         Ok(())
     }
 
+    /// `mprotect` of `[off, off + len)` of the mapping.
+    pub fn protect_range(
+        &self,
+        off: u64,
+        len: u64,
+        flags: rustix::mm::MprotectFlags,
+    ) -> Result<(), BenchError> {
+        let end = off.checked_add(len).filter(|&e| e <= self.len as u64);
+        if end.is_none() {
+            return Err(rustix::io::Errno::INVAL.into());
+        }
+        // SAFETY: inside this live mapping (checked); no reference points
+        // into it.
+        unsafe {
+            rustix::mm::mprotect(
+                self.ptr.as_ptr().add(off as usize).cast(),
+                len as usize,
+                flags,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// The mapping's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// `mprotect` over the whole mapping.
     pub fn protect(&self, flags: rustix::mm::MprotectFlags) -> Result<(), BenchError> {
         // SAFETY: exactly this live mapping; no reference points into it.

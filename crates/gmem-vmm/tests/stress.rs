@@ -8,10 +8,12 @@
 //! writing its secret), or discards it (and checks that it reads zeroes);
 //! then it verifies all 8 pages. Private pages hold qwords tagged `0x5ec7`
 //! (the secret), shared ones `0x0b1c`. Meanwhile a host thread converts and
-//! discards ranges of a scratch region, and another reads random pages of the
-//! owned and scratch regions through the host view's safe API: every read that
-//! succeeds must hold no secret tag, and the guests must never see a page
-//! that differs from what they wrote (zero corruption).
+//! discards ranges of a scratch region, another reads random pages of the
+//! owned and scratch regions through the gatekeeper's safe API, and a
+//! device pins random pages and reads (scratch: writes) them through the pin:
+//! every read that succeeds must hold no secret tag, the guests retry the
+//! conversions and discards a pin refuses (`-EAGAIN`), and they must never
+//! see a page that differs from what they wrote (zero corruption).
 //!
 //! `GMEM_STRESS_STEPS` sets the steps per vCPU; the default, 20,000, makes
 //! well over 100,000 operations per backing and policy in a few seconds, so CI
@@ -24,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use gmem::{Attribute, BackingKind, Policy};
 use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
 use gmem_vmm::abi::{
-    HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL,
+    EAGAIN, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL,
 };
 use gmem_vmm::boot::{USER_CODE_SELECTOR, USER_DATA_SELECTOR};
 use gmem_vmm::{Console, Machine, MachineConfig};
@@ -52,22 +54,34 @@ const FAIL_VERIFY: u32 = 101;
 const FAIL_DOORBELL: u32 = 102;
 const FAIL_NOT_ZERO: u32 = 103;
 
-/// `KVM_HC_MAP_GPA_RANGE` of page r8 with `attrs` through the doorbell;
-/// jumps to `fail` unless it returns 0.
+/// `KVM_HC_MAP_GPA_RANGE` of page r8 with `attrs` through the doorbell,
+/// retried while a device holds the page (`-EAGAIN`); jumps to `fail` unless
+/// it returns 0.
 fn convert_page(
     a: &mut CodeAssembler,
     page_addr: CodeLabel,
     attrs: u64,
     fail: CodeLabel,
 ) -> Result<(), IcedError> {
+    let mut again = a.create_label();
+    // A label per instruction: the caller's may sit on the next one.
+    a.nop()?;
+    a.set_label(&mut again)?;
     a.call(page_addr)?;
     a.mov(rbx, rdi)?;
     a.mov(eax, HC_MAP_GPA_RANGE as u32)?;
     a.mov(ecx, 1)?;
     a.mov(edx, attrs as u32)?;
     a.out(u32::from(PORT_HYPERCALL), eax)?;
+    retry_on_eagain(a, again)?;
     a.test(rax, rax)?;
     a.jnz(fail)
+}
+
+/// Jumps back to `again` if rax is `-EAGAIN` (a device held the page).
+fn retry_on_eagain(a: &mut CodeAssembler, again: CodeLabel) -> Result<(), IcedError> {
+    a.cmp(rax, -(EAGAIN as i32))?;
+    a.je(again)
 }
 
 fn guest(steps: u64) -> Result<Vec<u8>, IcedError> {
@@ -222,10 +236,14 @@ fn guest(steps: u64) -> Result<Vec<u8>, IcedError> {
     a.jmp(stepped)?;
 
     a.set_label(&mut discard)?;
+    let mut discard_again = a.create_label();
+    a.nop()?;
+    a.set_label(&mut discard_again)?;
     a.call(page_addr)?;
     a.mov(rbx, rdi)?;
     a.mov(ecx, 1)?;
     a.out(u32::from(PORT_DISCARD), eax)?;
+    retry_on_eagain(&mut a, discard_again)?;
     a.test(rax, rax)?;
     a.jnz(fail_door)?;
     a.call(page_addr)?;
@@ -289,6 +307,10 @@ struct Counts {
     refused: AtomicU64,
     conversions: AtomicU64,
     discards: AtomicU64,
+    /// Host conversions and discards refused because the device held a page.
+    busy: AtomicU64,
+    pins: AtomicU64,
+    pins_refused: AtomicU64,
     secrets_seen: AtomicU64,
 }
 
@@ -349,17 +371,60 @@ fn stress(backing: BackingKind, policy: Policy, steps: u64) {
                 let first = (r >> 8) % (SCRATCH_PAGES - pages);
                 let gpa = SCRATCH + first * PAGE;
                 let converter = memory.gate();
-                if r >> 60 == 0 {
-                    converter.discard(gpa, pages * PAGE).expect("discard");
-                    counts.discards.fetch_add(1, Ordering::Relaxed);
+                let (result, count) = if r >> 60 == 0 {
+                    (
+                        converter.discard(gpa, pages * PAGE).map(drop),
+                        &counts.discards,
+                    )
                 } else {
                     let to = if r >> 63 == 0 {
                         Attribute::Private
                     } else {
                         Attribute::Shared
                     };
-                    converter.convert(gpa, pages * PAGE, to).expect("convert");
-                    counts.conversions.fetch_add(1, Ordering::Relaxed);
+                    (
+                        converter.convert(gpa, pages * PAGE, to).map(drop),
+                        &counts.conversions,
+                    )
+                };
+                match result {
+                    Ok(()) => count.fetch_add(1, Ordering::Relaxed),
+                    Err(e) if e.errno() == libc::EAGAIN => {
+                        counts.busy.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => panic!("host conversion at {gpa:#x}: {e}"),
+                };
+            }
+        });
+        // Device: pins random owned or scratch pages, reads them through the
+        // pin (and writes scratch ones), holds them a moment, releases.
+        s.spawn(|| {
+            let mut rng = Rng(0x5555_aaaa_1234_4321);
+            let mut buf = vec![0u8; PAGE as usize];
+            while !stop.load(Ordering::Relaxed) {
+                let r = rng.next();
+                let (gpa, scratch) = match r % 3 {
+                    0 => (OWN + (r >> 8) % OWNED * PAGE, false),
+                    1 => (OWN + (1 << 20) + (r >> 8) % OWNED * PAGE, false),
+                    _ => (SCRATCH + (r >> 8) % SCRATCH_PAGES * PAGE, true),
+                };
+                let Ok(pin) = memory.gate().pin(gpa, PAGE) else {
+                    counts.pins_refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                counts.pins.fetch_add(1, Ordering::Relaxed);
+                for _ in 0..4 {
+                    pin.read(0, &mut buf).expect("a pinned page reads");
+                    let leaked = buf
+                        .chunks_exact(8)
+                        .any(|q| u64::from_le_bytes(q.try_into().unwrap()) >> 48 == TAG_SECRET);
+                    if leaked {
+                        counts.secrets_seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if scratch {
+                        pin.write(8, &r.to_le_bytes())
+                            .expect("a pinned page writes");
+                    }
                 }
             }
         });
@@ -375,10 +440,13 @@ fn stress(backing: BackingKind, policy: Policy, steps: u64) {
         + c.reads.load(Ordering::Relaxed)
         + c.refused.load(Ordering::Relaxed)
         + c.conversions.load(Ordering::Relaxed)
-        + c.discards.load(Ordering::Relaxed);
+        + c.discards.load(Ordering::Relaxed)
+        + c.busy.load(Ordering::Relaxed)
+        + c.pins.load(Ordering::Relaxed)
+        + c.pins_refused.load(Ordering::Relaxed);
     let _ = writeln!(
         std::io::stderr(),
-        "{test}: {total} operations in {:.1} s: {guest_ops} guest steps (each verifying its 8 pages), conversions to private {} and to shared {} (guest and host), host reads {} ok / {} refused, host conversions {}, host discards {}; secrets seen {}",
+        "{test}: {total} operations in {:.1} s: {guest_ops} guest steps (each verifying its 8 pages), conversions to private {} and to shared {} (guest and host), host reads {} ok / {} refused, host conversions {}, host discards {}, refused for a pin {}; device pins {} held / {} refused; secrets seen {}",
         start.elapsed().as_secs_f64(),
         report.conversions.to_private,
         report.conversions.to_shared,
@@ -386,6 +454,9 @@ fn stress(backing: BackingKind, policy: Policy, steps: u64) {
         c.refused.load(Ordering::Relaxed),
         c.conversions.load(Ordering::Relaxed),
         c.discards.load(Ordering::Relaxed),
+        c.busy.load(Ordering::Relaxed),
+        c.pins.load(Ordering::Relaxed),
+        c.pins_refused.load(Ordering::Relaxed),
         c.secrets_seen.load(Ordering::Relaxed),
     );
     assert_eq!(

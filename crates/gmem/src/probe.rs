@@ -16,6 +16,8 @@ pub struct BackingStatus {
     pub usable: bool,
     /// Why not, or a note on what it needs.
     pub reason: Option<String>,
+    /// How the gatekeeper's host view works on this backing.
+    pub host_view: String,
 }
 
 /// Everything `gmem probe` reports.
@@ -130,5 +132,6 @@ fn status(
         backing,
         usable,
         reason,
+        host_view: crate::gate::view_mechanism(backing),
     }
 }

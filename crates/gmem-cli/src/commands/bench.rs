@@ -22,6 +22,9 @@ pub struct Args {
     /// Measured reps per measurement, after one warm-up rep.
     #[arg(long, default_value_t = 3)]
     reps: u32,
+    /// Only the rows whose metric contains this text; repeat for several.
+    #[arg(long)]
+    only: Vec<String>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -40,6 +43,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         },
         size: args.size,
         reps: args.reps,
+        only: args.only.clone(),
     };
     opts.validate()?;
     let tty = std::io::stderr().is_terminal();

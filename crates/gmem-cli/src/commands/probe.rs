@@ -117,6 +117,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Some(r) => println!("  {:<14}{state}: {r}", b.backing.name()),
             None => println!("  {:<14}{state}", b.backing.name()),
         }
+        println!("  {:<14}host view: {}", "", b.host_view);
     }
     Ok(ExitCode::SUCCESS)
 }

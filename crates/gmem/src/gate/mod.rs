@@ -85,7 +85,7 @@ use kernel::{KernelAttributes, VmAttributes};
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::mapping::{Mapping, Registration, copy_from_guest, copy_to_guest};
-use crate::backing::{BackingError, GmemFlags, PunchReport, RestrictedMemory};
+use crate::backing::{BackingError, BackingKind, GmemFlags, PunchReport, RestrictedMemory};
 use crate::binding::Binding;
 use crate::convert::{ConversionStats, ConvertError, ConvertReport, Policy, validate_range};
 use crate::kvm::{Vm, VmId};
@@ -95,6 +95,18 @@ use crate::range_set::RangeSet;
 /// The default budget of open view windows per gatekeeper. Each window costs
 /// at most two VMAs; `vm.max_map_count` is 65,530 by default.
 pub const DEFAULT_VIEW_BUDGET: usize = 4096;
+
+/// How the gatekeeper's host view works on `kind`, for `gmem probe`.
+pub fn view_mechanism(kind: BackingKind) -> String {
+    let unit = match kind.page_size() {
+        PAGE_SIZE => "4 KiB",
+        p if p >= 1 << 30 => "1 GiB",
+        _ => "2 MiB",
+    };
+    format!(
+        "PROT_NONE; mprotect windows of {unit} opened by device pins (at most {DEFAULT_VIEW_BUDGET} by default); conversions change no page table unless a window is open"
+    )
+}
 
 /// How a gatekeeper starts and converts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
