@@ -1124,6 +1124,12 @@ impl Gatekeeper {
         }
     }
 
+    /// The bound range holding `gpa` (a binary search).
+    pub(crate) fn region_of(&self, gpa: u64) -> Option<Range<u64>> {
+        let r = &self.0.regions[self.region_index(gpa)?];
+        Some(r.gpa..r.end())
+    }
+
     /// The index of the region holding `gpa`.
     fn region_index(&self, gpa: u64) -> Option<usize> {
         let regions = &self.0.regions;

@@ -57,6 +57,12 @@ fn fixture(kind: BackingKind, size: u64, opts: GateOptions) -> Option<Fixture> {
 }
 
 const KINDS: [BackingKind; 2] = [BackingKind::Memfd, BackingKind::GuestMemfd];
+/// The backings every attack runs on (hugetlb-2m where the pool allows).
+const ALL_KINDS: [BackingKind; 3] = [
+    BackingKind::Memfd,
+    BackingKind::GuestMemfd,
+    BackingKind::Hugetlb2M,
+];
 
 /// VMAs of this process that overlap `[start, start + len)`.
 fn vmas_in(start: usize, len: usize) -> usize {
@@ -81,9 +87,9 @@ fn view_vmas(gate: &Gatekeeper) -> usize {
 
 #[test]
 fn no_safe_path_reads_a_private_byte() {
-    for kind in KINDS {
+    for kind in ALL_KINDS {
         let Some(f) = fixture(kind, 4 << 20, GateOptions::default()) else {
-            return;
+            continue;
         };
         f.gate.write(P, SECRET).unwrap();
         f.gate.convert(0, 2 * P, Attribute::Private).unwrap();
@@ -546,6 +552,34 @@ mod device_memory {
         assert_eq!(e.errno(), libc::EAGAIN);
         drop(mem);
         f.gate.convert(0x1000, P, Attribute::Private).unwrap();
+    }
+
+    #[test]
+    fn slices_across_regions_are_all_or_nothing() {
+        let Some(vm) = vm("two regions") else {
+            return;
+        };
+        let size = 2u64 << 20;
+        let a = create_memory(MemoryOptions::new(BackingKind::Memfd, size), Some(&vm)).unwrap();
+        let b = create_memory(MemoryOptions::new(BackingKind::Memfd, size), Some(&vm)).unwrap();
+        let ba = vm.bind(&a, SlotRequest::new(0, 0, size)).unwrap();
+        let bb = vm.bind(&b, SlotRequest::new(size, 0, size)).unwrap();
+        let gate = Gatekeeper::new(&vm, vec![bb, ba], GateOptions::default()).unwrap();
+        gate.write(size - 4, b"acrossit").unwrap();
+        let mem = gate.device_memory();
+        let mut buf = [0u8; 8];
+        mem.read_slice(&mut buf, GuestAddress(size - 4)).unwrap();
+        assert_eq!(&buf, b"acrossit");
+        assert_eq!(mem.pinned(), 2, "one pin per region");
+        drop(mem);
+        // The second region's part is private: the first region's pin is
+        // released too, and nothing is read.
+        gate.convert(size, P, Attribute::Private).unwrap();
+        let mem = gate.device_memory();
+        let mut buf = [0u8; 8];
+        assert!(mem.read_slice(&mut buf, GuestAddress(size - 4)).is_err());
+        assert_eq!((mem.pinned(), buf), (0, [0; 8]));
+        assert_eq!(gate.view_windows().1, 0);
     }
 
     #[test]

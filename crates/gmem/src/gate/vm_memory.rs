@@ -76,20 +76,35 @@ fn refused(addr: GuestAddress, e: GateError) -> GuestMemoryError {
     }
 }
 
-/// The slices of one `get_slices` call.
-pub struct Slices<'a>(std::vec::IntoIter<VolatileSlice<'a>>);
+/// The slices of one `get_slices` call: the first inline (a range in one
+/// region, the common case, allocates nothing here), the rest in a vector.
+pub struct Slices<'a> {
+    first: Option<VolatileSlice<'a>>,
+    rest: std::vec::IntoIter<VolatileSlice<'a>>,
+}
 
 impl<'a> Iterator for Slices<'a> {
     type Item = Result<VolatileSlice<'a>, GuestMemoryError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(Ok)
+        self.first.take().or_else(|| self.rest.next()).map(Ok)
     }
 }
 
 impl FusedIterator for Slices<'_> {}
 
 impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
+
+/// A slice over `pin`, valid for `'a`.
+///
+/// # Safety
+/// The pin must live at least as long as `'a`.
+unsafe fn slice_of<'a>(pin: &Pin) -> VolatileSlice<'a> {
+    // SAFETY: the pin's `len` bytes at `as_ptr` are mapped read-write while
+    // the pin lives, which the caller promises for `'a`; other users of guest
+    // memory access it raw or volatile, never through references.
+    unsafe { VolatileSlice::new(pin.as_ptr(), pin.len() as usize) }
+}
 
 impl GuestMemory for DeviceMemory {
     type PhysicalMemory = GuestMemoryMmap<()>;
@@ -105,47 +120,55 @@ impl GuestMemory for DeviceMemory {
         count: usize,
         _access: Permissions,
     ) -> Result<impl GuestMemorySliceIterator<'a, ()>, GuestMemoryError> {
-        let len = count as u64;
-        let mut pins = Vec::new();
-        if count > 0 {
-            let end = addr
-                .0
-                .checked_add(len)
-                .ok_or(GuestMemoryError::GuestAddressOverflow)?;
-            // All or nothing: pin every region's part before handing out any.
-            let mut pos = addr.0;
-            while pos < end {
-                let region_end = self
-                    .gate
-                    .regions()
-                    .find(|r| r.contains(&pos))
-                    .map(|r| r.end)
-                    .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(pos)))?;
-                let stop = end.min(region_end);
-                pins.push(
-                    self.gate
-                        .pin(pos, stop - pos)
-                        .map_err(|e| refused(addr, e))?,
-                );
-                pos = stop;
-            }
+        let mut slices = Slices {
+            first: None,
+            rest: Vec::new().into_iter(),
+        };
+        if count == 0 {
+            return Ok(slices);
         }
-        let slices: Vec<VolatileSlice<'a>> = pins
-            .iter()
-            .map(|pin| {
-                // SAFETY: the pin's `len` bytes at `as_ptr` are mapped
-                // read-write while the pin lives; the pin is moved into
-                // `self.pins` below and only dropped with `self` (or by
-                // `release`, which needs `&mut self`, so no `'a` borrow is
-                // alive), which outlasts `'a`. Other users of guest memory
-                // access it raw or volatile, never through references.
-                unsafe { VolatileSlice::new(pin.as_ptr(), pin.len() as usize) }
-            })
-            .collect();
-        self.pins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(pins);
-        Ok(Slices(slices.into_iter()))
+        let end = addr
+            .0
+            .checked_add(count as u64)
+            .ok_or(GuestMemoryError::GuestAddressOverflow)?;
+        let region = |pos: u64| {
+            self.gate
+                .region_of(pos)
+                .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(pos)))
+        };
+        let first_end = end.min(region(addr.0)?.end);
+        let first = self
+            .gate
+            .pin(addr.0, first_end - addr.0)
+            .map_err(|e| refused(addr, e))?;
+        // All or nothing: pin every other region's part before handing out
+        // any slice (dropping the pins on error releases them).
+        let mut others = Vec::new();
+        let mut pos = first_end;
+        while pos < end {
+            let stop = end.min(region(pos)?.end);
+            others.push(
+                self.gate
+                    .pin(pos, stop - pos)
+                    .map_err(|e| refused(addr, e))?,
+            );
+            pos = stop;
+        }
+        // SAFETY: `first` is moved into `self.pins` below and only dropped
+        // with `self` (or by `release`, which takes `&mut self`, so no `'a`
+        // borrow is alive then), which outlasts `'a`.
+        slices.first = Some(unsafe { slice_of(&first) });
+        if !others.is_empty() {
+            let rest: Vec<VolatileSlice<'a>> = others
+                .iter()
+                // SAFETY: as for `first`: each pin moves into `self.pins`.
+                .map(|p| unsafe { slice_of(p) })
+                .collect();
+            slices.rest = rest.into_iter();
+        }
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.push(first);
+        pins.extend(others);
+        Ok(slices)
     }
 }
