@@ -13,13 +13,20 @@
 
 pub mod abi;
 pub mod boot;
+pub mod config;
+pub mod console;
 pub mod demo;
+pub mod error;
 pub mod exit;
 pub mod machine;
 pub mod runner;
+mod shared;
 pub mod vcpu;
 
+pub use config::{MAX_VCPUS, MIN_RAM, MachineConfig};
+pub use console::Console;
+pub use error::VmmError;
 pub use exit::Exit;
-pub use machine::{MAX_VCPUS, MIN_RAM, Machine, MachineConfig, MemoryHandle, VmmError};
+pub use machine::{Machine, MemoryHandle};
 pub use runner::RunReport;
-pub use vcpu::{Console, Step};
+pub use vcpu::Step;

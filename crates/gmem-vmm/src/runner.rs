@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use gmem::{Attribute, BackingKind, ConversionStats, Policy};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
-use crate::machine::{Machine, VmmError};
-use crate::vcpu::{Console, ExitCounts, Step, run_once};
+use crate::console::Console;
+use crate::error::VmmError;
+use crate::machine::Machine;
+use crate::vcpu::{ExitCounts, Step, run_once};
 
 /// What a run did, as `gmem run` reports it.
 #[derive(Clone, Debug, serde::Serialize)]

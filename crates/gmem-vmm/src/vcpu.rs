@@ -3,70 +3,17 @@
 //! clear error and a register dump.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_EXIT_HYPERCALL, kvm_regs};
 use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::abi::{
-    self, DoorbellArgs, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
-    Request,
+    DoorbellArgs, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
 };
+use crate::console::Console;
+use crate::error::VmmError;
 use crate::exit::Exit;
-use crate::machine::{Shared, VmmError};
-
-/// The most bytes one shared-buffer console request may print.
-pub const MAX_CONSOLE_BYTES: u64 = 64 << 10;
-
-/// Where the guest's console output goes: shared by every vCPU, each write
-/// whole.
-#[derive(Clone)]
-pub struct Console(Arc<Mutex<Box<dyn Write + Send>>>);
-
-impl Console {
-    /// The process's standard output.
-    pub fn stdout() -> Console {
-        Console(Arc::new(Mutex::new(Box::new(std::io::stdout()))))
-    }
-
-    /// The process's standard error.
-    pub fn stderr() -> Console {
-        Console(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
-    }
-
-    /// An in-memory console, and the buffer it fills.
-    pub fn buffer() -> (Console, Arc<Mutex<Vec<u8>>>) {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        (
-            Console(Arc::new(Mutex::new(Box::new(BufWriter(Arc::clone(&buf)))))),
-            buf,
-        )
-    }
-
-    fn write(&self, bytes: &[u8]) {
-        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Console output is best effort: a closed stdout must not kill the VM.
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
-    }
-}
-
-struct BufWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for BufWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::shared::Shared;
 
 /// Exits counted by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -215,50 +162,6 @@ impl VcpuState {
             vcpu: self.index,
             dump: self.dump(),
             exit,
-        }
-    }
-}
-
-impl Shared {
-    /// `KVM_HC_MAP_GPA_RANGE` and any other hypercall: 0 or a negative errno.
-    pub(crate) fn hypercall(&self, args: DoorbellArgs) -> i64 {
-        match abi::decode_hypercall(args, self.config.mem_size) {
-            Err(errno) => errno,
-            Ok(Request::MapGpaRange { range, to }) => {
-                match self.gate.convert(range.start, range.end - range.start, to) {
-                    Ok(_) => 0,
-                    Err(e) => -i64::from(e.errno()),
-                }
-            }
-        }
-    }
-
-    /// The shared-buffer console: prints the bytes if all are shared RAM.
-    fn print_shared(&self, gpa: u64, len: u64, console: &Console) -> i64 {
-        if len > MAX_CONSOLE_BYTES {
-            return -abi::EINVAL;
-        }
-        if let Err(errno) = abi::guest_bytes(gpa, len, self.config.mem_size) {
-            return errno;
-        }
-        let mut buf = vec![0u8; len as usize];
-        match self.gate.read(gpa, &mut buf) {
-            Ok(()) => {
-                console.write(&buf);
-                0
-            }
-            Err(_) => -abi::EFAULT,
-        }
-    }
-
-    /// Free page reporting: punch the pages.
-    fn discard(&self, gpa: u64, pages: u64) -> i64 {
-        match abi::guest_pages(gpa, pages, self.config.mem_size) {
-            Err(errno) => errno,
-            Ok(range) => match self.gate.discard(range.start, range.end - range.start) {
-                Ok(_) => 0,
-                Err(e) => -i64::from(e.errno()),
-            },
         }
     }
 }

@@ -9,7 +9,7 @@ use rustix::mm::Advice;
 
 use super::PunchReport;
 use super::mapping::{HostMapping, Mapping, MappingRegistry};
-use super::sealed_memfd::private_placeholder;
+use super::memfd::private_placeholder;
 use super::{BackingError, BackingKind, GmemFlags};
 use crate::kvm::VmId;
 use crate::range::FileRange;

@@ -15,7 +15,7 @@ use std::ops::Range;
 use rustix::fs::MemfdFlags;
 
 use super::file::{FileCore, resident_into};
-use super::sealed_memfd::{SUPPORTED_FLAGS, create_sealed};
+use super::memfd::{SUPPORTED_FLAGS, create_sealed};
 use super::{BackingError, BackingKind, GmemFlags, RestrictedMemory, sealed, validate_create};
 use crate::kvm::Vm;
 

@@ -23,6 +23,7 @@ pub(crate) mod file;
 pub mod guest_memfd;
 pub mod hugetlb;
 pub(crate) mod mapping;
+mod memfd;
 pub mod sealed_memfd;
 
 use std::fmt;

@@ -3,8 +3,14 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{GateError, GateInner};
+use super::error::GateError;
 use crate::backing::mapping::{copy_from_guest, copy_to_guest};
+
+/// What a pin goes back to when it is dropped (the gatekeeper's state).
+pub(crate) trait PinHolder: Send + Sync {
+    /// Releases pin `id`.
+    fn release(self: Arc<Self>, id: u64);
+}
 
 /// A device's hold on a shared guest range (from [`Gatekeeper::pin`]): the
 /// range's view window is open for direct access, and the guest's
@@ -13,7 +19,7 @@ use crate::backing::mapping::{copy_from_guest, copy_to_guest};
 ///
 /// [`Gatekeeper::pin`]: super::Gatekeeper::pin
 pub struct Pin {
-    gate: Arc<GateInner>,
+    holder: Option<Arc<dyn PinHolder>>,
     id: u64,
     gpa: u64,
     len: u64,
@@ -21,7 +27,7 @@ pub struct Pin {
     ptr: *mut u8,
 }
 
-// SAFETY: `ptr` addresses the view mapping that `gate` keeps alive; the pin
+// SAFETY: `ptr` addresses the view mapping that `holder` keeps alive; the pin
 // only hands it out raw or copies through it volatile-tolerantly, from any
 // thread.
 unsafe impl Send for Pin {}
@@ -38,9 +44,15 @@ impl fmt::Debug for Pin {
 }
 
 impl Pin {
-    pub(super) fn new(gate: Arc<GateInner>, id: u64, gpa: u64, len: u64, ptr: *mut u8) -> Pin {
+    pub(crate) fn new(
+        holder: Arc<dyn PinHolder>,
+        id: u64,
+        gpa: u64,
+        len: u64,
+        ptr: *mut u8,
+    ) -> Pin {
         Pin {
-            gate,
+            holder: Some(holder),
             id,
             gpa,
             len,
@@ -117,6 +129,8 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        self.gate.unpin(self.id);
+        if let Some(holder) = self.holder.take() {
+            holder.release(self.id);
+        }
     }
 }

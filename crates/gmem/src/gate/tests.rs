@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use super::kernel::model::KernelModel;
+use super::super::kernel::model::KernelModel;
 use super::*;
-use crate::backing::{BackingKind, MemoryOptions, create_memory};
+use crate::backing::{BackingKind, MemoryOptions, RestrictedMemory, create_memory};
 use crate::binding::SlotRequest;
+use crate::gate::{attributes_request, kernel_attributes_supported};
 
 const P: u64 = PAGE_SIZE;
 const SECRET: &[u8] = b"SECRET: the guest's key";
@@ -477,6 +478,7 @@ mod device_memory {
     use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
     use super::*;
+    use crate::gate::DeviceMemory;
 
     const DESC: u64 = 0x10000;
     const AVAIL: u64 = 0x11000;
@@ -515,7 +517,7 @@ mod device_memory {
         let Some(f) = fixture(BackingKind::Memfd, 2 << 20, GateOptions::default()) else {
             return;
         };
-        let mem = f.gate.device_memory();
+        let mem = DeviceMemory::new(&f.gate);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
         assert_eq!(
@@ -525,7 +527,7 @@ mod device_memory {
         drop(mem);
         f.gate.write(SECRET_GPA, SECRET).unwrap();
         f.gate.convert(SECRET_GPA, P, Attribute::Private).unwrap();
-        let mem = f.gate.device_memory();
+        let mem = DeviceMemory::new(&f.gate);
         assert!(!mem.check_range(GuestAddress(SECRET_GPA), 1, Permissions::Read));
         assert!(mem.check_range(GuestAddress(0x1000), 4, Permissions::Read));
         assert!(mem.physical_memory().is_none(), "no way around the check");
@@ -566,7 +568,7 @@ mod device_memory {
         let bb = vm.bind(&b, SlotRequest::new(size, 0, size)).unwrap();
         let gate = Gatekeeper::new(&vm, vec![bb, ba], GateOptions::default()).unwrap();
         gate.write(size - 4, b"acrossit").unwrap();
-        let mem = gate.device_memory();
+        let mem = DeviceMemory::new(&gate);
         let mut buf = [0u8; 8];
         mem.read_slice(&mut buf, GuestAddress(size - 4)).unwrap();
         assert_eq!(&buf, b"acrossit");
@@ -575,7 +577,7 @@ mod device_memory {
         // The second region's part is private: the first region's pin is
         // released too, and nothing is read.
         gate.convert(size, P, Attribute::Private).unwrap();
-        let mem = gate.device_memory();
+        let mem = DeviceMemory::new(&gate);
         let mut buf = [0u8; 8];
         assert!(mem.read_slice(&mut buf, GuestAddress(size - 4)).is_err());
         assert_eq!((mem.pinned(), buf), (0, [0; 8]));
@@ -594,7 +596,7 @@ mod device_memory {
         desc(gate, 1, OUT, 8, 2, 0); // WRITE
         publish(gate, 0, 0);
         let mut q = queue();
-        let mem = gate.device_memory();
+        let mem = DeviceMemory::new(gate);
         assert!(q.is_valid(&mem));
         let chain = q.pop_descriptor_chain(&mem).expect("a chain");
         let head = chain.head_index();
@@ -615,7 +617,7 @@ mod device_memory {
         gate.convert(SECRET_GPA, P, Attribute::Private).unwrap();
         desc(gate, 2, SECRET_GPA, 16, 0, 0);
         publish(gate, 1, 2);
-        let mem = gate.device_memory();
+        let mem = DeviceMemory::new(gate);
         let chain = q.pop_descriptor_chain(&mem).expect("a chain");
         // virtio-queue checks the buffer with `check_range` and refuses the
         // chain outright.
@@ -633,7 +635,7 @@ mod device_memory {
 
         // The rings moved into private memory: the queue is invalid.
         gate.convert(AVAIL, P, Attribute::Private).unwrap();
-        let mem = gate.device_memory();
+        let mem = DeviceMemory::new(gate);
         assert!(!q.is_valid(&mem));
         assert!(q.iter(&mem).is_err());
         assert_eq!(mem.pinned(), 0);

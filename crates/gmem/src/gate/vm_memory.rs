@@ -28,7 +28,9 @@ use vm_memory::{
     GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions, VolatileSlice,
 };
 
-use super::{GateError, Gatekeeper, Pin};
+use super::error::GateError;
+use super::gatekeeper::Gatekeeper;
+use super::pin::Pin;
 
 /// A vm-memory `GuestMemory` over a [`Gatekeeper`], for one device request.
 /// See the module docs.
@@ -40,9 +42,10 @@ pub struct DeviceMemory {
 }
 
 impl DeviceMemory {
-    pub(super) fn new(gate: Gatekeeper) -> DeviceMemory {
+    /// A `GuestMemory` over `gate` for one device request.
+    pub fn new(gate: &Gatekeeper) -> DeviceMemory {
         DeviceMemory {
-            gate,
+            gate: gate.clone(),
             pins: Mutex::new(Vec::new()),
         }
     }

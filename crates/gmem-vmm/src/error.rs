@@ -1,0 +1,132 @@
+//! Why a machine could not be built or run: every failure of the VMM, each
+//! naming the values and the rule.
+
+use gmem::{BackingError, BindError, ConvertError, GateError, KvmError};
+use thiserror::Error;
+
+use crate::exit::Exit;
+
+/// Why a machine could not be built or run.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// KVM could not be opened or the VM created.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest RAM could not be created or mapped.
+    #[error("guest RAM")]
+    Memory(#[from] BackingError),
+    /// Guest RAM could not be bound.
+    #[error("binding guest RAM")]
+    Bind(#[from] BindError),
+    /// The gatekeeper refused an access or could not be built.
+    #[error("guest RAM's gatekeeper")]
+    Gate(#[from] GateError),
+    /// A conversion failed.
+    #[error("converting guest RAM")]
+    Convert(#[from] ConvertError),
+    /// The RAM size breaks a rule.
+    #[error("RAM size {size:#x} is invalid: it {rule}")]
+    InvalidRam {
+        /// The size given.
+        size: u64,
+        /// The rule broken.
+        rule: String,
+    },
+    /// The vCPU count breaks a rule.
+    #[error("{count} vCPUs requested: {rule}")]
+    InvalidVcpus {
+        /// The count.
+        count: u32,
+        /// The rule broken.
+        rule: String,
+    },
+    /// A payload does not fit.
+    #[error(
+        "payload of {len:#x} bytes at {addr:#x} (entry {entry:#x}) does not fit: payload and entry must lie in [{floor:#x}, {limit:#x})"
+    )]
+    PayloadOutsideRam {
+        /// Load address.
+        addr: u64,
+        /// Payload length.
+        len: u64,
+        /// Entry point.
+        entry: u64,
+        /// The lowest address a payload may use.
+        floor: u64,
+        /// One past the highest (the vCPU stacks are above).
+        limit: u64,
+    },
+    /// The payload is empty.
+    #[error("the payload is empty")]
+    EmptyPayload,
+    /// The machine was launched already.
+    #[error("the machine is launched: the host no longer writes guest memory")]
+    AlreadyLaunched,
+    /// A vCPU index beyond the machine's vCPUs.
+    #[error("vCPU {index} does not exist: the machine has {count}")]
+    NoSuchVcpu {
+        /// The index given.
+        index: usize,
+        /// How many vCPUs there are.
+        count: usize,
+    },
+    /// A vCPU ioctl failed.
+    #[error("{op} on vCPU {vcpu} failed")]
+    Vcpu {
+        /// The ioctl.
+        op: &'static str,
+        /// The vCPU index.
+        vcpu: usize,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The guest used a port the ABI does not define.
+    #[error("vCPU {vcpu}: {exit}: port {port:#x} is not part of the guest ABI")]
+    UnknownPort {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The port.
+        port: u16,
+        /// The exit.
+        exit: Exit,
+    },
+    /// The guest stopped in a way that ends the run.
+    #[error("vCPU {vcpu} stopped: {exit}\n{dump}")]
+    Guest {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The exit.
+        exit: Exit,
+        /// The vCPU's registers.
+        dump: String,
+    },
+    /// The same memory fault came back right after it was handled.
+    #[error("vCPU {vcpu}: memory fault at GPA {gpa:#x} repeats after conversion")]
+    RepeatedFault {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The GPA.
+        gpa: u64,
+    },
+    /// A memory-fault exit could not be handled by converting.
+    #[error("vCPU {vcpu}: memory fault at GPA {gpa:#x} could not be handled")]
+    Fault {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The GPA.
+        gpa: u64,
+        /// Why the conversion failed.
+        #[source]
+        source: ConvertError,
+    },
+    /// A vCPU thread could not be started.
+    #[error("starting the thread of vCPU {vcpu}")]
+    Thread {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,66 @@
+//! What every vCPU shares, and the guest ABI's requests that reach guest
+//! memory: conversions, the shared-buffer console and discard, all through
+//! the gatekeeper.
+
+use std::sync::Arc;
+
+use gmem::{Gatekeeper, RestrictedMemory, Vm};
+
+use crate::abi::{self, DoorbellArgs, Request};
+use crate::config::MachineConfig;
+use crate::console::{Console, MAX_CONSOLE_BYTES};
+
+/// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
+/// binding).
+pub(crate) struct Shared {
+    // Field order is drop order: the gatekeeper (its view, then the slot),
+    // then the file, then the VM.
+    pub(crate) gate: Gatekeeper,
+    pub(crate) memory: Arc<dyn RestrictedMemory>,
+    pub(crate) vm: Vm,
+    pub(crate) config: MachineConfig,
+}
+
+impl Shared {
+    /// `KVM_HC_MAP_GPA_RANGE` and any other hypercall: 0 or a negative errno.
+    pub(crate) fn hypercall(&self, args: DoorbellArgs) -> i64 {
+        match abi::decode_hypercall(args, self.config.mem_size) {
+            Err(errno) => errno,
+            Ok(Request::MapGpaRange { range, to }) => {
+                match self.gate.convert(range.start, range.end - range.start, to) {
+                    Ok(_) => 0,
+                    Err(e) => -i64::from(e.errno()),
+                }
+            }
+        }
+    }
+
+    /// The shared-buffer console: prints the bytes if all are shared RAM.
+    pub(crate) fn print_shared(&self, gpa: u64, len: u64, console: &Console) -> i64 {
+        if len > MAX_CONSOLE_BYTES {
+            return -abi::EINVAL;
+        }
+        if let Err(errno) = abi::guest_bytes(gpa, len, self.config.mem_size) {
+            return errno;
+        }
+        let mut buf = vec![0u8; len as usize];
+        match self.gate.read(gpa, &mut buf) {
+            Ok(()) => {
+                console.write(&buf);
+                0
+            }
+            Err(_) => -abi::EFAULT,
+        }
+    }
+
+    /// Free page reporting: punch the pages.
+    pub(crate) fn discard(&self, gpa: u64, pages: u64) -> i64 {
+        match abi::guest_pages(gpa, pages, self.config.mem_size) {
+            Err(errno) => errno,
+            Ok(range) => match self.gate.discard(range.start, range.end - range.start) {
+                Ok(_) => 0,
+                Err(e) => -i64::from(e.errno()),
+            },
+        }
+    }
+}

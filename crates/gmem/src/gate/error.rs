@@ -1,0 +1,185 @@
+//! Why the gatekeeper refused an access, a pin or its own construction.
+
+use thiserror::Error;
+
+use crate::backing::BackingError;
+use crate::kvm::VmId;
+
+/// Why the gatekeeper refused an access, a pin or its own construction.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum GateError {
+    /// Some byte of the access lies in private memory.
+    #[error(
+        "guest range [{gpa:#x}, +{len:#x}) holds private memory from GPA {private:#x}: the host may not access it"
+    )]
+    Private {
+        /// The start of the access.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The first private byte.
+        private: u64,
+    },
+    /// Some byte of the access lies outside every bound region.
+    #[error("guest range [{gpa:#x}, +{len:#x}) is not all bound guest memory")]
+    OutsideMemory {
+        /// The start of the access.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A pin of zero bytes.
+    #[error("a pin at GPA {gpa:#x} has length 0; a pin holds at least one byte")]
+    EmptyPin {
+        /// The GPA.
+        gpa: u64,
+    },
+    /// A pin must lie in one region (one host mapping).
+    #[error(
+        "guest range [{gpa:#x}, +{len:#x}) crosses the end of the region [{region_gpa:#x}, +{region_len:#x}); a pin lies in one region"
+    )]
+    CrossesRegion {
+        /// The start of the pin.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The region's GPA.
+        region_gpa: u64,
+        /// The region's length.
+        region_len: u64,
+    },
+    /// A pin would open a huge page the binding covers only in part.
+    #[error(
+        "guest range [{gpa:#x}, +{len:#x}) lies in a {granule:#x}-byte page that the region [{region_gpa:#x}, +{region_len:#x}) covers only in part; such pages are never opened (safe copies work)"
+    )]
+    PartialHugePage {
+        /// The start of the pin.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The backing's page size.
+        granule: u64,
+        /// The region's GPA.
+        region_gpa: u64,
+        /// The region's length.
+        region_len: u64,
+    },
+    /// Pins hold more windows open than the view budget allows.
+    #[error(
+        "pinning [{gpa:#x}, +{len:#x}) needs a view window, but pins hold {pinned} of the budget of {budget} open (vm.max_map_count is {max_map_count}); release pins or raise GateOptions::view_budget"
+    )]
+    ViewBudget {
+        /// The start of the pin.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Windows that pins hold open.
+        pinned: usize,
+        /// The budget.
+        budget: usize,
+        /// The process's map count limit.
+        max_map_count: u64,
+    },
+    /// The file cannot be shared with the host in place.
+    #[error(
+        "the file bound at GPA {gpa:#x} has flags {flags:#x}, not MMAP|INIT_SHARED (0x3): the host cannot map it, and this kernel cannot convert its pages in place"
+    )]
+    NotShareable {
+        /// The region's GPA.
+        gpa: u64,
+        /// The file's flags.
+        flags: u64,
+    },
+    /// Two bindings overlap in guest physical space.
+    #[error(
+        "bindings [{gpa:#x}, +{len:#x}) and [{other_gpa:#x}, +{other_len:#x}) overlap in guest physical space"
+    )]
+    Overlap {
+        /// One binding's GPA.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The other's GPA.
+        other_gpa: u64,
+        /// Its length.
+        other_len: u64,
+    },
+    /// A binding of another VM.
+    #[error("the binding at GPA {gpa:#x} belongs to {owner}, not to {vm}")]
+    ForeignBinding {
+        /// The binding's GPA.
+        gpa: u64,
+        /// Its VM.
+        owner: VmId,
+        /// The gatekeeper's VM.
+        vm: VmId,
+    },
+    /// No bindings were given.
+    #[error("a gatekeeper needs at least one binding")]
+    NoBindings,
+    /// The VM has a gatekeeper already.
+    #[error(
+        "{vm} already has a gatekeeper: a VM's memory has one, and clones of it share its state"
+    )]
+    AlreadyGated {
+        /// The VM.
+        vm: VmId,
+    },
+    /// The view budget is zero.
+    #[error("view_budget is 0; the view needs at least one window")]
+    ZeroBudget,
+    /// A view mapping could not be made.
+    #[error("mapping the host view of the file bound at GPA {gpa:#x}")]
+    Map {
+        /// The region's GPA.
+        gpa: u64,
+        /// The backing's error.
+        #[source]
+        source: BackingError,
+    },
+    /// `mprotect` of a view window failed.
+    #[error("mprotect of the view window [{gpa:#x}, +{len:#x}) failed")]
+    Protect {
+        /// The start of the window.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kernel memory attributes could not be set for the initial state.
+    #[error("KVM_SET_MEMORY_ATTRIBUTES on [{gpa:#x}, +{len:#x}) for the initial state failed")]
+    Kernel {
+        /// The range.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl GateError {
+    /// The errno for the same misuse: `EFAULT` for refused accesses.
+    pub fn errno(&self) -> i32 {
+        match self {
+            GateError::Private { .. } | GateError::OutsideMemory { .. } => libc::EFAULT,
+            GateError::EmptyPin { .. }
+            | GateError::CrossesRegion { .. }
+            | GateError::PartialHugePage { .. }
+            | GateError::ForeignBinding { .. }
+            | GateError::NoBindings
+            | GateError::ZeroBudget => libc::EINVAL,
+            GateError::ViewBudget { .. } => libc::ENOMEM,
+            GateError::NotShareable { .. } => libc::EOPNOTSUPP,
+            GateError::Overlap { .. } => libc::EEXIST,
+            GateError::AlreadyGated { .. } => libc::EBUSY,
+            GateError::Map { source, .. } => source.errno(),
+            GateError::Protect { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            GateError::Kernel { source, .. } => source.errno(),
+        }
+    }
+}

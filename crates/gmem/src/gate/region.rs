@@ -1,0 +1,157 @@
+//! One bound range as the gatekeeper sees it: its file, the file's own
+//! mapping (where safe copies go), and its view (`PROT_NONE` except the
+//! windows pins open).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use rustix::mm::{MprotectFlags, ProtFlags};
+
+use super::error::GateError;
+use crate::backing::mapping::{Mapping, Registration};
+use crate::backing::{GmemFlags, RestrictedMemory};
+use crate::binding::Binding;
+use crate::kvm::Vm;
+
+/// One bound range, as the gatekeeper sees it.
+pub(super) struct Region {
+    // Field order is drop order: the view's registration, the view, then
+    // the binding.
+    /// Kept for its `Drop`: the view's entry in the file's mapping registry
+    /// (population queries and punches see the view's page tables too).
+    _registration: Registration,
+    /// The view: the file's `[view_off, view_off + view.len())`, `PROT_NONE`
+    /// except where a window is open.
+    pub(super) view: Mapping,
+    pub(super) view_off: u64,
+    pub(super) gpa: u64,
+    pub(super) len: u64,
+    /// The file offset of `gpa`.
+    pub(super) offset: u64,
+    /// The backing's page size: what a window opens at once.
+    pub(super) granule: u64,
+    /// The file's own mapping (KVM's `userspace_addr` for offset 0).
+    pub(super) file_base: *mut u8,
+    pub(super) memory: Arc<dyn RestrictedMemory>,
+    pub(super) binding: Binding,
+}
+
+// SAFETY: `file_base` points into the file's own mapping, which the region
+// keeps alive through `memory`; it is only used for volatile-tolerant copies
+// under the gatekeeper's lock, from any thread.
+unsafe impl Send for Region {}
+// SAFETY: as for Send: shared references give copies and addresses only.
+unsafe impl Sync for Region {}
+
+impl Region {
+    pub(super) fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+
+    pub(super) fn file_off(&self, gpa: u64) -> u64 {
+        self.offset + (gpa - self.gpa)
+    }
+
+    pub(super) fn to_gpa(&self, off: u64) -> u64 {
+        self.gpa + (off - self.offset)
+    }
+
+    /// The file's own mapping at `gpa`, which must lie in the region.
+    pub(super) fn file_ptr(&self, gpa: u64) -> *mut u8 {
+        // In bounds: the file mapping covers the whole file, and the region
+        // lies inside it.
+        self.file_base.wrapping_add(self.file_off(gpa) as usize)
+    }
+
+    /// The view at `gpa`, which must lie in the region.
+    pub(super) fn view_ptr(&self, gpa: u64) -> *mut u8 {
+        self.view
+            .as_ptr()
+            .wrapping_add((self.file_off(gpa) - self.view_off) as usize)
+    }
+
+    /// The backing pages that `gpas` (inside the region) touches, in GPA;
+    /// `None` if one of them is not wholly inside the region.
+    pub(super) fn window(&self, gpas: &Range<u64>) -> Option<Range<u64>> {
+        let g = self.granule;
+        let start = self.file_off(gpas.start) / g * g;
+        let end = self.file_off(gpas.end).next_multiple_of(g);
+        (start >= self.offset && end <= self.offset + self.len)
+            .then(|| self.to_gpa(start)..self.to_gpa(end))
+    }
+
+    /// The backing pages that `gpas` touches, clipped to the region.
+    pub(super) fn window_clipped(&self, gpas: &Range<u64>) -> Range<u64> {
+        let g = self.granule;
+        let start = (self.file_off(gpas.start) / g * g).max(self.offset);
+        let end = self
+            .file_off(gpas.end)
+            .next_multiple_of(g)
+            .min(self.offset + self.len);
+        self.to_gpa(start)..self.to_gpa(end)
+    }
+
+    pub(super) fn protect(&self, gpas: &Range<u64>, open: bool) -> Result<(), GateError> {
+        let prot = if open {
+            MprotectFlags::READ | MprotectFlags::WRITE
+        } else {
+            MprotectFlags::empty()
+        };
+        let start = (self.file_off(gpas.start) - self.view_off) as usize;
+        let len = (gpas.end - gpas.start) as usize;
+        self.view
+            .protect(start, len, prot)
+            .map_err(|e| GateError::Protect {
+                gpa: gpas.start,
+                len: len as u64,
+                source: e.into(),
+            })
+    }
+}
+
+impl Region {
+    /// Builds the region of `binding`, checking it belongs to `vm` and may be
+    /// shared with the host, and maps its view `PROT_NONE`.
+    pub(super) fn new(vm: &Vm, binding: Binding) -> Result<Region, GateError> {
+        let gpa = binding.guest_phys_addr();
+        if binding.vm_id() != vm.id() {
+            return Err(GateError::ForeignBinding {
+                gpa,
+                owner: binding.vm_id(),
+                vm: vm.id(),
+            });
+        }
+        let memory = Arc::clone(binding.memory());
+        let flags = memory.flags();
+        let core = memory.core();
+        let file_base = match core.kvm_map() {
+            Some(map) if flags.contains(GmemFlags::MMAP | GmemFlags::INIT_SHARED) => map.as_ptr(),
+            _ => {
+                return Err(GateError::NotShareable {
+                    gpa,
+                    flags: flags.bits(),
+                });
+            }
+        };
+        let granule = memory.page_size();
+        let (offset, len) = (binding.offset(), binding.len());
+        let view_off = offset / granule * granule;
+        let view_len = (offset + len).next_multiple_of(granule) - view_off;
+        let view = Mapping::new(core.fd(), view_off, view_len, ProtFlags::empty())
+            .and_then(|map| crate::backing::file::guard(&map, memory.kind()).map(|()| map))
+            .map_err(|source| GateError::Map { gpa, source })?;
+        let _registration = core.host_maps.register(&view, view_off);
+        Ok(Region {
+            _registration,
+            view,
+            view_off,
+            gpa,
+            len,
+            offset,
+            granule,
+            file_base,
+            memory,
+            binding,
+        })
+    }
+}
