@@ -48,11 +48,11 @@ pub use backing::{
     AccessError, BackingError, BackingKind, GmemFlags, HostMapping, MemoryOptions, PunchReport,
     RestrictedMemory, create_memory,
 };
-pub use binding::{BindError, Binding, FileFacts, Slot, SlotRequest, SlotTable};
+pub use binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable};
 pub use convert::{ConversionStats, ConvertError, ConvertReport, Policy};
 pub use error::Error;
 #[cfg(feature = "vm-memory")]
 pub use gate::DeviceMemory;
 pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, Pin};
-pub use kvm::{KvmError, Vm, VmId, VmType};
+pub use kvm::{Binding, KvmError, Vm, VmId, VmType};
 pub use range::{FileRange, GmemOffset, GuestAddress, PAGE_SIZE, RangeError};

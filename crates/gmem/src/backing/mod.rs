@@ -19,6 +19,7 @@
 //!
 //! [`errno`]: BackingError::errno
 
+mod create;
 pub(crate) mod file;
 pub mod guest_memfd;
 pub mod hugetlb;
@@ -30,16 +31,16 @@ use std::fmt;
 use std::ops::Range;
 use std::os::fd::BorrowedFd;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use thiserror::Error;
 
+pub use create::create_memory;
 pub use guest_memfd::GuestMemfd;
 pub use hugetlb::{HugePagePool, HugetlbMemfd};
 pub use mapping::{AccessError, HostMapping};
 pub use sealed_memfd::SealedMemfd;
 
-use crate::kvm::{Vm, VmId};
+use crate::kvm::VmId;
 use crate::range::{FileRange, MAX_FILE_OFFSET, PAGE_SIZE, RangeError};
 
 /// The backings, by the names the CLI and JSON use.
@@ -441,32 +442,6 @@ impl MemoryOptions {
     pub fn with_flags(self, flags: GmemFlags) -> Self {
         MemoryOptions { flags, ..self }
     }
-}
-
-/// Creates a restricted memory file of any backing.
-///
-/// `vm` is required for guest-memfd, and optional for the others: a memfd
-/// created without a VM belongs to the first VM that binds it.
-///
-/// # Errors
-/// See each backing's `create`: [`BackingError::UnsupportedFlags`] and
-/// [`BackingError::InvalidSize`] (`EINVAL`) for bad arguments,
-/// [`BackingError::NeedsVm`] for guest-memfd without a VM,
-/// [`BackingError::HugePagesExhausted`] (`ENOMEM`) for a short pool.
-pub fn create_memory(
-    opts: MemoryOptions,
-    vm: Option<&Vm>,
-) -> Result<Arc<dyn RestrictedMemory>, BackingError> {
-    Ok(match opts.kind {
-        BackingKind::GuestMemfd => {
-            let vm = vm.ok_or(BackingError::NeedsVm { kind: opts.kind })?;
-            Arc::new(GuestMemfd::create(vm, opts.size, opts.flags)?)
-        }
-        BackingKind::Memfd => Arc::new(SealedMemfd::create(opts.size, opts.flags, vm)?),
-        BackingKind::Hugetlb2M | BackingKind::Hugetlb1G => {
-            Arc::new(HugetlbMemfd::create(opts.kind, opts.size, opts.flags, vm)?)
-        }
-    })
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use super::region::Region;
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::mapping::{copy_from_guest, copy_to_guest};
 use crate::backing::{BackingError, PunchReport};
-use crate::binding::Binding;
 use crate::convert::{ConversionStats, ConvertError, ConvertReport, Policy, validate_range};
 use crate::kvm::Vm;
+use crate::kvm::vm::Binding;
 use crate::range::{FileRange, PAGE_SIZE};
 use crate::range_set::RangeSet;
 

@@ -10,8 +10,8 @@ use rustix::mm::{MprotectFlags, ProtFlags};
 use super::error::GateError;
 use crate::backing::mapping::{Mapping, Registration};
 use crate::backing::{GmemFlags, RestrictedMemory};
-use crate::binding::Binding;
-use crate::kvm::Vm;
+use crate::kvm::vm::Binding;
+use crate::kvm::vm::Vm;
 
 /// One bound range, as the gatekeeper sees it.
 pub(super) struct Region {

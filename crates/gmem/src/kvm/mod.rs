@@ -5,8 +5,10 @@
 //! [`crate::binding`]; the backings borrow the VM through [`Vm`].
 
 mod caps;
+mod id;
 pub mod uapi;
 pub(crate) mod vm;
 
 pub use caps::{KvmCaps, VmTypeCaps};
-pub use vm::{KvmError, Vm, VmId, VmType, WeakVm};
+pub use id::VmId;
+pub use vm::{Binding, KvmError, Vm, VmType, WeakVm};

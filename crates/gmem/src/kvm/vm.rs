@@ -1,38 +1,18 @@
-//! The VM handle: one KVM VM, its capabilities and its memslot table.
+//! The VM handle: one KVM VM, its capabilities, its memslot table, and the
+//! bindings of restricted memory into its memslots ([`Vm::bind`],
+//! [`Binding`]), checked by the pure rules of [`crate::binding`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_userspace_memory_region2};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 
+pub use super::id::VmId;
 use super::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
-use crate::binding::SlotTable;
-
-/// A process-unique identifier of a [`Vm`]; files remember the VM they were
-/// created for by this id ("one VM per file", spec §3.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VmId(u64);
-
-impl fmt::Display for VmId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "vm#{}", self.0)
-    }
-}
-
-impl VmId {
-    /// An id from a number, for models and tests of the binding rules
-    /// ([`crate::binding::SlotTable`]); real VMs get theirs from [`Vm::new`].
-    pub fn from_raw(id: u64) -> VmId {
-        VmId(id)
-    }
-
-    pub(crate) fn next() -> VmId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        VmId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-}
+use crate::backing::{BackingKind, RestrictedMemory};
+use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable};
 
 /// The x86 VM types of `KVM_CAP_VM_TYPES` (spec §1.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -293,5 +273,174 @@ impl WeakVm {
     /// The VM, if anything still keeps it alive.
     pub fn upgrade(&self) -> Option<Vm> {
         self.0.upgrade().map(|inner| Vm { inner })
+    }
+}
+
+/// Builds the memslot for a binding (size 0 deletes it).
+fn region(
+    memory: &Arc<dyn RestrictedMemory>,
+    slot: Slot,
+    gpa: u64,
+    offset: u64,
+    len: u64,
+) -> kvm_userspace_memory_region2 {
+    let base = memory.kvm_userspace_addr();
+    let is_gmem = memory.kind() == BackingKind::GuestMemfd;
+    kvm_userspace_memory_region2 {
+        slot: u32::from(slot.0),
+        flags: if is_gmem { KVM_MEM_GUEST_MEMFD } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: len,
+        // KVM's own accesses go through userspace_addr even on gmem slots, so
+        // it is the file's own mapping (spec §3.6), or 0 if it has none.
+        userspace_addr: if base == 0 { 0 } else { base + offset },
+        guest_memfd_offset: if is_gmem { offset } else { 0 },
+        guest_memfd: if is_gmem {
+            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&memory.core().fd())).unwrap_or(u32::MAX)
+        } else {
+            0
+        },
+        pad1: 0,
+        pad2: [0; 14],
+    }
+}
+
+/// A bound slot. Dropping it deletes the slot.
+pub struct Binding {
+    vm: Arc<VmInner>,
+    memory: Arc<dyn RestrictedMemory>,
+    slot: Slot,
+    gpa: u64,
+    offset: u64,
+    len: u64,
+}
+
+impl fmt::Debug for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binding")
+            .field("vm", &self.vm.id)
+            .field("slot", &self.slot)
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("offset", &format_args!("{:#x}", self.offset))
+            .field("len", &format_args!("{:#x}", self.len))
+            .field("kind", &self.memory.kind())
+            .finish()
+    }
+}
+
+impl Binding {
+    /// The slot id.
+    pub fn slot(&self) -> Slot {
+        self.slot
+    }
+
+    /// The guest physical address of the range.
+    pub fn guest_phys_addr(&self) -> u64 {
+        self.gpa
+    }
+
+    /// The file offset of the range.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: bindings are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The VM the slot is in.
+    pub fn vm_id(&self) -> VmId {
+        self.vm.id
+    }
+
+    /// The bound file.
+    pub fn memory(&self) -> &Arc<dyn RestrictedMemory> {
+        &self.memory
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        let mut table = self.vm.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let delete = region(&self.memory, self.slot, self.gpa, self.offset, 0);
+        // SAFETY: deleting a slot this Binding created; no memory is handed to
+        // KVM by a delete.
+        let result = unsafe { self.vm.fd.set_user_memory_region2(delete) };
+        if result.is_ok() {
+            table.remove(self.slot);
+        } else {
+            // KVM may still use the file's mapping: keep the file (and so the
+            // mapping) alive for the life of the process rather than unmap
+            // memory a live slot points at.
+            std::mem::forget(Arc::clone(&self.memory));
+        }
+    }
+}
+
+impl Vm {
+    /// Binds a range of `memory` into this VM (`KVM_SET_USER_MEMORY_REGION2`,
+    /// with `KVM_MEM_GUEST_MEMFD` on guest_memfd).
+    ///
+    /// A file that belongs to no VM yet (a memfd created without one) belongs
+    /// to this VM from its first successful binding on.
+    ///
+    /// # Errors
+    /// In the kernel's order (spec §3.1), each leaving the VM unchanged:
+    /// - `EINVAL`: [`BindError::Empty`], [`BindError::Unaligned`],
+    ///   [`BindError::OffsetWraps`], [`BindError::InvalidSlot`],
+    ///   [`BindError::GpaWraps`], [`BindError::TooLarge`],
+    ///   [`BindError::SlotInUse`];
+    /// - `EEXIST`: [`BindError::GpaOverlap`];
+    /// - `EINVAL`: [`BindError::ForeignVm`], [`BindError::PastEnd`],
+    ///   [`BindError::FileRangeOverlap`];
+    /// - `ENOSPC`: [`BindError::NoFreeSlot`];
+    /// - the kernel's errno: [`BindError::Kvm`].
+    pub fn bind(
+        &self,
+        memory: &Arc<dyn RestrictedMemory>,
+        req: SlotRequest,
+    ) -> Result<Binding, BindError> {
+        let vm = &self.inner;
+        let mut table = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let file = FileFacts::of(memory);
+        let slot = table.check(vm.id, vm.max_slots(), file, req)?;
+        let SlotRequest {
+            guest_phys_addr: gpa,
+            offset,
+            len,
+            ..
+        } = req;
+        let create = region(memory, slot, gpa, offset, len);
+        // SAFETY: userspace_addr is the file's own mapping (or 0), which the
+        // file owns and unmaps only on drop; the Binding returned below holds
+        // the file until it has deleted this slot. `check` established that the
+        // range is aligned, inside the file, overlaps no other slot's GPA range
+        // and no other binding of the file, and that the file is this VM's.
+        unsafe { vm.fd.set_user_memory_region2(create) }
+            .map_err(|source| BindError::Kvm { slot, source })?;
+        if let Err(owner) = memory.claim(vm.id) {
+            // Lost a race with another VM's first binding: undo ours.
+            let delete = region(memory, slot, gpa, offset, 0);
+            // SAFETY: deleting the slot created just above.
+            if unsafe { vm.fd.set_user_memory_region2(delete) }.is_err() {
+                std::mem::forget(Arc::clone(memory));
+            }
+            return Err(BindError::ForeignVm { vm: vm.id, owner });
+        }
+        table.insert(slot, file, req);
+        Ok(Binding {
+            vm: Arc::clone(vm),
+            memory: Arc::clone(memory),
+            slot,
+            gpa,
+            offset,
+            len,
+        })
     }
 }
