@@ -8,6 +8,7 @@ use crate::exit::Exit;
 
 /// Why a machine could not be built or run.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum VmmError {
     /// KVM could not be opened or the VM created.
     #[error(transparent)]

@@ -11,8 +11,9 @@ use std::ops::Range;
 use crate::range_set::RangeSet;
 
 /// A guest page's attribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Attribute {
     /// Only the guest may access it; the host view faults on it.
     Private,

@@ -76,6 +76,7 @@ impl SlotRequest {
 
 /// Why a binding was refused. Each names the values and the rule.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BindError {
     /// An address, size or offset is not 4 KiB-aligned.
     #[error("{field} {value:#x} is not a multiple of the page size 0x1000")]

@@ -27,8 +27,10 @@ use crate::gate::GateError;
 use crate::range::PAGE_SIZE;
 
 /// What a conversion does to the content.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+#[non_exhaustive]
 pub enum Policy {
     /// Keep the content (upstream in-place conversion, pKVM).
     #[default]
@@ -170,7 +172,8 @@ impl ConvertError {
 }
 
 /// What one conversion did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ConvertReport {
     /// The attribute the range now has.
     pub to: Attribute,
@@ -181,7 +184,8 @@ pub struct ConvertReport {
 }
 
 /// Counters over a converter's life.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ConversionStats {
     /// Conversions to private.
     pub to_private: u64,

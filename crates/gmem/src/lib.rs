@@ -55,4 +55,4 @@ pub use error::Error;
 pub use gate::DeviceMemory;
 pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, Pin};
 pub use kvm::{Binding, KvmError, Vm, VmId, VmType};
-pub use range::{FileRange, GmemOffset, GuestAddress, PAGE_SIZE, RangeError};
+pub use range::{FileRange, PAGE_SIZE, RangeError};

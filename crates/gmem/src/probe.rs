@@ -8,7 +8,8 @@ use crate::kvm::KvmCaps;
 use crate::kvm::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 /// Whether one backing can be used here.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct BackingStatus {
     /// The backing.
     pub backing: BackingKind,
@@ -21,7 +22,8 @@ pub struct BackingStatus {
 }
 
 /// Everything `gmem probe` reports.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Probe {
     /// The running kernel's release (`uname -r`).
     pub kernel: String,

@@ -24,37 +24,23 @@ pub const PAGE_SIZE: u64 = 4096;
 /// The largest file offset the kernel accepts (`loff_t` is signed).
 pub const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 
-/// A byte offset inside a restricted memory file.
-///
-/// Kept apart from guest physical addresses ([`GuestAddress`]) so that the two
-/// cannot be mixed up: a memslot maps one onto the other.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GmemOffset(pub u64);
-
-impl fmt::Display for GmemOffset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-/// A guest physical address (vm-memory's name and meaning).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GuestAddress(pub u64);
-
-impl fmt::Display for GuestAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
 /// Why a range was refused. Each variant carries the values it refused.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum RangeError {
     /// The length is zero.
     #[error("range at offset {offset:#x} has length 0; a range must be at least one page")]
     Empty {
         /// The offset given.
         offset: u64,
+    },
+    /// The length is beyond `i64::MAX`, i.e. negative as the kernel's `loff_t`.
+    #[error("length {len:#x} at offset {offset:#x} is above i64::MAX (negative as loff_t)")]
+    NegativeLength {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
     },
     /// The offset is beyond `i64::MAX`, i.e. negative as the kernel's `loff_t`.
     #[error("offset {offset:#x} is above i64::MAX (negative as loff_t)")]
@@ -119,15 +105,19 @@ impl FileRange {
     /// # Errors
     /// - [`RangeError::NegativeOffset`] (`EINVAL`) if `offset > i64::MAX`;
     /// - [`RangeError::Empty`] (`EINVAL`) if `len == 0`;
+    /// - [`RangeError::NegativeLength`] (`EINVAL`) if `len > i64::MAX`;
     /// - [`RangeError::Overflow`] (`EFBIG`) if `offset + len > i64::MAX`;
     /// - [`RangeError::Unaligned`] (`EINVAL`) if either is not 4 KiB-aligned.
     pub fn new(offset: u64, len: u64) -> Result<Self, RangeError> {
         if offset > MAX_FILE_OFFSET {
             return Err(RangeError::NegativeOffset { offset });
         }
-        // The VFS reads len as signed too: a "negative" len is refused as EINVAL.
-        if len == 0 || len > MAX_FILE_OFFSET {
+        if len == 0 {
             return Err(RangeError::Empty { offset });
+        }
+        // The VFS reads len as signed too: a "negative" len is refused as EINVAL.
+        if len > MAX_FILE_OFFSET {
+            return Err(RangeError::NegativeLength { offset, len });
         }
         match offset.checked_add(len) {
             Some(end) if end <= MAX_FILE_OFFSET => {}
@@ -274,6 +264,23 @@ mod tests {
         let e = FileRange::new(1 << 63, P).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL);
         assert!(e.to_string().contains("0x8000000000000000"), "{e}");
+    }
+
+    /// Lengths past `i64::MAX` are "negative" to the VFS (EINVAL), and the
+    /// message says so instead of "length 0".
+    #[test]
+    fn negative_lengths_are_einval_and_say_so() {
+        for (offset, len) in [(0, 1 << 63), (0, u64::MAX), (0x1000, 0xffff_ffff_ffff_f000)] {
+            let e = FileRange::new(offset, len).unwrap_err();
+            assert_eq!(e, RangeError::NegativeLength { offset, len });
+            assert_eq!(e.errno(), libc::EINVAL);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("{len:#x}")) && msg.contains("i64::MAX"),
+                "{msg}"
+            );
+            assert!(!msg.contains("has length 0"), "{msg}");
+        }
     }
 
     #[test]

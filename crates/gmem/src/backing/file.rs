@@ -8,15 +8,12 @@ use rustix::fs::FallocateFlags;
 use rustix::mm::Advice;
 
 use super::PunchReport;
-use super::mapping::{HostMapping, Mapping, MappingRegistry};
+use super::mapping::{HostMapping, Mapping, MappingRegistry, resident_into};
 use super::memfd::private_placeholder;
 use super::{BackingError, BackingKind, GmemFlags};
 use crate::kvm::VmId;
 use crate::range::FileRange;
 use crate::range_set::RangeSet;
-
-/// How many bytes of a mapping one `mincore` call covers (16 K pages).
-const MINCORE_CHUNK: usize = 64 << 20;
 
 #[derive(Debug)]
 pub struct FileCore {
@@ -62,7 +59,7 @@ impl FileCore {
             size,
             flags,
             owner: OnceLock::new(),
-            host_maps: Arc::default(),
+            host_maps: Arc::new(MappingRegistry::new(kind.is_hugetlb())),
             allocated: Mutex::default(),
             retained_private: Mutex::default(),
         };
@@ -135,6 +132,7 @@ impl FileCore {
         })?;
         let split = range.split_by_page(self.kind.page_size());
         allocated.remove(split.whole.0..split.whole.1);
+        self.host_maps.forget(split.whole.0..split.whole.1);
         Ok(PunchReport {
             bytes_freed: split.whole_bytes(),
             bytes_zeroed: split.partial_bytes(),
@@ -188,6 +186,7 @@ impl FileCore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        self.host_maps.retired_into(&mut runs);
         resident(&mut runs)?;
         Ok(runs.to_vec())
     }
@@ -309,41 +308,6 @@ pub(crate) fn guard(map: &Mapping, kind: BackingKind) -> Result<(), BackingError
     map.advise(Advice::LinuxDontFork)?;
     if kind == BackingKind::Memfd {
         map.lock_on_fault()?;
-    }
-    Ok(())
-}
-
-/// Adds the pages of the mapping `[addr, addr + len)` (which maps the file
-/// from offset `base`) that `mincore(2)` reports resident to `runs`, as file
-/// offsets.
-pub(crate) fn resident_into(
-    addr: usize,
-    len: usize,
-    base: u64,
-    runs: &mut RangeSet,
-) -> Result<(), BackingError> {
-    let mut vec = vec![0u8; MINCORE_CHUNK / 4096];
-    let mut start = 0;
-    while start < len {
-        let chunk = MINCORE_CHUNK.min(len - start);
-        // SAFETY: mincore only reads page tables; the kernel validates the
-        // address range (ENOMEM if unmapped) and writes one byte per page of
-        // `chunk` into `vec`, which holds MINCORE_CHUNK / 4096 bytes.
-        let rc =
-            unsafe { libc::mincore((addr + start) as *mut libc::c_void, chunk, vec.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(BackingError::syscall(
-                "mincore",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        for (i, b) in vec[..chunk.div_ceil(4096)].iter().enumerate() {
-            if b & 1 != 0 {
-                let off = base + (start + i * 4096) as u64;
-                runs.insert(off..off + 4096);
-            }
-        }
-        start += chunk;
     }
     Ok(())
 }

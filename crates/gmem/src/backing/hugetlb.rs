@@ -14,13 +14,15 @@ use std::ops::Range;
 
 use rustix::fs::MemfdFlags;
 
-use super::file::{FileCore, resident_into};
+use super::file::FileCore;
+use super::mapping::resident_into;
 use super::memfd::{SUPPORTED_FLAGS, create_sealed};
 use super::{BackingError, BackingKind, GmemFlags, RestrictedMemory, sealed, validate_create};
 use crate::kvm::Vm;
 
 /// One size's huge page pool, from `/sys/kernel/mm/hugepages`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HugePagePool {
     /// The page size in bytes.
     pub page_size: u64,
@@ -159,5 +161,40 @@ impl RestrictedMemory for HugetlbMemfd {
             return Err(BackingError::Unlocatable { located, populated });
         }
         Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::FileRange;
+
+    /// Found by a user: after a gmem-owned mapping that wrote pages was
+    /// dropped, `populated()` refused to answer ("the file holds 0x200000
+    /// populated bytes but only 0x0 can be located"). Dropped mappings now
+    /// leave what they had resident behind, until it is punched.
+    #[test]
+    fn population_survives_dropped_mappings() {
+        let page = 2u64 << 20;
+        let mem = match HugetlbMemfd::create(
+            BackingKind::Hugetlb2M,
+            2 * page,
+            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
+            None,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("skipped: hugetlb-2m: {e}");
+                return;
+            }
+        };
+        {
+            // SAFETY: a file of this test's own, shared, under no gatekeeper.
+            let host = unsafe { mem.map_host() }.unwrap();
+            host.write(page + 5, b"x").unwrap();
+        }
+        assert_eq!(mem.populated().unwrap(), vec![page..2 * page]);
+        mem.punch_hole(FileRange::new(page, page).unwrap()).unwrap();
+        assert_eq!(mem.populated().unwrap(), Vec::<Range<u64>>::new());
     }
 }

@@ -13,6 +13,10 @@ use rustix::mm::{Advice, MapFlags, ProtFlags};
 use thiserror::Error;
 
 use super::BackingError;
+use crate::range_set::RangeSet;
+
+/// How many bytes of a mapping one `mincore` call covers (16 K pages).
+const MINCORE_CHUNK: usize = 64 << 20;
 
 /// An owned `MAP_SHARED` mapping, unmapped on drop.
 #[derive(Debug)]
@@ -148,9 +152,23 @@ impl Drop for Mapping {
 pub(crate) struct MappingRegistry {
     /// `(addr, len, file offset of addr)` of each live mapping.
     maps: Mutex<Vec<(usize, usize, u64)>>,
+    /// Whether dropped mappings leave their resident pages here (hugetlb,
+    /// whose population only page tables reveal).
+    remember: bool,
+    /// File offsets that dropped mappings had resident, until punched.
+    retired: Mutex<RangeSet>,
 }
 
 impl MappingRegistry {
+    /// A registry whose dropped mappings leave their resident pages behind
+    /// for [`retired_into`](Self::retired_into) iff `remember`.
+    pub(crate) fn new(remember: bool) -> MappingRegistry {
+        MappingRegistry {
+            remember,
+            ..MappingRegistry::default()
+        }
+    }
+
     /// Runs `f` over every live mapping `(addr, len, file offset)`, holding
     /// the registry lock so that none of them is unmapped meanwhile.
     pub(crate) fn for_each<E>(
@@ -175,6 +193,26 @@ impl MappingRegistry {
             addr,
         }
     }
+
+    /// Adds what dropped mappings had resident to `runs`.
+    pub(crate) fn retired_into(&self, runs: &mut RangeSet) {
+        for r in self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            runs.insert(r);
+        }
+    }
+
+    /// Forgets retired pages in `offsets` (they were punched).
+    pub(crate) fn forget(&self, offsets: std::ops::Range<u64>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(offsets);
+    }
 }
 
 /// A mapping's entry in a [`MappingRegistry`]; dropping it removes the entry.
@@ -187,12 +225,26 @@ pub(crate) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut maps = self.registry.maps.lock().unwrap_or_else(|e| e.into_inner());
-        maps.retain(|&(addr, _, _)| addr != self.addr);
+        let Some(i) = maps.iter().position(|&(addr, _, _)| addr == self.addr) else {
+            return;
+        };
+        let (addr, len, off) = maps.swap_remove(i);
+        if self.registry.remember {
+            // The mapping is still alive (it is unmapped after this): what it
+            // faulted in stays populated, and must stay locatable.
+            let mut retired = self
+                .registry
+                .retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let _ = resident_into(addr, len, off, &mut retired);
+        }
     }
 }
 
 /// Why a host access was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum AccessError {
     /// The access reaches past the mapping.
     #[error("access {offset:#x}+{len:#x} reaches past the mapping's size {size:#x}")]
@@ -387,4 +439,39 @@ unsafe fn copy_slice(dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: the caller's contract: valid, non-overlapping, `len` bytes.
         _ => unsafe { std::ptr::copy_nonoverlapping(src, dst, len) },
     }
+}
+
+/// Adds the pages of the mapping `[addr, addr + len)` (which maps the file
+/// from offset `base`) that `mincore(2)` reports resident to `runs`, as file
+/// offsets.
+pub(crate) fn resident_into(
+    addr: usize,
+    len: usize,
+    base: u64,
+    runs: &mut RangeSet,
+) -> Result<(), BackingError> {
+    let mut vec = vec![0u8; MINCORE_CHUNK / 4096];
+    let mut start = 0;
+    while start < len {
+        let chunk = MINCORE_CHUNK.min(len - start);
+        // SAFETY: mincore only reads page tables; the kernel validates the
+        // address range (ENOMEM if unmapped) and writes one byte per page of
+        // `chunk` into `vec`, which holds MINCORE_CHUNK / 4096 bytes.
+        let rc =
+            unsafe { libc::mincore((addr + start) as *mut libc::c_void, chunk, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(BackingError::syscall(
+                "mincore",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        for (i, b) in vec[..chunk.div_ceil(4096)].iter().enumerate() {
+            if b & 1 != 0 {
+                let off = base + (start + i * 4096) as u64;
+                runs.insert(off..off + 4096);
+            }
+        }
+        start += chunk;
+    }
+    Ok(())
 }

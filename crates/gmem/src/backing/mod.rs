@@ -44,19 +44,20 @@ use crate::kvm::VmId;
 use crate::range::{FileRange, MAX_FILE_OFFSET, PAGE_SIZE, RangeError};
 
 /// The backings, by the names the CLI and JSON use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum BackingKind {
     /// The kernel's guest_memfd (`guest-memfd`).
-    #[serde(rename = "guest-memfd")]
+    #[cfg_attr(feature = "serde", serde(rename = "guest-memfd"))]
     GuestMemfd,
     /// A sealed shmem memfd (`memfd`).
-    #[serde(rename = "memfd")]
+    #[cfg_attr(feature = "serde", serde(rename = "memfd"))]
     Memfd,
     /// A sealed hugetlb memfd with 2 MiB pages (`hugetlb-2m`).
-    #[serde(rename = "hugetlb-2m")]
+    #[cfg_attr(feature = "serde", serde(rename = "hugetlb-2m"))]
     Hugetlb2M,
     /// A sealed hugetlb memfd with 1 GiB pages (`hugetlb-1g`).
-    #[serde(rename = "hugetlb-1g")]
+    #[cfg_attr(feature = "serde", serde(rename = "hugetlb-1g"))]
     Hugetlb1G,
 }
 
@@ -130,7 +131,8 @@ bitflags::bitflags! {
 
 /// What a punch did: how many bytes had their pages released, and how many
 /// could only be zeroed in place (parts of huge pages).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PunchReport {
     /// Bytes of the range (inside the file) that lie in whole backing pages;
     /// those pages are released and read as zeroes afterwards.
@@ -149,6 +151,7 @@ impl std::ops::AddAssign for PunchReport {
 
 /// Why a backing refused a call. Each variant names the values and the rule.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BackingError {
     /// The range is malformed or out of bounds.
     #[error(transparent)]

@@ -10,7 +10,8 @@ use super::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 use super::vm::{Vm, VmType};
 
 /// What one VM type offers, read on a VM of that type.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct VmTypeCaps {
     /// The VM type.
     pub vm_type: VmType,
@@ -24,7 +25,8 @@ pub struct VmTypeCaps {
 }
 
 /// What `/dev/kvm` offers, as `gmem probe` reports it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct KvmCaps {
     /// `KVM_GET_API_VERSION` (12 on every kernel since 2.6.22).
     pub api_version: i32,

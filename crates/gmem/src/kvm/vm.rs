@@ -15,8 +15,10 @@ use crate::backing::{BackingKind, RestrictedMemory};
 use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable};
 
 /// The x86 VM types of `KVM_CAP_VM_TYPES` (spec §1.4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+#[non_exhaustive]
 pub enum VmType {
     /// `KVM_X86_DEFAULT_VM` (0).
     Default,
@@ -63,6 +65,7 @@ impl VmType {
 
 /// Why a VM could not be had.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum KvmError {
     /// `/dev/kvm` could not be opened.
     #[error(
