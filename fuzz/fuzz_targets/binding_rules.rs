@@ -87,21 +87,9 @@ fn model(bound: &[Bound], vm: VmId, file: FileFacts, req: SlotRequest) -> Result
 fuzz_target!(|ops: Vec<Op>| {
     let vm = VmId::from_raw(1);
     let mut files = [
-        FileFacts {
-            id: 1,
-            owner: Some(vm),
-            size: 64 * PAGE,
-        },
-        FileFacts {
-            id: 2,
-            owner: Some(VmId::from_raw(2)),
-            size: 64 * PAGE,
-        },
-        FileFacts {
-            id: 3,
-            owner: None,
-            size: 16 * PAGE,
-        },
+        FileFacts::new(1, Some(vm), 64 * PAGE),
+        FileFacts::new(2, Some(VmId::from_raw(2)), 64 * PAGE),
+        FileFacts::new(3, None, 16 * PAGE),
     ];
     let mut table = SlotTable::new();
     let mut bound: Vec<Bound> = Vec::new();
@@ -121,12 +109,10 @@ fuzz_target!(|ops: Vec<Op>| {
                     (gpa, offset, len)
                 };
                 let f = files[usize::from(file) % files.len()];
-                let req = SlotRequest {
-                    slot: slot.map(|s| Slot(u16::from(s % 12))),
-                    guest_phys_addr: gpa,
-                    offset,
-                    len,
-                };
+                let mut req = SlotRequest::new(gpa, offset, len);
+                if let Some(s) = slot {
+                    req = req.in_slot(Slot(u16::from(s % 12)));
+                }
                 let got = table.check(vm, MAX_SLOTS, f, req);
                 let want = model(&bound, vm, f, req);
                 match (&got, want) {

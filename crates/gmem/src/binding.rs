@@ -23,14 +23,14 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::backing::RestrictedMemory;
+use crate::backing::{BackingKind, RestrictedMemory};
 use crate::kvm::VmId;
-use crate::range::PAGE_SIZE;
+use crate::range::{PAGE_SIZE, is_page_aligned};
 
 /// `KVM_MEM_MAX_NR_PAGES` on x86-64: the most pages one memslot may hold.
 pub const MAX_SLOT_PAGES: u64 = (1 << 31) - 1;
 
-/// A memslot id in address space 0.
+/// A memslot id (within its address space, [`SlotRequest::address_space`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Slot(pub u16);
 
@@ -40,28 +40,51 @@ impl fmt::Display for Slot {
     }
 }
 
+bitflags::bitflags! {
+    /// The memslot flags a caller may ask for (`KVM_MEM_*`). gmem adds
+    /// `KVM_MEM_GUEST_MEMFD` itself on guest_memfd bindings, where the kernel
+    /// refuses both of these (spec §3.1).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct MemslotFlags: u32 {
+        /// `KVM_MEM_LOG_DIRTY_PAGES`: dirty logging.
+        const LOG_DIRTY_PAGES = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
+        const READONLY = kvm_bindings::KVM_MEM_READONLY;
+    }
+}
+
 /// What to bind: `len` bytes of the file from `offset`, at guest physical
-/// address `guest_phys_addr`, in slot `slot` (or the lowest free one).
+/// address `guest_phys_addr`, in slot `slot` (or the lowest free one) of
+/// address space `address_space`, with memslot `flags`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SlotRequest {
     /// The slot id; `None` takes the lowest free slot.
     pub slot: Option<Slot>,
+    /// The address space (`as_id`, bits 16–31 of KVM's slot field): 0, or
+    /// 1 for x86's SMM address space where KVM has it.
+    pub address_space: u16,
     /// Where the range appears in the guest.
     pub guest_phys_addr: u64,
     /// The file offset of the range (`guest_memfd_offset`).
     pub offset: u64,
     /// The length in bytes (`memory_size`).
     pub len: u64,
+    /// Memslot flags.
+    pub flags: MemslotFlags,
 }
 
 impl SlotRequest {
-    /// Binds `[offset, offset + len)` at `guest_phys_addr`, in any free slot.
+    /// Binds `[offset, offset + len)` at `guest_phys_addr`, in any free slot
+    /// of address space 0, without flags.
     pub fn new(guest_phys_addr: u64, offset: u64, len: u64) -> Self {
         SlotRequest {
             slot: None,
+            address_space: 0,
             guest_phys_addr,
             offset,
             len,
+            flags: MemslotFlags::empty(),
         }
     }
 
@@ -71,6 +94,24 @@ impl SlotRequest {
             slot: Some(slot),
             ..self
         }
+    }
+
+    /// The same request in another address space.
+    pub fn in_address_space(self, address_space: u16) -> Self {
+        SlotRequest {
+            address_space,
+            ..self
+        }
+    }
+
+    /// The same request with memslot flags.
+    pub fn with_flags(self, flags: MemslotFlags) -> Self {
+        SlotRequest { flags, ..self }
+    }
+
+    /// KVM's slot field: the address space in bits 16–31, the id below.
+    pub fn kvm_slot(address_space: u16, slot: Slot) -> u32 {
+        u32::from(address_space) << 16 | u32::from(slot.0)
     }
 }
 
@@ -98,6 +139,32 @@ pub enum BindError {
         offset: u64,
         /// The length.
         len: u64,
+    },
+    /// Memslot flags the kernel refuses on a guest_memfd binding.
+    #[error(
+        "memslot flags {flags:#x} are refused with KVM_MEM_GUEST_MEMFD: guest_memfd slots take neither LOG_DIRTY_PAGES (0x1) nor READONLY (0x2)"
+    )]
+    FlagsWithGuestMemfd {
+        /// The flags asked for.
+        flags: u32,
+    },
+    /// Memslot flags that do not exist.
+    #[error(
+        "memslot flags {flags:#x} include unknown bits (known: LOG_DIRTY_PAGES = 0x1, READONLY = 0x2)"
+    )]
+    UnknownFlags {
+        /// The flags asked for.
+        flags: u32,
+    },
+    /// The address space does not exist.
+    #[error(
+        "address space {address_space} does not exist: the VM has {max} (KVM_CAP_MULTI_ADDRESS_SPACE)"
+    )]
+    InvalidAddressSpace {
+        /// The address space asked for.
+        address_space: u16,
+        /// How many the VM has.
+        max: u16,
     },
     /// The slot id is beyond the VM's memslots.
     #[error("slot {slot} does not exist: the VM has {max} memslots")]
@@ -177,6 +244,18 @@ pub enum BindError {
         /// Its length.
         other_len: u64,
     },
+    /// The files of a two-backing slot are not a private and a shared side.
+    #[error(
+        "a two-backing slot of private side {private} and shared side {shared} is refused: {rule}"
+    )]
+    NotTwoSided {
+        /// The private side's backing.
+        private: BackingKind,
+        /// The shared side's backing.
+        shared: BackingKind,
+        /// The rule broken.
+        rule: &'static str,
+    },
     /// Every memslot is in use.
     #[error("all {max} memslots are in use")]
     NoFreeSlot {
@@ -211,39 +290,74 @@ impl BindError {
 struct SlotEntry {
     gpa: u64,
     len: u64,
-    /// The file's identity.
-    file: usize,
+    /// The identities of the files bound (0: none, a slot the VMM owns).
+    files: [usize; 2],
     offset: u64,
 }
 
 /// What the binding rules need to know of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileFacts {
-    /// The file's identity (gmem uses the address of its shared allocation).
+    /// The file's identity (gmem uses the address of its shared allocation);
+    /// never 0.
     pub id: usize,
     /// The VM the file belongs to, if any.
     pub owner: Option<VmId>,
     /// Its size in bytes.
     pub size: u64,
+    /// Whether it is a guest_memfd (bound with `KVM_MEM_GUEST_MEMFD`).
+    pub guest_memfd: bool,
 }
 
 impl FileFacts {
+    /// The facts of a file that is not a guest_memfd.
+    pub fn new(id: usize, owner: Option<VmId>, size: u64) -> FileFacts {
+        FileFacts {
+            id,
+            owner,
+            size,
+            guest_memfd: false,
+        }
+    }
+
+    /// The same facts for a guest_memfd.
+    pub fn guest_memfd(self) -> FileFacts {
+        FileFacts {
+            guest_memfd: true,
+            ..self
+        }
+    }
+
     /// The facts of `memory`.
     pub fn of(memory: &Arc<dyn RestrictedMemory>) -> FileFacts {
         FileFacts {
             id: Arc::as_ptr(memory).cast::<()>() as usize,
             owner: memory.owner(),
             size: memory.size(),
+            guest_memfd: memory.kind() == BackingKind::GuestMemfd,
         }
     }
 }
 
-/// A VM's memslots, keyed by slot id, and the binding rules over them as a
-/// pure function: what [`Vm::bind`] checks before it issues any ioctl.
-/// Public so that models and fuzzers can drive the rules without KVM.
+/// Limits of the VM the rules are checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmLimits {
+    /// The VM's id (files of other VMs are refused).
+    pub vm: VmId,
+    /// Memslots per address space (`KVM_CAP_NR_MEMSLOTS`).
+    pub max_slots: u32,
+    /// Address spaces (`KVM_CAP_MULTI_ADDRESS_SPACE`, at least 1).
+    pub address_spaces: u16,
+}
+
+/// A VM's memslots, keyed by address space and slot id, and the binding
+/// rules over them as a pure function: what [`Vm::bind`](crate::Vm::bind)
+/// checks before it issues any ioctl. Public so that models and fuzzers can
+/// drive the rules without KVM.
 #[derive(Debug, Default)]
 pub struct SlotTable {
-    slots: BTreeMap<u16, SlotEntry>,
+    slots: BTreeMap<(u16, u16), SlotEntry>,
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -256,39 +370,55 @@ impl SlotTable {
         Self::default()
     }
 
-    /// How many slots are bound.
+    /// How many slots are bound or reserved.
     pub fn len(&self) -> usize {
         self.slots.len()
     }
 
-    /// Whether no slot is bound.
+    /// Whether no slot is bound or reserved.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
 
-    /// Records a binding that [`check`](Self::check) accepted.
+    /// Records a binding of `file` that [`check`](Self::check) accepted.
     pub fn insert(&mut self, slot: Slot, file: FileFacts, req: SlotRequest) {
+        self.insert_files(slot, &[file], req);
+    }
+
+    /// Records a binding of `files` (none for a slot the VMM owns, two for
+    /// a private and a shared side) that [`check_files`](Self::check_files)
+    /// accepted.
+    pub fn insert_files(&mut self, slot: Slot, files: &[FileFacts], req: SlotRequest) {
+        let mut ids = [0; 2];
+        for (id, f) in ids.iter_mut().zip(files) {
+            *id = f.id;
+        }
         self.slots.insert(
-            slot.0,
+            (req.address_space, slot.0),
             SlotEntry {
                 gpa: req.guest_phys_addr,
                 len: req.len,
-                file: file.id,
+                files: ids,
                 offset: req.offset,
             },
         );
     }
 
-    /// Forgets a deleted slot; whether it was bound.
+    /// Forgets a deleted slot of address space 0; whether it was there.
     pub fn remove(&mut self, slot: Slot) -> bool {
-        self.slots.remove(&slot.0).is_some()
+        self.remove_in(0, slot)
     }
 
-    /// Applies the rules in the kernel's order for `vm` (which has
-    /// `max_slots` memslots) binding `file`; returns the slot to use.
+    /// Forgets a deleted slot; whether it was there.
+    pub fn remove_in(&mut self, address_space: u16, slot: Slot) -> bool {
+        self.slots.remove(&(address_space, slot.0)).is_some()
+    }
+
+    /// Applies the rules for `vm` (which has `max_slots` memslots and one
+    /// address space) binding `file`; returns the slot to use.
     ///
     /// # Errors
-    /// As [`Vm::bind`], but for [`BindError::Kvm`].
+    /// As [`check_files`](Self::check_files).
     pub fn check(
         &self,
         vm: VmId,
@@ -296,23 +426,57 @@ impl SlotTable {
         file: FileFacts,
         req: SlotRequest,
     ) -> Result<Slot, BindError> {
+        let limits = VmLimits {
+            vm,
+            max_slots,
+            address_spaces: 1,
+        };
+        self.check_files(limits, &[file], req)
+    }
+
+    /// Applies the rules in the kernel's order (spec §3.1) for a VM with
+    /// `limits` binding `files` (none: a slot the VMM owns; one; or a
+    /// guest_memfd private side and a shared side, both at `req.offset`);
+    /// returns the slot to use.
+    ///
+    /// # Errors
+    /// As [`Vm::bind`](crate::Vm::bind), but for [`BindError::Kvm`].
+    pub fn check_files(
+        &self,
+        limits: VmLimits,
+        files: &[FileFacts],
+        req: SlotRequest,
+    ) -> Result<Slot, BindError> {
         let SlotRequest {
             slot,
+            address_space,
             guest_phys_addr: gpa,
             offset,
             len,
+            flags,
         } = req;
+        // Step 1: flags.
+        if flags.bits() & !MemslotFlags::all().bits() != 0 {
+            return Err(BindError::UnknownFlags {
+                flags: flags.bits(),
+            });
+        }
+        if files.first().is_some_and(|f| f.guest_memfd) && !flags.is_empty() {
+            return Err(BindError::FlagsWithGuestMemfd {
+                flags: flags.bits(),
+            });
+        }
         // Step 2 of kvm_set_memory_region: size, then GPA.
         if len == 0 {
             return Err(BindError::Empty);
         }
         for (field, value) in [("memory_size", len), ("guest_phys_addr", gpa)] {
-            if !value.is_multiple_of(PAGE_SIZE) {
+            if !is_page_aligned(value) {
                 return Err(BindError::Unaligned { field, value });
             }
         }
         // Step 3: the file offset.
-        if !offset.is_multiple_of(PAGE_SIZE) {
+        if !is_page_aligned(offset) {
             return Err(BindError::Unaligned {
                 field: "guest_memfd_offset",
                 value: offset,
@@ -321,7 +485,14 @@ impl SlotTable {
         if offset.checked_add(len).is_none() {
             return Err(BindError::OffsetWraps { offset, len });
         }
-        // Step 4: slot id, GPA wrap, slot size.
+        // Step 4: address space, slot id, GPA wrap, slot size.
+        if address_space >= limits.address_spaces {
+            return Err(BindError::InvalidAddressSpace {
+                address_space,
+                max: limits.address_spaces,
+            });
+        }
+        let max_slots = limits.max_slots;
         let slot = match slot {
             Some(slot) if u32::from(slot.0) >= max_slots => {
                 return Err(BindError::InvalidSlot {
@@ -332,7 +503,7 @@ impl SlotTable {
             Some(slot) => slot,
             None => (0..max_slots)
                 .filter_map(|id| u16::try_from(id).ok())
-                .find(|id| !self.slots.contains_key(id))
+                .find(|&id| !self.slots.contains_key(&(address_space, id)))
                 .map(Slot)
                 .ok_or(BindError::NoFreeSlot { max: max_slots })?,
         };
@@ -343,14 +514,14 @@ impl SlotTable {
             return Err(BindError::TooLarge { len });
         }
         // Step 6: bound slots are immutable.
-        if self.slots.contains_key(&slot.0) {
+        if self.slots.contains_key(&(address_space, slot.0)) {
             return Err(BindError::SlotInUse { slot });
         }
-        // Step 7: GPA overlap.
-        if let Some((&other, e)) = self
+        // Step 7: GPA overlap within the address space.
+        if let Some((&(_, other), e)) = self
             .slots
             .iter()
-            .find(|(_, e)| overlaps(gpa, len, e.gpa, e.len))
+            .find(|(key, e)| key.0 == address_space && overlaps(gpa, len, e.gpa, e.len))
         {
             return Err(BindError::GpaOverlap {
                 gpa,
@@ -361,25 +532,30 @@ impl SlotTable {
             });
         }
         // Step 8 (kvm_gmem_bind): owner, bounds, file-range overlap.
-        if let Some(owner) = file.owner.filter(|&o| o != vm) {
-            return Err(BindError::ForeignVm { vm, owner });
-        }
-        let size = file.size;
-        if offset + len > size {
-            return Err(BindError::PastEnd { offset, len, size });
-        }
-        if let Some((&other, e)) = self
-            .slots
-            .iter()
-            .find(|(_, e)| e.file == file.id && overlaps(offset, len, e.offset, e.len))
-        {
-            return Err(BindError::FileRangeOverlap {
-                offset,
-                len,
-                other: Slot(other),
-                other_offset: e.offset,
-                other_len: e.len,
-            });
+        for file in files {
+            if let Some(owner) = file.owner.filter(|&o| o != limits.vm) {
+                return Err(BindError::ForeignVm {
+                    vm: limits.vm,
+                    owner,
+                });
+            }
+            let size = file.size;
+            if offset + len > size {
+                return Err(BindError::PastEnd { offset, len, size });
+            }
+            if let Some((&(_, other), e)) = self
+                .slots
+                .iter()
+                .find(|(_, e)| e.files.contains(&file.id) && overlaps(offset, len, e.offset, e.len))
+            {
+                return Err(BindError::FileRangeOverlap {
+                    offset,
+                    len,
+                    other: Slot(other),
+                    other_offset: e.offset,
+                    other_len: e.len,
+                });
+            }
         }
         Ok(slot)
     }
@@ -392,11 +568,122 @@ mod tests {
     const P: u64 = PAGE_SIZE;
 
     fn file(id: usize, owner: Option<u64>) -> FileFacts {
-        FileFacts {
-            id,
-            owner: owner.map(VmId::from_raw),
-            size: 16 * P,
+        FileFacts::new(id, owner.map(VmId::from_raw), 16 * P)
+    }
+
+    fn limits(address_spaces: u16) -> VmLimits {
+        VmLimits {
+            vm: VmId::from_raw(1),
+            max_slots: 8,
+            address_spaces,
         }
+    }
+
+    #[test]
+    fn memslot_flags_pass_through_but_not_with_guest_memfd() {
+        let table = SlotTable::new();
+        let req = SlotRequest::new(0, 0, P).with_flags(MemslotFlags::READONLY);
+        assert!(table.check_files(limits(1), &[file(1, None)], req).is_ok());
+        for flags in [MemslotFlags::READONLY, MemslotFlags::LOG_DIRTY_PAGES] {
+            let req = SlotRequest::new(0, 0, P).with_flags(flags);
+            let e = table
+                .check_files(limits(1), &[file(1, None).guest_memfd()], req)
+                .unwrap_err();
+            assert!(matches!(e, BindError::FlagsWithGuestMemfd { .. }), "{e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+        let req = SlotRequest::new(0, 0, P).with_flags(MemslotFlags::from_bits_retain(1 << 7));
+        let e = table
+            .check_files(limits(1), &[file(1, None)], req)
+            .unwrap_err();
+        assert!(matches!(e, BindError::UnknownFlags { flags: 0x80 }), "{e}");
+    }
+
+    #[test]
+    fn address_spaces_are_checked_and_separate() {
+        let mut table = SlotTable::new();
+        let req = SlotRequest::new(0, 0, P).in_slot(Slot(0));
+        table.insert(Slot(0), file(1, None), req);
+        // The same id and GPA in address space 1 is another slot.
+        let smm = SlotRequest::new(0, P, P)
+            .in_slot(Slot(0))
+            .in_address_space(1);
+        assert_eq!(
+            table.check_files(limits(2), &[file(1, None)], smm).unwrap(),
+            Slot(0)
+        );
+        let e = table
+            .check_files(limits(1), &[file(1, None)], smm)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BindError::InvalidAddressSpace {
+                    address_space: 1,
+                    max: 1
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(SlotRequest::kvm_slot(1, Slot(3)), 0x1_0003);
+    }
+
+    #[test]
+    fn a_reserved_slot_clashes_by_id_and_gpa() {
+        let mut table = SlotTable::new();
+        let vmm = SlotRequest::new(0x10_0000, 0, 0x10_0000).in_slot(Slot(2));
+        let slot = table.check_files(limits(1), &[], vmm).unwrap();
+        table.insert_files(slot, &[], vmm);
+        let e = table
+            .check_files(
+                limits(1),
+                &[file(1, None)],
+                SlotRequest::new(0, 0, P).in_slot(Slot(2)),
+            )
+            .unwrap_err();
+        assert!(matches!(e, BindError::SlotInUse { slot: Slot(2) }), "{e}");
+        let e = table
+            .check_files(
+                limits(1),
+                &[file(1, None)],
+                SlotRequest::new(0x10_0000, 0, P),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, BindError::GpaOverlap { other: Slot(2), .. }),
+            "{e}"
+        );
+        // A free id is taken around it.
+        let s = table
+            .check_files(limits(1), &[file(1, None)], SlotRequest::new(0, 0, P))
+            .unwrap();
+        assert_eq!(s, Slot(0));
+    }
+
+    #[test]
+    fn both_sides_of_a_two_backing_slot_are_checked() {
+        let mut table = SlotTable::new();
+        let private = file(1, None).guest_memfd();
+        let shared = file(2, None);
+        let req = SlotRequest::new(0, 0, 4 * P);
+        let slot = table
+            .check_files(limits(1), &[private, shared], req)
+            .unwrap();
+        table.insert_files(slot, &[private, shared], req);
+        // The shared file's range is taken too.
+        let e = table
+            .check_files(limits(1), &[shared], SlotRequest::new(1 << 30, 2 * P, P))
+            .unwrap_err();
+        assert!(matches!(e, BindError::FileRangeOverlap { .. }), "{e}");
+        let other = FileFacts::new(3, Some(VmId::from_raw(9)), 16 * P);
+        let e = table
+            .check_files(
+                limits(1),
+                &[private, other],
+                SlotRequest::new(1 << 30, 8 * P, P),
+            )
+            .unwrap_err();
+        assert!(matches!(e, BindError::ForeignVm { .. }), "{e}");
     }
 
     #[test]

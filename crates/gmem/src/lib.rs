@@ -45,14 +45,14 @@ pub mod range_set;
 
 pub use attributes::{Attribute, AttributeMap};
 pub use backing::{
-    AccessError, BackingError, BackingKind, GmemFlags, HostMapping, MemoryOptions, PunchReport,
-    RestrictedMemory, create_memory,
+    AccessError, AdoptError, AdoptReason, BackingError, BackingKind, GmemFlags, HostMapping,
+    MemoryOptions, PunchReport, RestrictedMemory, create_memory,
 };
-pub use binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable};
+pub use binding::{BindError, FileFacts, MemslotFlags, Slot, SlotRequest, SlotTable, VmLimits};
 pub use convert::{ConversionStats, ConvertError, ConvertReport, Policy};
 pub use error::Error;
 #[cfg(feature = "vm-memory")]
 pub use gate::DeviceMemory;
-pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, Pin};
-pub use kvm::{Binding, KvmError, Vm, VmId, VmType};
+pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, MemoryEvent, Pin};
+pub use kvm::{Binding, KvmError, SlotReservation, Vm, VmId, VmType};
 pub use range::{FileRange, PAGE_SIZE, RangeError};

@@ -21,6 +21,12 @@ use thiserror::Error;
 /// their backing page size is reported separately.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Whether `value` is a multiple of [`PAGE_SIZE`]: the one alignment rule
+/// that ranges, bindings, conversions and sizes share.
+pub fn is_page_aligned(value: u64) -> bool {
+    value.is_multiple_of(PAGE_SIZE)
+}
+
 /// The largest file offset the kernel accepts (`loff_t` is signed).
 pub const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 

@@ -45,10 +45,26 @@ impl FileCore {
         flags: GmemFlags,
         owner: Option<VmId>,
     ) -> Result<FileCore, BackingError> {
+        FileCore::try_new(fd, kind, size, flags, owner).map_err(|(_, e)| e)
+    }
+
+    /// As [`new`](Self::new), but a failure hands the fd back.
+    pub(crate) fn try_new(
+        fd: OwnedFd,
+        kind: BackingKind,
+        size: u64,
+        flags: GmemFlags,
+        owner: Option<VmId>,
+    ) -> Result<FileCore, (OwnedFd, BackingError)> {
         let kvm_map = if flags.contains(GmemFlags::MMAP) || kind != BackingKind::GuestMemfd {
-            let map = Mapping::shared(fd.as_fd(), size)?;
-            guard(&map, kind)?;
-            Some(map)
+            let map = Mapping::shared(fd.as_fd(), size).and_then(|map| {
+                guard(&map, kind)?;
+                Ok(map)
+            });
+            match map {
+                Ok(map) => Some(map),
+                Err(e) => return Err((fd, e)),
+            }
         } else {
             None
         };

@@ -67,6 +67,12 @@ impl GuestMemfd {
     }
 }
 
+impl GuestMemfd {
+    pub(crate) fn from_core(core: FileCore) -> GuestMemfd {
+        GuestMemfd { core }
+    }
+}
+
 impl sealed::Sealed for GuestMemfd {
     fn core(&self) -> &FileCore {
         &self.core

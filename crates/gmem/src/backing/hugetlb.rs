@@ -135,6 +135,12 @@ impl HugetlbMemfd {
     }
 }
 
+impl HugetlbMemfd {
+    pub(crate) fn from_core(core: FileCore) -> HugetlbMemfd {
+        HugetlbMemfd { core }
+    }
+}
+
 impl sealed::Sealed for HugetlbMemfd {
     fn core(&self) -> &FileCore {
         &self.core

@@ -19,6 +19,7 @@
 //!
 //! [`errno`]: BackingError::errno
 
+mod adopt;
 mod create;
 pub(crate) mod file;
 pub mod guest_memfd;
@@ -34,6 +35,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+pub use adopt::{AdoptError, AdoptReason};
 pub use create::create_memory;
 pub use guest_memfd::GuestMemfd;
 pub use hugetlb::{HugePagePool, HugetlbMemfd};

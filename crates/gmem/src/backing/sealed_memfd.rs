@@ -44,6 +44,12 @@ impl SealedMemfd {
     }
 }
 
+impl SealedMemfd {
+    pub(crate) fn from_core(core: FileCore) -> SealedMemfd {
+        SealedMemfd { core }
+    }
+}
+
 impl sealed::Sealed for SealedMemfd {
     fn core(&self) -> &FileCore {
         &self.core

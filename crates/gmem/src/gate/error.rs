@@ -126,6 +126,14 @@ pub enum GateError {
         /// The VM.
         vm: VmId,
     },
+    /// A two-backing slot cannot keep content across a conversion.
+    #[error(
+        "the two-backing slot at GPA {gpa:#x} converts by freeing the side that becomes unused: use Policy::Discard (in place would need a copy, and one copy of each page is the rule)"
+    )]
+    InPlaceOnTwoBackings {
+        /// The slot's GPA.
+        gpa: u64,
+    },
     /// The view budget is zero.
     #[error("view_budget is 0; the view needs at least one window")]
     ZeroBudget,
@@ -172,6 +180,7 @@ impl GateError {
             | GateError::PartialHugePage { .. }
             | GateError::ForeignBinding { .. }
             | GateError::NoBindings
+            | GateError::InPlaceOnTwoBackings { .. }
             | GateError::ZeroBudget => libc::EINVAL,
             GateError::ViewBudget { .. } => libc::ENOMEM,
             GateError::NotShareable { .. } => libc::EOPNOTSUPP,

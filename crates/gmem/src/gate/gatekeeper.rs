@@ -5,16 +5,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::error::GateError;
+use super::event::MemoryEvent;
 use super::kernel::{self, KernelAttributes, VmAttributes, kernel_attributes_supported};
 use super::options::GateOptions;
 use super::pin::{Pin, PinHolder};
 use super::region::Region;
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::mapping::{copy_from_guest, copy_to_guest};
-use crate::backing::{BackingError, PunchReport};
+use crate::backing::{BackingError, PunchReport, RestrictedMemory};
 use crate::convert::{ConversionStats, ConvertError, ConvertReport, Policy, validate_range};
 use crate::kvm::Vm;
 use crate::kvm::vm::Binding;
@@ -31,9 +33,20 @@ struct State {
     pins: BTreeMap<u64, Range<u64>>,
     next_pin: u64,
     stats: ConversionStats,
+    /// Where events go; closed receivers are dropped on the next event.
+    subscribers: Vec<Sender<MemoryEvent>>,
 }
 
 impl State {
+    fn notify(&mut self, events: impl Iterator<Item = MemoryEvent>) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        for event in events {
+            self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+        }
+    }
+
     fn pinned(&self, range: &Range<u64>) -> Option<Range<u64>> {
         self.pins
             .values()
@@ -170,6 +183,11 @@ impl Gatekeeper {
             regions.push(Region::new(vm, b)?);
         }
         regions.sort_by_key(|r| r.gpa);
+        if opts.policy == Policy::InPlace
+            && let Some(r) = regions.iter().find(|r| r.private.is_some())
+        {
+            return Err(GateError::InPlaceOnTwoBackings { gpa: r.gpa });
+        }
         if let Some(w) = regions.windows(2).find(|w| w[0].end() > w[1].gpa) {
             return Err(GateError::Overlap {
                 gpa: w[0].gpa,
@@ -278,6 +296,37 @@ impl Gatekeeper {
     /// The private runs, in GPA order.
     pub fn private_runs(&self) -> Vec<Range<u64>> {
         self.read_state().attrs.private_runs().collect()
+    }
+
+    /// The runs of `[gpa, gpa + len)`, each with its attribute, in order.
+    ///
+    /// # Errors
+    /// [`GateError::OutsideMemory`] unless all of it is bound memory.
+    pub fn runs(&self, gpa: u64, len: u64) -> Result<Vec<(Range<u64>, Attribute)>, GateError> {
+        let end = self.covered(gpa, len)?;
+        let st = self.read_state();
+        let mut out = Vec::new();
+        let mut pos = gpa;
+        for run in st.attrs.private_runs_in(gpa..end) {
+            if run.start > pos {
+                out.push((pos..run.start, Attribute::Shared));
+            }
+            pos = run.end;
+            out.push((run, Attribute::Private));
+        }
+        if end > pos {
+            out.push((pos..end, Attribute::Shared));
+        }
+        Ok(out)
+    }
+
+    /// Subscribes to what happens to guest memory: every run that changes
+    /// sides and every discard, sent once the change is complete, in order.
+    /// The channel is unbounded; drop the receiver to unsubscribe.
+    pub fn subscribe(&self) -> Receiver<MemoryEvent> {
+        let (tx, rx) = channel();
+        self.write_state().subscribers.push(tx);
+        rx
     }
 
     /// A copy of the attribute map.
@@ -467,13 +516,14 @@ impl Gatekeeper {
             return Err(ConvertError::Pinned { gpa, len, pin });
         }
         let report = self
-            .punch(std::slice::from_ref(&range))
+            .punch(std::slice::from_ref(&range), None)
             .map_err(|(source, done)| ConvertError::Backing {
                 gpa,
                 len,
                 discarded: done,
                 source,
             })?;
+        st.notify(std::iter::once(MemoryEvent::Discarded { range }));
         st.stats.discards += 1;
         st.stats.bytes_freed += report.bytes_freed;
         st.stats.bytes_zeroed += report.bytes_zeroed;
@@ -539,7 +589,7 @@ impl Gatekeeper {
         // 4. The punch, last.
         let mut punched = PunchReport::default();
         if policy == Policy::Discard && !changing.is_empty() {
-            match self.punch(&changing) {
+            match self.punch(&changing, Some(to)) {
                 Ok(report) => punched = report,
                 Err((source, done)) => {
                     st.attrs.set(range.clone(), Attribute::Shared);
@@ -559,6 +609,10 @@ impl Gatekeeper {
                 }
             }
         }
+        st.notify(changing.iter().map(|range| MemoryEvent::Converted {
+            range: range.clone(),
+            to,
+        }));
         let report = ConvertReport {
             to,
             changed_bytes,
@@ -582,9 +636,15 @@ impl Gatekeeper {
         Ok(report)
     }
 
-    /// Punches `ranges` (guest memory) in their files. On failure, the
-    /// backing's error and the bytes already punched.
-    fn punch(&self, ranges: &[Range<u64>]) -> Result<PunchReport, (BackingError, u64)> {
+    /// Punches `ranges` (guest memory) in the files whose pages `to` leaves
+    /// unused (both sides of a two-backing slot if `to` is `None`, an
+    /// explicit discard). On failure, the backing's error and the bytes
+    /// already punched.
+    fn punch(
+        &self,
+        ranges: &[Range<u64>],
+        to: Option<Attribute>,
+    ) -> Result<PunchReport, (BackingError, u64)> {
         let mut report = PunchReport::default();
         let mut result = Ok(());
         for range in ranges {
@@ -600,11 +660,22 @@ impl Gatekeeper {
                     ));
                     return;
                 }
-                let file = FileRange::new(r.file_off(part.start), part.end - part.start)
-                    .map_err(BackingError::from);
-                match file.and_then(|f| r.memory.punch_hole(f)) {
-                    Ok(done) => report += done,
-                    Err(e) => result = Err(e),
+                let files: Vec<&Arc<dyn RestrictedMemory>> = match to {
+                    Some(to) => vec![r.unused_side(to)],
+                    None => std::iter::once(&r.memory)
+                        .chain(r.private.as_ref())
+                        .collect(),
+                };
+                for file in files {
+                    let range = FileRange::new(r.file_off(part.start), part.end - part.start)
+                        .map_err(BackingError::from);
+                    match range.and_then(|f| file.punch_hole(f)) {
+                        Ok(done) => report += done,
+                        Err(e) => {
+                            result = Err(e);
+                            return;
+                        }
+                    }
                 }
             });
         }

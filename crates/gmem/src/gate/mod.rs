@@ -63,6 +63,7 @@
 //! conversion, never a mix.
 
 mod error;
+mod event;
 mod gatekeeper;
 mod kernel;
 mod options;
@@ -72,6 +73,7 @@ mod region;
 mod vm_memory;
 
 pub use error::GateError;
+pub use event::MemoryEvent;
 pub use gatekeeper::Gatekeeper;
 pub use kernel::{attributes_request, kernel_attributes_supported};
 pub use options::{DEFAULT_VIEW_BUDGET, GateOptions, view_mechanism};

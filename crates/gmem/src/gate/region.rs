@@ -32,7 +32,10 @@ pub(super) struct Region {
     pub(super) granule: u64,
     /// The file's own mapping (KVM's `userspace_addr` for offset 0).
     pub(super) file_base: *mut u8,
+    /// The file host code reaches (the shared side of a two-backing slot).
     pub(super) memory: Arc<dyn RestrictedMemory>,
+    /// The private side of a two-backing slot: never mapped by gmem.
+    pub(super) private: Option<Arc<dyn RestrictedMemory>>,
     pub(super) binding: Binding,
 }
 
@@ -61,6 +64,19 @@ impl Region {
         // In bounds: the file mapping covers the whole file, and the region
         // lies inside it.
         self.file_base.wrapping_add(self.file_off(gpa) as usize)
+    }
+
+    /// The file a punch of pages becoming `to` frees: the side that becomes
+    /// unused on a two-backing slot (the guest_memfd going shared, the
+    /// shared file going private), the one file otherwise.
+    pub(super) fn unused_side(
+        &self,
+        to: crate::attributes::Attribute,
+    ) -> &Arc<dyn RestrictedMemory> {
+        match (&self.private, to) {
+            (Some(private), crate::attributes::Attribute::Shared) => private,
+            _ => &self.memory,
+        }
     }
 
     /// The view at `gpa`, which must lie in the region.
@@ -122,6 +138,7 @@ impl Region {
             });
         }
         let memory = Arc::clone(binding.memory());
+        let private = binding.private_memory().cloned();
         let flags = memory.flags();
         let core = memory.core();
         let file_base = match core.kvm_map() {
@@ -151,6 +168,7 @@ impl Region {
             granule,
             file_base,
             memory,
+            private,
             binding,
         })
     }

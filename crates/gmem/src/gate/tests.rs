@@ -641,3 +641,146 @@ mod device_memory {
         assert_eq!(mem.pinned(), 0);
     }
 }
+
+fn populated_bytes(m: &dyn RestrictedMemory) -> u64 {
+    m.populated().unwrap().iter().map(|r| r.end - r.start).sum()
+}
+
+/// The two-backing layout (Cloud Hypervisor's SEV-SNP memory manager,
+/// QEMU): a flags-0 guest_memfd private side and a memfd shared side in one
+/// slot. Each conversion frees the side that becomes unused, so the two
+/// files together hold one copy of every page, as the kernel counts it
+/// (cachestat, exact on both).
+#[test]
+fn a_two_backing_slot_keeps_one_copy_of_every_page() {
+    let Some(vm) = vm("two backings") else {
+        return;
+    };
+    let size = 4u64 << 20;
+    let private = create_memory(
+        MemoryOptions::new(BackingKind::GuestMemfd, size).with_flags(crate::GmemFlags::empty()),
+        Some(&vm),
+    )
+    .unwrap();
+    let shared = create_memory(MemoryOptions::new(BackingKind::Memfd, size), Some(&vm)).unwrap();
+    // The layout's rules: a mappable private side is refused.
+    let mappable =
+        create_memory(MemoryOptions::new(BackingKind::GuestMemfd, size), Some(&vm)).unwrap();
+    let e = vm
+        .bind_two(&mappable, &shared, SlotRequest::new(0, 0, size))
+        .unwrap_err();
+    assert!(e.to_string().contains("without MMAP"), "{e}");
+    let binding = vm
+        .bind_two(&private, &shared, SlotRequest::new(0, 0, size))
+        .unwrap();
+    assert!(binding.private_memory().is_some());
+    let e = Gatekeeper::new(
+        &vm,
+        Vec::new(),
+        GateOptions::new(Attribute::Private, Policy::InPlace),
+    );
+    assert!(matches!(e, Err(GateError::NoBindings)));
+    let gate = Gatekeeper::new(
+        &vm,
+        vec![binding],
+        GateOptions::new(Attribute::Private, Policy::Discard),
+    )
+    .unwrap();
+    let events = gate.subscribe();
+    // The guest's private memory, as the kernel faults it in.
+    private.allocate(FileRange::new(0, size).unwrap()).unwrap();
+    let total = |what: &str| {
+        let (p, s) = (populated_bytes(&*private), populated_bytes(&*shared));
+        assert_eq!(
+            p + s,
+            size,
+            "{what}: private side {p:#x} + shared side {s:#x}"
+        );
+        (p, s)
+    };
+    assert_eq!(total("launch"), (size, 0));
+    // Half to shared: the private copies are freed; devices fill the shared side.
+    gate.convert(0, size / 2, Attribute::Shared).unwrap();
+    gate.fill(0, size / 2, 0x5a).unwrap();
+    assert_eq!(total("half shared"), (size / 2, size / 2));
+    assert_eq!(
+        events.try_recv().unwrap(),
+        MemoryEvent::Converted {
+            range: 0..size / 2,
+            to: Attribute::Shared
+        }
+    );
+    // Back to private: the shared copies are freed; the kernel faults the
+    // private side in again (here: as the guest touches it).
+    gate.convert(0, size / 2, Attribute::Private).unwrap();
+    assert_eq!(
+        populated_bytes(&*shared),
+        0,
+        "the shared side was not freed"
+    );
+    private
+        .allocate(FileRange::new(0, size / 2).unwrap())
+        .unwrap();
+    assert_eq!(total("all private again"), (size, 0));
+    // An explicit discard frees both sides.
+    gate.convert(0, P, Attribute::Shared).unwrap();
+    gate.write(0, b"x").unwrap();
+    gate.discard(0, 2 * P).unwrap();
+    assert_eq!(populated_bytes(&*private), size - 2 * P);
+    assert_eq!(populated_bytes(&*shared), 0);
+    let events: Vec<MemoryEvent> = events.try_iter().collect();
+    assert_eq!(
+        events.last(),
+        Some(&MemoryEvent::Discarded { range: 0..2 * P })
+    );
+    // The private side has no host path at all: the shared side is what
+    // host code reaches, and only where shared.
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        gate.read(2 * P, &mut b),
+        Err(GateError::Private { .. })
+    ));
+}
+
+#[test]
+fn runs_and_events_describe_what_changed() {
+    let Some(f) = fixture(BackingKind::Memfd, 2 << 20, GateOptions::default()) else {
+        return;
+    };
+    let events = f.gate.subscribe();
+    f.gate.convert(P, 2 * P, Attribute::Private).unwrap();
+    // Converting a range that is partly private already reports only what
+    // changed sides.
+    f.gate.convert(0, 4 * P, Attribute::Private).unwrap();
+    assert_eq!(
+        f.gate.runs(0, 5 * P).unwrap(),
+        vec![
+            (0..4 * P, Attribute::Private),
+            (4 * P..5 * P, Attribute::Shared)
+        ]
+    );
+    let got: Vec<MemoryEvent> = events.try_iter().collect();
+    assert_eq!(
+        got,
+        vec![
+            MemoryEvent::Converted {
+                range: P..3 * P,
+                to: Attribute::Private
+            },
+            MemoryEvent::Converted {
+                range: 0..P,
+                to: Attribute::Private
+            },
+            MemoryEvent::Converted {
+                range: 3 * P..4 * P,
+                to: Attribute::Private
+            },
+        ]
+    );
+    assert!(matches!(
+        f.gate.runs(0, 4 << 20),
+        Err(GateError::OutsideMemory { .. })
+    ));
+    drop(events);
+    f.gate.convert(0, P, Attribute::Shared).unwrap(); // no receiver: no error
+}

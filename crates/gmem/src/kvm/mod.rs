@@ -11,4 +11,4 @@ pub(crate) mod vm;
 
 pub use caps::{KvmCaps, VmTypeCaps};
 pub use id::VmId;
-pub use vm::{Binding, KvmError, Vm, VmType, WeakVm};
+pub use vm::{Binding, KvmError, SlotReservation, Vm, VmType, WeakVm};

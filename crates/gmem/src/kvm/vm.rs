@@ -3,6 +3,7 @@
 //! [`Binding`]), checked by the pure rules of [`crate::binding`].
 
 use std::fmt;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_userspace_memory_region2};
@@ -12,7 +13,7 @@ use thiserror::Error;
 pub use super::id::VmId;
 use super::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 use crate::backing::{BackingKind, RestrictedMemory};
-use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable};
+use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable, VmLimits};
 
 /// The x86 VM types of `KVM_CAP_VM_TYPES` (spec §1.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,12 @@ pub enum KvmError {
         "cannot open /dev/kvm (is the kvm module loaded, and may this user read and write /dev/kvm?)"
     )]
     Open(#[source] kvm_ioctls::Error),
+    /// An fd offered as a VM is not one.
+    #[error("the fd is {is:?}, not a KVM VM (anon_inode:kvm-vm)")]
+    NotAVm {
+        /// What `/proc/self/fd` says it is.
+        is: String,
+    },
     /// `KVM_CREATE_VM` failed.
     #[error("KVM_CREATE_VM for VM type {vm_type} failed")]
     CreateVm {
@@ -88,6 +95,7 @@ impl KvmError {
     pub fn errno(&self) -> i32 {
         match self {
             KvmError::Open(e) | KvmError::CreateVm { source: e, .. } => e.errno(),
+            KvmError::NotAVm { .. } => libc::EINVAL,
         }
     }
 }
@@ -112,6 +120,7 @@ struct VmCaps {
     guest_memfd: OnceLock<bool>,
     memory_attributes: OnceLock<u64>,
     max_slots: OnceLock<u32>,
+    address_spaces: OnceLock<u16>,
 }
 
 #[expect(
@@ -123,6 +132,7 @@ const NO_CAPS: VmCaps = VmCaps {
     guest_memfd: OnceLock::new(),
     memory_attributes: OnceLock::new(),
     max_slots: OnceLock::new(),
+    address_spaces: OnceLock::new(),
 };
 
 /// Per VM type, in `VmType::raw` order.
@@ -183,7 +193,60 @@ impl Vm {
             vm_type: vm_type.name(),
             source,
         })?;
-        Ok(Vm {
+        Ok(Vm::wrap(kvm, fd, vm_type))
+    }
+
+    /// Adopts a VM the VMM created itself (its own `KVM_CREATE_VM`) of
+    /// `vm_type` (the kernel does not reveal a VM's type: pass the one it
+    /// was created with). gmem then binds memory into it beside the VMM's
+    /// own memslots; declare those with [`Vm::reserve_slot`], so that an id
+    /// or GPA clash is refused instead of overwriting them.
+    ///
+    /// ```
+    /// use gmem::{Vm, VmType};
+    ///
+    /// let Ok(kvm) = kvm_ioctls::Kvm::new() else { return Ok(()) }; // no /dev/kvm
+    /// let fd = kvm.create_vm().expect("KVM_CREATE_VM");
+    /// let vm = Vm::from_vm_fd(fd, VmType::Default)?;
+    /// assert!(vm.max_slots() > 0);
+    /// # Ok::<(), gmem::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvmError::Open`] if `/dev/kvm` (for the system capabilities) cannot
+    /// be opened.
+    pub fn from_vm_fd(fd: VmFd, vm_type: VmType) -> Result<Vm, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        Ok(Vm::wrap(kvm, fd, vm_type))
+    }
+
+    /// Adopts a VM fd held as an [`OwnedFd`], checking first that it is a
+    /// KVM VM (`anon_inode:kvm-vm`).
+    ///
+    /// # Errors
+    /// [`KvmError::NotAVm`] naming what the fd is (the fd is closed then,
+    /// nothing else is touched); [`KvmError::Open`] as [`Vm::from_vm_fd`].
+    pub fn from_owned_fd(fd: OwnedFd, vm_type: VmType) -> Result<Vm, KvmError> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if link != "anon_inode:kvm-vm" {
+            return Err(KvmError::NotAVm { is: link });
+        }
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        // The vCPU mmap size is what create_vmfd_from_rawfd asks first; if it
+        // fails there, the fd would leak, so ask here while the fd is owned.
+        kvm.get_vcpu_mmap_size().map_err(KvmError::Open)?;
+        // SAFETY: the raw fd comes out of an OwnedFd this call owns, so
+        // nothing else owns or closes it, and it is a KVM VM fd (checked
+        // above); the VmFd owns it from here on.
+        let vm_fd =
+            unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }.map_err(KvmError::Open)?;
+        Ok(Vm::wrap(kvm, vm_fd, vm_type))
+    }
+
+    fn wrap(kvm: Kvm, fd: VmFd, vm_type: VmType) -> Vm {
+        Vm {
             inner: Arc::new(VmInner {
                 id: VmId::next(),
                 fd,
@@ -192,7 +255,7 @@ impl Vm {
                 gated: Default::default(),
                 kvm,
             }),
-        })
+        }
     }
 
     /// This VM's process-unique id.
@@ -235,9 +298,20 @@ impl Vm {
             .get_or_init(|| inner.cap(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES))
     }
 
-    /// How many memslots the VM has (`KVM_CAP_NR_MEMSLOTS`).
+    /// How many memslots the VM has per address space (`KVM_CAP_NR_MEMSLOTS`).
     pub fn max_slots(&self) -> u32 {
         self.inner.max_slots()
+    }
+
+    /// How many address spaces the VM has (`KVM_CAP_MULTI_ADDRESS_SPACE`;
+    /// 2 on x86 with SMM, else 1).
+    pub fn address_spaces(&self) -> u16 {
+        let inner = &self.inner;
+        *inner.caps().address_spaces.get_or_init(|| {
+            u16::try_from(inner.cap(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE))
+                .unwrap_or(1)
+                .max(1)
+        })
     }
 
     /// The VM fd, for ioctls gmem does not wrap (vCPU creation, for example).
@@ -257,12 +331,17 @@ impl Vm {
     }
 }
 
+/// How many times `KVM_CREATE_VM` is tried while it fails with `EINTR`.
+const CREATE_VM_TRIES: u32 = 64;
+
 /// `KVM_CREATE_VM` can fail with EINTR while the kernel tears down an earlier
-/// VM's MMU (QEMU and Firecracker retry it the same way); retry only that.
+/// VM's MMU (QEMU and Firecracker retry it the same way); retry only that,
+/// and a bounded number of times.
 fn create_vm_retrying(kvm: &Kvm, vm_type: u64) -> Result<VmFd, kvm_ioctls::Error> {
+    let mut tries = 1;
     loop {
         match kvm.create_vm_with_type(vm_type) {
-            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == libc::EINTR && tries < CREATE_VM_TRIES => tries += 1,
             other => return other,
         }
     }
@@ -279,30 +358,69 @@ impl WeakVm {
     }
 }
 
+/// The files of a binding: the one whose mapping is KVM's `userspace_addr`
+/// (the host side), and the guest_memfd KVM backs private memory with, if
+/// it is another file (the two-backing layout of SEV-SNP and TDX VMMs).
+#[derive(Clone)]
+struct Files {
+    host: Arc<dyn RestrictedMemory>,
+    private: Option<Arc<dyn RestrictedMemory>>,
+}
+
+impl Files {
+    /// The guest_memfd of the slot, if any.
+    fn guest_memfd(&self) -> Option<&Arc<dyn RestrictedMemory>> {
+        self.private
+            .as_ref()
+            .or(Some(&self.host).filter(|m| m.kind() == BackingKind::GuestMemfd))
+    }
+
+    fn facts(&self) -> Vec<FileFacts> {
+        match &self.private {
+            Some(p) => vec![FileFacts::of(p), FileFacts::of(&self.host)],
+            None => vec![FileFacts::of(&self.host)],
+        }
+    }
+
+    /// Records `vm` as the owner of every file; the owner of one that is
+    /// another VM's.
+    fn claim(&self, vm: VmId) -> Result<(), VmId> {
+        if let Some(p) = &self.private {
+            p.claim(vm)?;
+        }
+        self.host.claim(vm)
+    }
+}
+
 /// Builds the memslot for a binding (size 0 deletes it).
-fn region(
-    memory: &Arc<dyn RestrictedMemory>,
+fn memslot(
+    files: Option<&Files>,
+    address_space: u16,
     slot: Slot,
-    gpa: u64,
-    offset: u64,
+    req: &SlotRequest,
     len: u64,
 ) -> kvm_userspace_memory_region2 {
-    let base = memory.kvm_userspace_addr();
-    let is_gmem = memory.kind() == BackingKind::GuestMemfd;
-    kvm_userspace_memory_region2 {
-        slot: u32::from(slot.0),
-        flags: if is_gmem { KVM_MEM_GUEST_MEMFD } else { 0 },
-        guest_phys_addr: gpa,
-        memory_size: len,
-        // KVM's own accesses go through userspace_addr even on gmem slots, so
-        // it is the file's own mapping (spec §3.6), or 0 if it has none.
-        userspace_addr: if base == 0 { 0 } else { base + offset },
-        guest_memfd_offset: if is_gmem { offset } else { 0 },
-        guest_memfd: if is_gmem {
-            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&memory.core().fd())).unwrap_or(u32::MAX)
+    let offset = req.offset;
+    let gmem = files.and_then(Files::guest_memfd);
+    let base = files.map_or(0, |f| f.host.kvm_userspace_addr());
+    let flags = req.flags.bits()
+        | if gmem.is_some() {
+            KVM_MEM_GUEST_MEMFD
         } else {
             0
-        },
+        };
+    kvm_userspace_memory_region2 {
+        slot: SlotRequest::kvm_slot(address_space, slot),
+        flags,
+        guest_phys_addr: req.guest_phys_addr,
+        memory_size: len,
+        // KVM's own accesses go through userspace_addr even on gmem slots, so
+        // it is the host side's own mapping (spec §3.6), or 0 if it has none.
+        userspace_addr: if base == 0 { 0 } else { base + offset },
+        guest_memfd_offset: if gmem.is_some() { offset } else { 0 },
+        guest_memfd: gmem.map_or(0, |m| {
+            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&m.core().fd())).unwrap_or(u32::MAX)
+        }),
         pad1: 0,
         pad2: [0; 14],
     }
@@ -311,22 +429,22 @@ fn region(
 /// A bound slot. Dropping it deletes the slot.
 pub struct Binding {
     vm: Arc<VmInner>,
-    memory: Arc<dyn RestrictedMemory>,
+    files: Files,
     slot: Slot,
-    gpa: u64,
-    offset: u64,
-    len: u64,
+    req: SlotRequest,
 }
 
 impl fmt::Debug for Binding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Binding")
             .field("vm", &self.vm.id)
+            .field("address_space", &self.req.address_space)
             .field("slot", &self.slot)
-            .field("gpa", &format_args!("{:#x}", self.gpa))
-            .field("offset", &format_args!("{:#x}", self.offset))
-            .field("len", &format_args!("{:#x}", self.len))
-            .field("kind", &self.memory.kind())
+            .field("gpa", &format_args!("{:#x}", self.req.guest_phys_addr))
+            .field("offset", &format_args!("{:#x}", self.req.offset))
+            .field("len", &format_args!("{:#x}", self.req.len))
+            .field("kind", &self.files.host.kind())
+            .field("private_side", &self.files.private.is_some())
             .finish()
     }
 }
@@ -337,19 +455,24 @@ impl Binding {
         self.slot
     }
 
-    /// The guest physical address of the range.
-    pub fn guest_phys_addr(&self) -> u64 {
-        self.gpa
+    /// The address space of the slot.
+    pub fn address_space(&self) -> u16 {
+        self.req.address_space
     }
 
-    /// The file offset of the range.
+    /// The guest physical address of the range.
+    pub fn guest_phys_addr(&self) -> u64 {
+        self.req.guest_phys_addr
+    }
+
+    /// The file offset of the range (in both files of a two-backing slot).
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.req.offset
     }
 
     /// The length in bytes.
     pub fn len(&self) -> u64 {
-        self.len
+        self.req.len
     }
 
     /// Always false: bindings are never empty.
@@ -357,46 +480,121 @@ impl Binding {
         false
     }
 
+    /// The memslot flags asked for (gmem adds `KVM_MEM_GUEST_MEMFD`).
+    pub fn flags(&self) -> crate::binding::MemslotFlags {
+        self.req.flags
+    }
+
     /// The VM the slot is in.
     pub fn vm_id(&self) -> VmId {
         self.vm.id
     }
 
-    /// The bound file.
+    /// The file at KVM's `userspace_addr`: the bound file, or the shared
+    /// side of a two-backing slot.
     pub fn memory(&self) -> &Arc<dyn RestrictedMemory> {
-        &self.memory
+        &self.files.host
+    }
+
+    /// The private side of a two-backing slot ([`Vm::bind_two`]): the
+    /// guest_memfd KVM backs private memory with.
+    pub fn private_memory(&self) -> Option<&Arc<dyn RestrictedMemory>> {
+        self.files.private.as_ref()
     }
 }
 
 impl Drop for Binding {
     fn drop(&mut self) {
         let mut table = self.vm.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let delete = region(&self.memory, self.slot, self.gpa, self.offset, 0);
+        let delete = memslot(
+            Some(&self.files),
+            self.req.address_space,
+            self.slot,
+            &self.req,
+            0,
+        );
         // SAFETY: deleting a slot this Binding created; no memory is handed to
         // KVM by a delete.
         let result = unsafe { self.vm.fd.set_user_memory_region2(delete) };
         if result.is_ok() {
-            table.remove(self.slot);
+            table.remove_in(self.req.address_space, self.slot);
         } else {
-            // KVM may still use the file's mapping: keep the file (and so the
+            // KVM may still use the file's mapping: keep the files (and so the
             // mapping) alive for the life of the process rather than unmap
             // memory a live slot points at.
-            std::mem::forget(Arc::clone(&self.memory));
+            std::mem::forget(self.files.clone());
         }
     }
 }
 
+/// A memslot the VMM created itself, recorded so that gmem's bindings never
+/// reuse its id or overlap its GPA range ([`Vm::reserve_slot`]). Dropping it
+/// forgets the slot (the VMM deletes its slot itself).
+pub struct SlotReservation {
+    vm: Arc<VmInner>,
+    address_space: u16,
+    slot: Slot,
+}
+
+impl fmt::Debug for SlotReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotReservation")
+            .field("vm", &self.vm.id)
+            .field("address_space", &self.address_space)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl SlotReservation {
+    /// The reserved slot id.
+    pub fn slot(&self) -> Slot {
+        self.slot
+    }
+}
+
+impl Drop for SlotReservation {
+    fn drop(&mut self) {
+        let mut table = self.vm.slots.lock().unwrap_or_else(|e| e.into_inner());
+        table.remove_in(self.address_space, self.slot);
+    }
+}
+
 impl Vm {
+    /// The limits the binding rules check against.
+    pub fn limits(&self) -> VmLimits {
+        VmLimits {
+            vm: self.inner.id,
+            max_slots: self.inner.max_slots(),
+            address_spaces: self.address_spaces(),
+        }
+    }
+
     /// Binds a range of `memory` into this VM (`KVM_SET_USER_MEMORY_REGION2`,
     /// with `KVM_MEM_GUEST_MEMFD` on guest_memfd).
     ///
     /// A file that belongs to no VM yet (a memfd created without one) belongs
     /// to this VM from its first successful binding on.
     ///
+    /// ```
+    /// use gmem::{BackingKind, MemoryOptions, SlotRequest, Vm, create_memory};
+    ///
+    /// let Ok(vm) = Vm::new() else { return Ok(()) }; // no /dev/kvm here
+    /// let mem = create_memory(MemoryOptions::new(BackingKind::Memfd, 4 << 20), Some(&vm))?;
+    /// let low = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;
+    /// // The same file range twice is refused, with the kernel's errno.
+    /// let e = vm.bind(&mem, SlotRequest::new(1 << 30, 0, 2 << 20)).unwrap_err();
+    /// assert_eq!(e.errno(), libc::EINVAL);
+    /// drop(low); // deletes the slot
+    /// # Ok::<(), gmem::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// In the kernel's order (spec §3.1), each leaving the VM unchanged:
-    /// - `EINVAL`: [`BindError::Empty`], [`BindError::Unaligned`],
-    ///   [`BindError::OffsetWraps`], [`BindError::InvalidSlot`],
+    /// - `EINVAL`: [`BindError::UnknownFlags`],
+    ///   [`BindError::FlagsWithGuestMemfd`], [`BindError::Empty`],
+    ///   [`BindError::Unaligned`], [`BindError::OffsetWraps`],
+    ///   [`BindError::InvalidAddressSpace`], [`BindError::InvalidSlot`],
     ///   [`BindError::GpaWraps`], [`BindError::TooLarge`],
     ///   [`BindError::SlotInUse`];
     /// - `EEXIST`: [`BindError::GpaOverlap`];
@@ -409,41 +607,120 @@ impl Vm {
         memory: &Arc<dyn RestrictedMemory>,
         req: SlotRequest,
     ) -> Result<Binding, BindError> {
+        self.bind_files(
+            Files {
+                host: Arc::clone(memory),
+                private: None,
+            },
+            req,
+        )
+    }
+
+    /// Binds a slot of the two-backing layout that SEV-SNP and TDX VMMs use
+    /// (Cloud Hypervisor, QEMU): `private`, a guest_memfd KVM backs private
+    /// memory with (created without `MMAP`, never mappable), and `shared`, a
+    /// memfd or hugetlb memfd at `userspace_addr` for shared memory, both at
+    /// file offset `req.offset`. A [`Gatekeeper`](crate::Gatekeeper) over
+    /// the binding frees the side a conversion leaves unused.
+    ///
+    /// # Errors
+    /// As [`bind`](Self::bind), for both files; and [`BindError::NotTwoSided`]
+    /// unless `private` is a guest_memfd without `MMAP` and `shared` a
+    /// mappable file of another backing.
+    pub fn bind_two(
+        &self,
+        private: &Arc<dyn RestrictedMemory>,
+        shared: &Arc<dyn RestrictedMemory>,
+        req: SlotRequest,
+    ) -> Result<Binding, BindError> {
+        let rule = if private.kind() != BackingKind::GuestMemfd {
+            Some("the private side must be a guest_memfd")
+        } else if private.flags().contains(crate::backing::GmemFlags::MMAP) {
+            Some("the private side must be created without MMAP: it is never mapped")
+        } else if shared.kind() == BackingKind::GuestMemfd {
+            Some("the shared side must be a memfd or hugetlb memfd")
+        } else if !shared.flags().contains(crate::backing::GmemFlags::MMAP) {
+            Some("the shared side must be mappable (MMAP)")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            return Err(BindError::NotTwoSided {
+                private: private.kind(),
+                shared: shared.kind(),
+                rule,
+            });
+        }
+        self.bind_files(
+            Files {
+                host: Arc::clone(shared),
+                private: Some(Arc::clone(private)),
+            },
+            req,
+        )
+    }
+
+    /// Records a memslot the VMM created itself (`req` as it created it), so
+    /// that gmem's bindings neither reuse its id nor overlap its GPA range:
+    /// a clash is a typed error, never an overwrite of the VMM's slot.
+    ///
+    /// # Errors
+    /// The binding rules that concern slots: [`BindError::InvalidSlot`],
+    /// [`BindError::InvalidAddressSpace`], [`BindError::SlotInUse`],
+    /// [`BindError::GpaOverlap`], and the size rules. `req.slot` must be set
+    /// (the VMM chose it): [`BindError::InvalidSlot`] otherwise.
+    pub fn reserve_slot(&self, req: SlotRequest) -> Result<SlotReservation, BindError> {
         let vm = &self.inner;
         let mut table = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let file = FileFacts::of(memory);
-        let slot = table.check(vm.id, vm.max_slots(), file, req)?;
-        let SlotRequest {
-            guest_phys_addr: gpa,
-            offset,
-            len,
-            ..
-        } = req;
-        let create = region(memory, slot, gpa, offset, len);
-        // SAFETY: userspace_addr is the file's own mapping (or 0), which the
-        // file owns and unmaps only on drop; the Binding returned below holds
-        // the file until it has deleted this slot. `check` established that the
-        // range is aligned, inside the file, overlaps no other slot's GPA range
-        // and no other binding of the file, and that the file is this VM's.
+        let max = vm.max_slots();
+        if req.slot.is_none() {
+            return Err(BindError::InvalidSlot {
+                slot: Slot(u16::MAX),
+                max,
+            });
+        }
+        let slot = table.check_files(self.limits(), &[], req)?;
+        table.insert_files(slot, &[], req);
+        Ok(SlotReservation {
+            vm: Arc::clone(vm),
+            address_space: req.address_space,
+            slot,
+        })
+    }
+
+    fn bind_files(&self, files: Files, req: SlotRequest) -> Result<Binding, BindError> {
+        let vm = &self.inner;
+        let limits = self.limits();
+        let mut table = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let facts = files.facts();
+        let slot = table.check_files(limits, &facts, req)?;
+        let create = memslot(Some(&files), req.address_space, slot, &req, req.len);
+        // SAFETY: userspace_addr is the host side's own mapping (or 0), which
+        // the file owns and unmaps only on drop; the Binding returned below
+        // holds the files until it has deleted this slot. `check_files`
+        // established that the range is aligned, inside every file, overlaps
+        // no other slot's GPA range and no other binding of the files, that
+        // the flags are allowed, and that the files are this VM's.
         unsafe { vm.fd.set_user_memory_region2(create) }
             .map_err(|source| BindError::Kvm { slot, source })?;
-        if let Err(owner) = memory.claim(vm.id) {
+        if let Err(owner) = files.claim(vm.id) {
             // Lost a race with another VM's first binding: undo ours.
-            let delete = region(memory, slot, gpa, offset, 0);
+            let delete = memslot(Some(&files), req.address_space, slot, &req, 0);
             // SAFETY: deleting the slot created just above.
             if unsafe { vm.fd.set_user_memory_region2(delete) }.is_err() {
-                std::mem::forget(Arc::clone(memory));
+                std::mem::forget(files.clone());
             }
             return Err(BindError::ForeignVm { vm: vm.id, owner });
         }
-        table.insert(slot, file, req);
+        table.insert_files(slot, &facts, req);
         Ok(Binding {
             vm: Arc::clone(vm),
-            memory: Arc::clone(memory),
+            files,
             slot,
-            gpa,
-            offset,
-            len,
+            req: SlotRequest {
+                slot: Some(slot),
+                ..req
+            },
         })
     }
 }

@@ -1,0 +1,292 @@
+//! Adopting files a VMM made itself: a guest_memfd from its own
+//! `KVM_CREATE_GUEST_MEMFD`, a memfd or hugetlb memfd it sealed. Each file is
+//! checked before gmem takes it over (what it is, its size, its seals, its
+//! flags); a refusal hands the fd back in the error, untouched.
+//!
+//! The [`RestrictedMemory`](super::RestrictedMemory) trait stays sealed:
+//! adoption goes through these constructors, which make the same
+//! [`GuestMemfd`], [`SealedMemfd`] and [`HugetlbMemfd`] the conformance suite
+//! certifies, so every file behind the trait still behaves as the kernel
+//! does. A trait open to any implementor could not promise that (nor the
+//! pointers and lengths the gatekeeper's unsafe code relies on).
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::SealFlags;
+use thiserror::Error;
+
+use super::file::FileCore;
+use super::guest_memfd::GuestMemfd;
+use super::hugetlb::HugetlbMemfd;
+use super::memfd::SUPPORTED_FLAGS;
+use super::sealed_memfd::SealedMemfd;
+use super::{BackingKind, GmemFlags, validate_create};
+use crate::kvm::Vm;
+
+/// `HUGETLBFS_MAGIC` from `<linux/magic.h>` (the libc crate lacks it).
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Why a file was not adopted. The fd comes back with it.
+#[derive(Debug, Error)]
+#[error("fd {raw} was not adopted as {kind}: {reason}")]
+pub struct AdoptError {
+    /// The fd, handed back untouched.
+    pub fd: OwnedFd,
+    /// Its number, for the message.
+    raw: i32,
+    /// What it was to become.
+    pub kind: BackingKind,
+    /// Why not.
+    pub reason: AdoptReason,
+}
+
+impl AdoptError {
+    fn new(fd: OwnedFd, kind: BackingKind, reason: AdoptReason) -> AdoptError {
+        AdoptError {
+            raw: fd.as_raw_fd(),
+            fd,
+            kind,
+            reason,
+        }
+    }
+
+    /// The errno for the same misuse: `EINVAL`, or the kernel's.
+    pub fn errno(&self) -> i32 {
+        match &self.reason {
+            AdoptReason::Syscall { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            AdoptReason::Backing(e) => e.errno(),
+            _ => libc::EINVAL,
+        }
+    }
+}
+
+/// What was wrong with an fd offered for adoption.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AdoptReason {
+    /// The fd is another kind of file.
+    WrongKind {
+        /// What `/proc/self/fd` says it is.
+        is: String,
+        /// What it had to be.
+        expected: &'static str,
+    },
+    /// The file's size breaks a creation rule, or is not the size given.
+    Size(super::BackingError),
+    /// A memfd without the seals that fix its size.
+    MissingSeals {
+        /// The seals it has.
+        have: u32,
+        /// The seals gmem needs (`F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL`).
+        need: u32,
+    },
+    /// Flags the file cannot have on this VM.
+    Backing(super::BackingError),
+    /// A system call failed while checking.
+    Syscall {
+        /// The call.
+        op: &'static str,
+        /// The kernel's error.
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for AdoptReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdoptReason::WrongKind { is, expected } => {
+                write!(f, "it is {is:?}, not {expected}")
+            }
+            AdoptReason::Size(e) | AdoptReason::Backing(e) => write!(f, "{e}"),
+            AdoptReason::MissingSeals { have, need } => write!(
+                f,
+                "its seals are {have:#x}; gmem needs {need:#x} (F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL) so that its size cannot change"
+            ),
+            AdoptReason::Syscall { op, source } => write!(f, "{op} failed: {source}"),
+        }
+    }
+}
+
+/// What `/proc/self/fd/N` links to.
+fn link(fd: BorrowedFd<'_>) -> Result<String, AdoptReason> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| AdoptReason::Syscall {
+            op: "readlink(/proc/self/fd)",
+            source,
+        })
+}
+
+fn size_of(fd: BorrowedFd<'_>) -> Result<u64, AdoptReason> {
+    rustix::fs::fstat(fd)
+        .map(|st| st.st_size as u64)
+        .map_err(|e| AdoptReason::Syscall {
+            op: "fstat",
+            source: e.into(),
+        })
+}
+
+/// Runs `check` on `fd`; on a refusal, the fd goes back in the error.
+fn checked<T>(
+    fd: OwnedFd,
+    kind: BackingKind,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<T, AdoptReason>,
+) -> Result<(OwnedFd, T), AdoptError> {
+    match check(fd.as_fd()) {
+        Ok(t) => Ok((fd, t)),
+        Err(reason) => Err(AdoptError::new(fd, kind, reason)),
+    }
+}
+
+/// Takes a checked fd over: maps it for KVM (a failure hands it back).
+fn take(
+    fd: OwnedFd,
+    kind: BackingKind,
+    size: u64,
+    flags: GmemFlags,
+    owner: Option<crate::kvm::VmId>,
+) -> Result<FileCore, AdoptError> {
+    FileCore::try_new(fd, kind, size, flags, owner)
+        .map_err(|(fd, e)| AdoptError::new(fd, kind, AdoptReason::Backing(e)))
+}
+
+impl GuestMemfd {
+    /// Adopts a guest_memfd that the VMM created on `vm` itself, with
+    /// `flags` (the kernel does not reveal a file's flags: pass what it was
+    /// created with).
+    ///
+    /// Checked first: it is a guest_memfd (`anon_inode:[kvm-gmem]`), its
+    /// size follows the creation rules, and `flags` are ones `vm` accepts.
+    /// The kernel checks at bind time that it is `vm`'s: another VM's file
+    /// is refused there with `EINVAL`.
+    ///
+    /// # Errors
+    /// [`AdoptError`] with the fd, naming what was wrong.
+    pub fn adopt(vm: &Vm, fd: OwnedFd, flags: GmemFlags) -> Result<GuestMemfd, AdoptError> {
+        let kind = BackingKind::GuestMemfd;
+        let (fd, size) = checked(fd, kind, |fd| {
+            let is = link(fd)?;
+            if is != "anon_inode:[kvm-gmem]" {
+                return Err(AdoptReason::WrongKind {
+                    is,
+                    expected: "a guest_memfd (anon_inode:[kvm-gmem])",
+                });
+            }
+            let size = size_of(fd)?;
+            validate_create(size, flags, vm.supported_gmem_flags(), kind.page_size())
+                .map_err(AdoptReason::Size)?;
+            Ok(size)
+        })?;
+        take(fd, kind, size, flags, Some(vm.id())).map(GuestMemfd::from_core)
+    }
+}
+
+/// The checks a memfd offered for adoption must pass: `expected` is what
+/// `/proc/self/fd` must call it, `hugetlb` whether it must be on hugetlbfs.
+fn check_memfd(
+    fd: BorrowedFd<'_>,
+    kind: BackingKind,
+    flags: GmemFlags,
+) -> Result<u64, AdoptReason> {
+    let is = link(fd)?;
+    if !is.starts_with("/memfd:") {
+        return Err(AdoptReason::WrongKind {
+            is,
+            expected: "a memfd (/memfd:...)",
+        });
+    }
+    let fs = rustix::fs::fstatfs(fd).map_err(|e| AdoptReason::Syscall {
+        op: "fstatfs",
+        source: e.into(),
+    })?;
+    let on_hugetlbfs = fs.f_type as i64 == HUGETLBFS_MAGIC;
+    if on_hugetlbfs != kind.is_hugetlb() {
+        return Err(AdoptReason::WrongKind {
+            is: if on_hugetlbfs {
+                format!("{is} on hugetlbfs")
+            } else {
+                format!("{is} on shmem")
+            },
+            expected: if kind.is_hugetlb() {
+                "a hugetlb memfd"
+            } else {
+                "a shmem memfd (adopt hugetlb ones as HugetlbMemfd)"
+            },
+        });
+    }
+    if kind.is_hugetlb() {
+        let st = rustix::fs::fstat(fd).map_err(|e| AdoptReason::Syscall {
+            op: "fstat",
+            source: e.into(),
+        })?;
+        if st.st_blksize as u64 != kind.page_size() {
+            return Err(AdoptReason::WrongKind {
+                is: format!("{is} with {:#x}-byte pages", st.st_blksize),
+                expected: if kind == BackingKind::Hugetlb2M {
+                    "a hugetlb memfd of 2 MiB pages"
+                } else {
+                    "a hugetlb memfd of 1 GiB pages"
+                },
+            });
+        }
+    }
+    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| AdoptReason::Syscall {
+        op: "fcntl(F_GET_SEALS)",
+        source: e.into(),
+    })?;
+    let need = SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL;
+    if !seals.contains(need) {
+        return Err(AdoptReason::MissingSeals {
+            have: seals.bits(),
+            need: need.bits(),
+        });
+    }
+    let size = size_of(fd)?;
+    validate_create(size, flags, SUPPORTED_FLAGS, kind.page_size()).map_err(AdoptReason::Size)?;
+    Ok(size)
+}
+
+impl SealedMemfd {
+    /// Adopts a shmem memfd the VMM created and sealed itself
+    /// (`F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL`), to be used with `flags`.
+    /// `vm`, if given, owns it; otherwise the first VM that binds it does.
+    ///
+    /// # Errors
+    /// [`AdoptError`] with the fd: not a memfd, a hugetlb memfd, missing
+    /// seals, a size that breaks the creation rules, unknown flags.
+    pub fn adopt(
+        fd: OwnedFd,
+        flags: GmemFlags,
+        vm: Option<&Vm>,
+    ) -> Result<SealedMemfd, AdoptError> {
+        let kind = BackingKind::Memfd;
+        let (fd, size) = checked(fd, kind, |fd| check_memfd(fd, kind, flags))?;
+        take(fd, kind, size, flags, vm.map(Vm::id)).map(SealedMemfd::from_core)
+    }
+}
+
+impl HugetlbMemfd {
+    /// Adopts a hugetlb memfd of `kind`'s page size that the VMM created and
+    /// sealed itself, as [`SealedMemfd::adopt`].
+    ///
+    /// # Errors
+    /// As [`SealedMemfd::adopt`]; also a page size other than `kind`'s.
+    pub fn adopt(
+        kind: BackingKind,
+        fd: OwnedFd,
+        flags: GmemFlags,
+        vm: Option<&Vm>,
+    ) -> Result<HugetlbMemfd, AdoptError> {
+        let (fd, size) = checked(fd, kind, |fd| {
+            if !kind.is_hugetlb() {
+                return Err(AdoptReason::WrongKind {
+                    is: kind.name().to_owned(),
+                    expected: "a hugetlb kind (hugetlb-2m, hugetlb-1g)",
+                });
+            }
+            check_memfd(fd, kind, flags)
+        })?;
+        take(fd, kind, size, flags, vm.map(Vm::id)).map(HugetlbMemfd::from_core)
+    }
+}
