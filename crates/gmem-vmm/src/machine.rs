@@ -54,10 +54,7 @@ impl Machine {
             gate.write(addr, &word.to_le_bytes())?;
         }
         enable_exit_hypercall(&vm);
-        // A property of the kernel: read once per process.
-        static SYNC_REGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let sync_regs =
-            *SYNC_REGS.get_or_init(|| vm.fd().check_extension(kvm_ioctls::Cap::SyncRegs));
+        let sync_regs = vm.has_sync_regs();
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus as usize {
             let vcpu_err = |op| {
@@ -240,10 +237,7 @@ impl MemoryHandle {
 /// Lets `vmcall` with `KVM_HC_MAP_GPA_RANGE` exit to userspace where KVM can
 /// (`KVM_CAP_EXIT_HYPERCALL`). Hosts that cannot just keep the doorbell port.
 fn enable_exit_hypercall(vm: &Vm) {
-    static MASK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let mask = *MASK.get_or_init(|| {
-        u64::try_from(vm.fd().check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into())).unwrap_or(0)
-    });
+    let mask = vm.exit_hypercall_mask();
     let wanted = 1u64 << HC_MAP_GPA_RANGE;
     if mask & wanted != 0 {
         let mut cap = kvm_enable_cap {

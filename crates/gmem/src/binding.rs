@@ -13,7 +13,7 @@
 //! 5. the file belongs to this VM, the range lies inside it, and no other
 //!    binding covers any of its pages (`EINVAL`).
 //!
-//! A [`Binding`] owns its slot: dropping it deletes the slot, and until then it
+//! A [`Binding`](crate::Binding) owns its slot: dropping it deletes the slot, and until then it
 //! keeps both the file (whose mapping KVM uses) and the VM alive, so the VM
 //! handle, the file and the bindings may be dropped in any order.
 
@@ -27,7 +27,8 @@ use crate::backing::{BackingKind, RestrictedMemory};
 use crate::kvm::VmId;
 use crate::range::{PAGE_SIZE, is_page_aligned};
 
-/// `KVM_MEM_MAX_NR_PAGES` on x86-64: the most pages one memslot may hold.
+/// `KVM_MEM_MAX_NR_PAGES` (generic KVM, every architecture): the most pages
+/// one memslot may hold.
 pub const MAX_SLOT_PAGES: u64 = (1 << 31) - 1;
 
 /// A memslot id (within its address space, [`SlotRequest::address_space`]).

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::attributes::Attribute;
 use crate::backing::{BackingError, PunchReport};
 use crate::gate::GateError;
-use crate::range::PAGE_SIZE;
+use crate::range::is_page_aligned;
 
 /// What a conversion does to the content.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -213,7 +213,7 @@ pub fn validate_range(gpa: u64, len: u64) -> Result<Range<u64>, ConvertError> {
         return Err(ConvertError::Empty { gpa });
     }
     for (what, value) in [("gpa", gpa), ("length", len)] {
-        if !value.is_multiple_of(PAGE_SIZE) {
+        if !is_page_aligned(value) {
             return Err(ConvertError::Unaligned { what, value });
         }
     }

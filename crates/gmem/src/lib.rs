@@ -19,17 +19,35 @@
 //! memfd for kernels without it, and hugetlb memfds with 2 MiB or 1 GiB pages.
 //! They behave alike, errno for errno; the `gmem-conformance` crate proves it.
 //!
-//! ```no_run
-//! use gmem::{BackingKind, FileRange, MemoryOptions, SlotRequest, Vm, create_memory};
+//! ```
+//! use gmem::{Attribute, BackingKind, FileRange, GateOptions, Gatekeeper, MemoryOptions, Policy};
+//! use gmem::{SlotRequest, Vm, create_memory};
 //!
-//! let vm = Vm::new()?;
+//! let Ok(vm) = Vm::new() else { return Ok(()) }; // this example needs /dev/kvm
 //! let mem = create_memory(MemoryOptions::new(BackingKind::GuestMemfd, 2 << 20), Some(&vm))?;
 //! mem.allocate(FileRange::new(0, 2 << 20)?)?;
 //! let binding = vm.bind(&mem, SlotRequest::new(0x0, 0, 2 << 20))?;
-//! mem.punch_hole(FileRange::new(0, 4096)?)?; // the guest reads zeroes there now
-//! drop(binding);
+//! let gate = Gatekeeper::new(&vm, vec![binding], GateOptions::new(Attribute::Shared, Policy::InPlace))?;
+//! gate.write(0x1000, b"boot data")?;
+//! gate.launch(Attribute::Private)?;         // the guest's now; the host is refused
+//! assert!(gate.read(0x1000, &mut [0; 9]).is_err());
+//! gate.discard(0x1000, 0x1000)?;            // the guest reads zeroes there now
 //! # Ok::<(), gmem::Error>(())
 //! ```
+//!
+//! # Cargo features
+//!
+//! - `vm-memory` (off by default): `DeviceMemory`, the gatekeeper as
+//!   vm-memory 0.18's permission-aware `GuestMemory`, for device models and
+//!   virtio-queue;
+//! - `serde` (off by default): `serde::Serialize` on reports, options and
+//!   probe results.
+//!
+//! # Platforms
+//!
+//! Linux hosts with KVM. The VM types and the reference VMM are x86-64's
+//! (they are `cfg(target_arch = "x86_64")`); the rest is generic KVM, but
+//! only x86-64 is built and tested here.
 #![warn(missing_docs)]
 
 pub mod attributes;

@@ -129,14 +129,14 @@ impl FileRange {
             Some(end) if end <= MAX_FILE_OFFSET => {}
             _ => return Err(RangeError::Overflow { offset, len }),
         }
-        if !offset.is_multiple_of(PAGE_SIZE) {
+        if !is_page_aligned(offset) {
             return Err(RangeError::Unaligned {
                 what: "offset",
                 value: offset,
                 align: PAGE_SIZE,
             });
         }
-        if !len.is_multiple_of(PAGE_SIZE) {
+        if !is_page_aligned(len) {
             return Err(RangeError::Unaligned {
                 what: "length",
                 value: len,

@@ -43,7 +43,7 @@ pub use mapping::{AccessError, HostMapping};
 pub use sealed_memfd::SealedMemfd;
 
 use crate::kvm::VmId;
-use crate::range::{FileRange, MAX_FILE_OFFSET, PAGE_SIZE, RangeError};
+use crate::range::{FileRange, MAX_FILE_OFFSET, PAGE_SIZE, RangeError, is_page_aligned};
 
 /// The backings, by the names the CLI and JSON use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -278,7 +278,7 @@ pub(crate) fn validate_create(
         "must be greater than zero"
     } else if size > MAX_FILE_OFFSET {
         "must not exceed i64::MAX"
-    } else if !size.is_multiple_of(PAGE_SIZE) {
+    } else if !is_page_aligned(size) {
         "must be a multiple of the page size 0x1000"
     } else if !size.is_multiple_of(page_size) {
         "must be whole huge pages (a multiple of the backing's page size)"

@@ -1,7 +1,7 @@
 //! The gatekeeper: the one owner of a VM's private/shared state and the only
 //! way host code reaches its guest memory.
 //!
-//! A [`Gatekeeper`] takes a VM's [`Binding`]s by value and from then on owns:
+//! A [`Gatekeeper`] takes a VM's [`Binding`](crate::Binding)s by value and from then on owns:
 //!
 //! - **the private/shared state** of every bound page: one attribute map per
 //!   VM (a second gatekeeper for the same VM is refused while the first
@@ -10,7 +10,7 @@
 //!   next gatekeeper over them starts them private;
 //! - **conversions** ([`convert`](Gatekeeper::convert),
 //!   [`discard`](Gatekeeper::discard), [`launch`](Gatekeeper::launch)), all
-//!   or nothing, with the [`Policy`] of the VM and, where the kernel has
+//!   or nothing, with the [`Policy`](crate::Policy) of the VM and, where the kernel has
 //!   memory attributes, KVM's attributes kept in step;
 //! - **every host access path**: safe copies ([`read`](Gatekeeper::read),
 //!   [`write`](Gatekeeper::write), [`fill`](Gatekeeper::fill)) that refuse
@@ -18,8 +18,8 @@
 //!   with the `vm-memory` feature, `DeviceMemory`, vm-memory's
 //!   `GuestMemory` over pins).
 //!
-//! The raw paths to a file ([`RestrictedMemory::map_host`],
-//! [`RestrictedMemory::as_fd`]) are `unsafe`, with the gatekeeper's rules as
+//! The raw paths to a file ([`RestrictedMemory::map_host`](crate::RestrictedMemory::map_host),
+//! [`RestrictedMemory::as_fd`](crate::RestrictedMemory::as_fd)) are `unsafe`, with the gatekeeper's rules as
 //! their contract, so no safe public item returns a private byte.
 //!
 //! # The host view: a page-table cache of the attributes
@@ -42,7 +42,7 @@
 //! # Pins
 //!
 //! While a [`Pin`] holds a range, converting any of it to private or
-//! discarding it is refused with [`ConvertError::Pinned`] (`EAGAIN`): the
+//! discarding it is refused with [`ConvertError::Pinned`](crate::ConvertError::Pinned) (`EAGAIN`): the
 //! guest's doorbell answers `-EAGAIN` and the guest may retry. A device can
 //! therefore never fault on a page the guest took away.
 //!

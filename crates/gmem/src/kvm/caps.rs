@@ -49,7 +49,7 @@ pub struct KvmCaps {
 }
 
 fn cap(kvm: &Kvm, nr: u32) -> u64 {
-    u64::try_from(kvm.check_extension_raw(nr.into())).unwrap_or(0)
+    super::vm::read_cap(|nr| kvm.check_extension_raw(nr), nr)
 }
 
 impl KvmCaps {
@@ -61,19 +61,14 @@ impl KvmCaps {
             mask => mask,
         };
         let vm_types = VmType::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|t| type_mask & (1 << t.raw()) != 0)
             .map(|vm_type| match Vm::with_type(vm_type) {
                 Ok(vm) => VmTypeCaps {
                     vm_type,
                     guest_memfd_flags: Some(vm.supported_gmem_flags()),
-                    memory_attributes: Some(
-                        u64::try_from(
-                            vm.fd()
-                                .check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES.into()),
-                        )
-                        .unwrap_or(0),
-                    ),
+                    memory_attributes: Some(vm.memory_attributes()),
                     error: None,
                 },
                 Err(e) => VmTypeCaps {

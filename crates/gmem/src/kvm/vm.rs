@@ -15,29 +15,38 @@ use super::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
 use crate::backing::{BackingKind, RestrictedMemory};
 use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable, VmLimits};
 
-/// The x86 VM types of `KVM_CAP_VM_TYPES` (spec §1.4).
+/// The VM types of `KVM_CAP_VM_TYPES` (spec §1.4). On x86-64 they are the
+/// kernel's `KVM_X86_*_VM` numbers; other architectures have only the
+/// default type here (arm64's VM type encodes the IPA size instead, which
+/// gmem does not model yet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 #[non_exhaustive]
 pub enum VmType {
-    /// `KVM_X86_DEFAULT_VM` (0).
+    /// `KVM_X86_DEFAULT_VM` (0), or type 0 elsewhere.
     Default,
     /// `KVM_X86_SW_PROTECTED_VM` (1).
+    #[cfg(target_arch = "x86_64")]
     SwProtected,
     /// `KVM_X86_SEV_VM` (2).
+    #[cfg(target_arch = "x86_64")]
     Sev,
     /// `KVM_X86_SEV_ES_VM` (3).
+    #[cfg(target_arch = "x86_64")]
     SevEs,
     /// `KVM_X86_SNP_VM` (4).
+    #[cfg(target_arch = "x86_64")]
     SevSnp,
     /// `KVM_X86_TDX_VM` (5).
+    #[cfg(target_arch = "x86_64")]
     Tdx,
 }
 
 impl VmType {
     /// Every type, in the kernel's bit order.
-    pub const ALL: [VmType; 6] = [
+    #[cfg(target_arch = "x86_64")]
+    pub const ALL: &'static [VmType] = &[
         VmType::Default,
         VmType::SwProtected,
         VmType::Sev,
@@ -45,6 +54,9 @@ impl VmType {
         VmType::SevSnp,
         VmType::Tdx,
     ];
+    /// Every type (only the default one off x86-64).
+    #[cfg(not(target_arch = "x86_64"))]
+    pub const ALL: &'static [VmType] = &[VmType::Default];
 
     /// The kernel's number for the type (the bit in `KVM_CAP_VM_TYPES`).
     pub fn raw(self) -> u64 {
@@ -55,10 +67,15 @@ impl VmType {
     pub fn name(self) -> &'static str {
         match self {
             VmType::Default => "default",
+            #[cfg(target_arch = "x86_64")]
             VmType::SwProtected => "sw-protected",
+            #[cfg(target_arch = "x86_64")]
             VmType::Sev => "sev",
+            #[cfg(target_arch = "x86_64")]
             VmType::SevEs => "sev-es",
+            #[cfg(target_arch = "x86_64")]
             VmType::SevSnp => "sev-snp",
+            #[cfg(target_arch = "x86_64")]
             VmType::Tdx => "tdx",
         }
     }
@@ -111,6 +128,13 @@ pub(crate) struct VmInner {
     pub(crate) kvm: Kvm,
 }
 
+/// Reads capability `nr` with `check` (`KVM_CHECK_EXTENSION` on the system
+/// or a VM fd): the one place capabilities are read, a negative answer
+/// being 0.
+pub(crate) fn read_cap(check: impl FnOnce(u64) -> i32, nr: u32) -> u64 {
+    u64::try_from(check(nr.into())).unwrap_or(0)
+}
+
 /// The capabilities of one VM type, read once per process on the first VM
 /// that needs them: they are properties of the kernel and the VM type, and
 /// each ioctl costs microseconds on nested hosts, which a launch should not
@@ -121,6 +145,8 @@ struct VmCaps {
     memory_attributes: OnceLock<u64>,
     max_slots: OnceLock<u32>,
     address_spaces: OnceLock<u16>,
+    sync_regs: OnceLock<bool>,
+    exit_hypercall: OnceLock<u64>,
 }
 
 #[expect(
@@ -133,6 +159,8 @@ const NO_CAPS: VmCaps = VmCaps {
     memory_attributes: OnceLock::new(),
     max_slots: OnceLock::new(),
     address_spaces: OnceLock::new(),
+    sync_regs: OnceLock::new(),
+    exit_hypercall: OnceLock::new(),
 };
 
 /// Per VM type, in `VmType::raw` order.
@@ -144,7 +172,7 @@ impl VmInner {
     }
 
     fn cap(&self, nr: u32) -> u64 {
-        u64::try_from(self.fd.check_extension_raw(nr.into())).unwrap_or(0)
+        read_cap(|nr| self.fd.check_extension_raw(nr), nr)
     }
 
     /// `KVM_CAP_NR_MEMSLOTS`.
@@ -301,6 +329,26 @@ impl Vm {
     /// How many memslots the VM has per address space (`KVM_CAP_NR_MEMSLOTS`).
     pub fn max_slots(&self) -> u32 {
         self.inner.max_slots()
+    }
+
+    /// Whether `KVM_RUN` can return registers through `kvm_run`
+    /// (`KVM_CAP_SYNC_REGS`).
+    pub fn has_sync_regs(&self) -> bool {
+        let inner = &self.inner;
+        *inner
+            .caps()
+            .sync_regs
+            .get_or_init(|| inner.cap(kvm_bindings::KVM_CAP_SYNC_REGS) != 0)
+    }
+
+    /// The hypercalls that can exit to userspace (`KVM_CAP_EXIT_HYPERCALL`,
+    /// a bit per hypercall number).
+    pub fn exit_hypercall_mask(&self) -> u64 {
+        let inner = &self.inner;
+        *inner
+            .caps()
+            .exit_hypercall
+            .get_or_init(|| inner.cap(kvm_bindings::KVM_CAP_EXIT_HYPERCALL))
     }
 
     /// How many address spaces the VM has (`KVM_CAP_MULTI_ADDRESS_SPACE`;
