@@ -289,6 +289,11 @@ mod tests {
             ConvertError::UnknownFaultFlags { flags: 9, .. }
         ));
         assert!(e.to_string().contains("0x9"), "{e}");
+        // Firecracker's out-of-tree KVM_MEMORY_EXIT_FLAG_USERFAULT (bit 4):
+        // refused, naming the flags, never taken for a conversion.
+        let e = decode_memory_fault(1 << 4, 0x1000, 0x1000).unwrap_err();
+        assert!(matches!(e, ConvertError::UnknownFaultFlags { flags: 0x10, .. }));
+        assert!(e.to_string().contains("0x10"), "{e}");
     }
 
     #[test]

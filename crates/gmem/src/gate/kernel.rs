@@ -3,6 +3,14 @@
 //! in tests against a model of the kernel's documented behaviour. No host of
 //! this project has memory attributes (the ioctl is `ENOTTY` on 6.18 with
 //! `kvm_pvm`), so the model is the only place the path runs here.
+//!
+//! Upstream's in-place conversion (`KVM_SET_MEMORY_ATTRIBUTES2` on the
+//! guest_memfd, which refuses pinned pages with `EAGAIN`) is not in the 6.18
+//! headers nor in kvm-bindings 0.14. It belongs behind this seam as a second
+//! implementation, gated on its capability once the number is merged
+//! upstream and in kvm-bindings: out-of-tree trees have reused numbers
+//! (Firecracker's `KVM_CAP_USERFAULT` = 245 collides with upstream's
+//! `KVM_CAP_ARM_SEA_TO_USER`), so gmem hard-codes none.
 
 use std::fmt;
 use std::ops::Range;

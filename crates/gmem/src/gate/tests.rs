@@ -393,6 +393,24 @@ fn the_kernel_attributes_follow_and_roll_back_exactly() {
         assert_eq!(f.gate.attributes(), before, "{to}: gmem's map");
         assert_eq!(model.map(), before, "{to}: KVM's runs restored exactly");
     }
+    // The kernel refusing the initial state: no gatekeeper, and the VM is
+    // free for another.
+    let vm = f.vm.clone();
+    drop(f);
+    let initial = Arc::new(KernelModel::default());
+    initial.fail_call(1);
+    let mem = create_memory(MemoryOptions::new(BackingKind::Memfd, 2 << 20), Some(&vm)).unwrap();
+    let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20)).unwrap();
+    let e = Gatekeeper::with_kernel(
+        &vm,
+        vec![b],
+        GateOptions::new(Attribute::Private, Policy::InPlace),
+        Some(Box::new(Arc::clone(&initial))),
+    )
+    .unwrap_err();
+    assert!(matches!(e, GateError::Kernel { .. }), "{e}");
+    let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20)).unwrap();
+    Gatekeeper::new(&vm, vec![b], GateOptions::default()).unwrap();
     // A failed punch after the kernel call rolls KVM back too.
     let model2 = Arc::new(KernelModel::default());
     let Some(g) = fixture_with(
