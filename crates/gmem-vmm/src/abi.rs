@@ -16,6 +16,74 @@ pub const PORT_HYPERCALL: u16 = 0xf5;
 pub const PORT_SHARED_CONSOLE: u16 = 0xf6;
 /// Discard (free page reporting): rbx = GPA, rcx = 4 KiB pages; result in rax.
 pub const PORT_DISCARD: u16 = 0xf7;
+/// ABI information: `out` a key (32-bit) to select, `in` (32-bit) to read
+/// its value ([`AbiKey`]); reads the ABI version until a key is selected.
+pub const PORT_ABI: u16 = 0xf8;
+/// The serial port's line-status register (`in` only): transmitter empty.
+pub const PORT_SERIAL_LSR: u16 = PORT_SERIAL + 5;
+/// What the line-status register reads: THR empty and transmitter idle
+/// (bits 5 and 6), so an 8250 polling driver writes at once.
+pub const SERIAL_LSR_IDLE: u8 = 0x60;
+
+/// The guest ABI's version (`docs/guest-abi.md`), read from [`PORT_ABI`].
+pub const ABI_VERSION: u32 = 2;
+
+/// The keys of [`PORT_ABI`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AbiKey {
+    /// [`ABI_VERSION`].
+    Version = 0,
+    /// The conversion policy: 0 in-place, 1 discard.
+    Policy = 1,
+    /// RAM's attribute after launch: 0 private, 1 shared.
+    Initial = 2,
+    /// Whether `vmcall` reaches the VMM (1) or the doorbell must be used (0).
+    VmcallTaken = 3,
+    /// How many devices the machine has.
+    Devices = 4,
+    /// RAM size, low 32 bits.
+    RamLow = 5,
+    /// RAM size, high 32 bits.
+    RamHigh = 6,
+}
+
+impl AbiKey {
+    /// The key of `raw`, if it is one.
+    pub fn from_raw(raw: u32) -> Option<AbiKey> {
+        use AbiKey::*;
+        [
+            Version,
+            Policy,
+            Initial,
+            VmcallTaken,
+            Devices,
+            RamLow,
+            RamHigh,
+        ]
+        .into_iter()
+        .find(|k| *k as u32 == raw)
+    }
+}
+
+/// The access width (bytes) the ABI defines for `out` to `port`, if it
+/// defines the port.
+pub fn out_width(port: u16) -> Option<u8> {
+    match port {
+        PORT_SERIAL => Some(1),
+        PORT_EXIT | PORT_HYPERCALL | PORT_SHARED_CONSOLE | PORT_DISCARD | PORT_ABI => Some(4),
+        _ => None,
+    }
+}
+
+/// The access width (bytes) the ABI defines for `in` from `port`.
+pub fn in_width(port: u16) -> Option<u8> {
+    match port {
+        PORT_SERIAL_LSR => Some(1),
+        PORT_ABI => Some(4),
+        _ => None,
+    }
+}
 
 /// `KVM_HC_MAP_GPA_RANGE`: convert a range to private or shared.
 pub const HC_MAP_GPA_RANGE: u64 = 12;
@@ -32,6 +100,9 @@ pub const EAGAIN: i64 = 11;
 pub const EINVAL: i64 = 22;
 /// See [`EFAULT`].
 pub const ENOSYS: i64 = 38;
+/// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): what KVM's hypercall
+/// convention returns, negated, for an unknown hypercall number.
+pub const KVM_ENOSYS: i64 = 1000;
 
 /// The registers a doorbell request carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,8 +134,11 @@ pub enum Request {
 /// Decodes a doorbell (or `vmcall`) request of `ram_size` bytes of guest RAM.
 ///
 /// # Errors
-/// `-ENOSYS` for an unknown number; `-EINVAL` for a range that is unaligned,
-/// empty, wraps, or reaches past RAM, or for unknown attribute bits.
+/// `-KVM_ENOSYS` (-1000) for an unknown number, as KVM's hypercall
+/// convention answers; `-EINVAL` for a range that is unaligned, empty,
+/// wraps, or reaches past RAM, for unknown attribute bits, or a page-size
+/// level above 2 (1 GiB). The level is otherwise ignored: the range is
+/// counted in 4 KiB pages whatever it says.
 pub fn decode_hypercall(args: DoorbellArgs, ram_size: u64) -> Result<Request, i64> {
     match args.nr {
         HC_MAP_GPA_RANGE => {
@@ -80,7 +154,7 @@ pub fn decode_hypercall(args: DoorbellArgs, ram_size: u64) -> Result<Request, i6
             };
             Ok(Request::MapGpaRange { range, to })
         }
-        _ => Err(-ENOSYS),
+        _ => Err(-KVM_ENOSYS),
     }
 }
 
@@ -162,12 +236,24 @@ mod tests {
     }
 
     #[test]
-    fn unknown_numbers_are_enosys() {
+    fn unknown_numbers_are_kvm_enosys() {
         let args = DoorbellArgs {
             nr: 99,
             ..Default::default()
         };
-        assert_eq!(decode_hypercall(args, RAM), Err(-ENOSYS));
+        assert_eq!(decode_hypercall(args, RAM), Err(-KVM_ENOSYS));
+        assert_eq!(KVM_ENOSYS, 1000);
+    }
+
+    #[test]
+    fn widths_and_keys() {
+        assert_eq!(out_width(PORT_SERIAL), Some(1));
+        assert_eq!(out_width(PORT_HYPERCALL), Some(4));
+        assert_eq!(out_width(0x80), None);
+        assert_eq!(in_width(PORT_SERIAL_LSR), Some(1));
+        assert_eq!(in_width(PORT_SERIAL), None);
+        assert_eq!(AbiKey::from_raw(3), Some(AbiKey::VmcallTaken));
+        assert_eq!(AbiKey::from_raw(99), None);
     }
 
     #[test]

@@ -121,6 +121,28 @@ pub enum VmmError {
         #[source]
         source: ConvertError,
     },
+    /// A vCPU thread panicked: a bug in the VMM, never the guest's doing.
+    #[error("vCPU {vcpu}'s thread panicked: {message}")]
+    VcpuPanicked {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The panic's message.
+        message: String,
+    },
+    /// An access of a width the port does not take.
+    #[error(
+        "vCPU {vcpu}: a {size}-byte access to port {port:#x}, which takes {expected}-byte accesses"
+    )]
+    BadWidth {
+        /// The vCPU index.
+        vcpu: usize,
+        /// The port.
+        port: u16,
+        /// The access's width.
+        size: u8,
+        /// The port's width.
+        expected: u8,
+    },
     /// A vCPU thread could not be started.
     #[error("starting the thread of vCPU {vcpu}")]
     Thread {

@@ -18,12 +18,14 @@ pub enum Exit {
         /// How many bytes were written.
         size: u8,
     },
-    /// `in` from a port (answered with all-ones).
+    /// `in` from a port.
     IoIn {
         /// The port.
         port: u16,
         /// How many bytes were read.
         size: u8,
+        /// Whether a device answered (otherwise the guest read all-ones).
+        answered: bool,
     },
     /// An access to a GPA no slot backs.
     Mmio {
@@ -33,6 +35,8 @@ pub enum Exit {
         size: u8,
         /// Whether it was a write.
         write: bool,
+        /// Whether a device answered a read (otherwise it read zeroes).
+        answered: bool,
     },
     /// `hlt`.
     Hlt,
@@ -62,10 +66,47 @@ pub enum Exit {
     Other(String),
 }
 
+/// The VMM's answers to the exits that wait for one: port and MMIO reads,
+/// and hypercalls. Each is answered through kvm-ioctls' borrowed buffers
+/// while the exit is decoded, so the device model that owns the port or
+/// address is the one that answers.
+pub trait Replies {
+    /// Fills `data` for an `in` from `port`; false if nothing owns it.
+    fn port_in(&self, port: u16, data: &mut [u8]) -> bool;
+    /// Fills `data` for a read of `gpa`; false if nothing owns it.
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> bool;
+    /// The return value of hypercall `nr`.
+    fn hypercall(&self, nr: u64, args: &[u64; 6]) -> u64;
+}
+
+/// Answers nothing: reads see all-ones (ports) and zeroes (MMIO), and
+/// hypercalls `-KVM_ENOSYS`.
+pub struct NoReplies;
+
+impl Replies for NoReplies {
+    fn port_in(&self, _: u16, _: &mut [u8]) -> bool {
+        false
+    }
+
+    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+        false
+    }
+
+    fn hypercall(&self, _: u64, _: &[u64; 6]) -> u64 {
+        (-crate::abi::KVM_ENOSYS) as u64
+    }
+}
+
 impl Exit {
-    /// Decodes kvm-ioctls' exit. Port reads are answered with all-ones and
-    /// MMIO reads with zeroes, through the borrowed buffers, before returning.
+    /// Decodes kvm-ioctls' exit, answering nothing ([`NoReplies`]).
     pub fn decode(exit: VcpuExit<'_>) -> Exit {
+        Exit::decode_with(exit, &NoReplies)
+    }
+
+    /// Decodes kvm-ioctls' exit, answering reads and hypercalls with
+    /// `replies` through the exit's own buffers (the hypercall's through
+    /// `HypercallExit::ret`).
+    pub fn decode_with(exit: VcpuExit<'_>, replies: &dyn Replies) -> Exit {
         match exit {
             VcpuExit::IoOut(port, data) => {
                 let mut bytes = [0u8; 4];
@@ -74,38 +115,50 @@ impl Exit {
                 Exit::IoOut {
                     port,
                     value: u32::from_le_bytes(bytes),
-                    size: n as u8,
-                }
-            }
-            VcpuExit::IoIn(port, data) => {
-                data.fill(0xff);
-                Exit::IoIn {
-                    port,
                     size: data.len() as u8,
                 }
             }
+            VcpuExit::IoIn(port, data) => {
+                let answered = replies.port_in(port, data);
+                if !answered {
+                    data.fill(0xff);
+                }
+                Exit::IoIn {
+                    port,
+                    size: data.len() as u8,
+                    answered,
+                }
+            }
             VcpuExit::MmioRead(gpa, data) => {
-                data.fill(0);
+                let answered = replies.mmio_read(gpa, data);
+                if !answered {
+                    data.fill(0);
+                }
                 Exit::Mmio {
                     gpa,
                     size: data.len() as u8,
                     write: false,
+                    answered,
                 }
             }
             VcpuExit::MmioWrite(gpa, data) => Exit::Mmio {
                 gpa,
                 size: data.len() as u8,
                 write: true,
+                answered: false,
             },
             VcpuExit::Hlt => Exit::Hlt,
             VcpuExit::Shutdown => Exit::Shutdown,
             VcpuExit::InternalError => Exit::InternalError,
             VcpuExit::FailEntry(reason, _cpu) => Exit::FailEntry(reason),
             VcpuExit::MemoryFault { flags, gpa, size } => Exit::MemoryFault { gpa, size, flags },
-            VcpuExit::Hypercall(h) => Exit::Hypercall {
-                nr: h.nr,
-                args: h.args,
-            },
+            VcpuExit::Hypercall(h) => {
+                *h.ret = replies.hypercall(h.nr, &h.args);
+                Exit::Hypercall {
+                    nr: h.nr,
+                    args: h.args,
+                }
+            }
             other => Exit::Other(format!("{other:?}")),
         }
     }
@@ -132,10 +185,14 @@ impl fmt::Display for Exit {
             Exit::IoOut { port, value, size } => {
                 write!(f, "out to port {port:#x} of {size} bytes: {value:#x}")
             }
-            Exit::IoIn { port, size } => write!(f, "in from port {port:#x} of {size} bytes"),
-            Exit::Mmio { gpa, size, write } => write!(
+            Exit::IoIn { port, size, .. } => {
+                write!(f, "in from port {port:#x} of {size} bytes")
+            }
+            Exit::Mmio {
+                gpa, size, write, ..
+            } => write!(
                 f,
-                "MMIO {} of {size} bytes at GPA {gpa:#x} (no memory there)",
+                "MMIO {} of {size} bytes at GPA {gpa:#x} (no memory or device there)",
                 if *write { "write" } else { "read" }
             ),
             Exit::Hlt => f.write_str("hlt"),

@@ -53,7 +53,7 @@ impl Machine {
         for (addr, word) in boot::page_tables(config.mem_size) {
             gate.write(addr, &word.to_le_bytes())?;
         }
-        enable_exit_hypercall(&vm);
+        let vmcall_taken = enable_exit_hypercall(&vm);
         let sync_regs = vm.has_sync_regs();
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus as usize {
@@ -78,6 +78,7 @@ impl Machine {
             shared: Arc::new(Shared {
                 gate,
                 memory,
+                vmcall_taken,
                 vm,
                 config,
             }),
@@ -235,8 +236,9 @@ impl MemoryHandle {
 }
 
 /// Lets `vmcall` with `KVM_HC_MAP_GPA_RANGE` exit to userspace where KVM can
-/// (`KVM_CAP_EXIT_HYPERCALL`). Hosts that cannot just keep the doorbell port.
-fn enable_exit_hypercall(vm: &Vm) {
+/// (`KVM_CAP_EXIT_HYPERCALL`); whether it does. Hosts that cannot just keep
+/// the doorbell port.
+fn enable_exit_hypercall(vm: &Vm) -> bool {
     let mask = vm.exit_hypercall_mask();
     let wanted = 1u64 << HC_MAP_GPA_RANGE;
     if mask & wanted != 0 {
@@ -246,6 +248,7 @@ fn enable_exit_hypercall(vm: &Vm) {
         };
         cap.args[0] = wanted;
         // A refusal only means vmcall keeps returning -KVM_ENOSYS to the guest.
-        let _ = vm.fd().enable_cap(&cap);
+        return vm.fd().enable_cap(&cap).is_ok();
     }
+    false
 }

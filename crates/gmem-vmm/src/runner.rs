@@ -1,20 +1,23 @@
 //! Running a launched machine to the end: one thread per vCPU, the run's
 //! status, and the report.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gmem::{Attribute, BackingKind, ConversionStats, Policy};
+use kvm_bindings::kvm_run;
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::console::Console;
 use crate::error::VmmError;
 use crate::machine::Machine;
-use crate::vcpu::{ExitCounts, Step, run_once};
+use crate::shared::Shared;
+use crate::vcpu::{ExitCounts, Step, VcpuState, run_once};
 
 /// What a run did, as `gmem run` reports it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -39,7 +42,8 @@ pub struct RunReport {
     pub conversions: ConversionStats,
     /// Exits by reason.
     pub exits: BTreeMap<String, u64>,
-    /// Wall time from the first `KVM_RUN` to the last vCPU's end, in µs.
+    /// Wall time the guest ran: from the first vCPU's first `KVM_RUN` to
+    /// the last vCPU's end, in µs (not the VMM's waiting).
     pub wall_time_us: u64,
 }
 
@@ -48,17 +52,88 @@ fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's vCPU's `kvm_run`, for the kick handler (null when the
+    /// thread runs no vCPU).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick: sets `immediate_exit` on this thread's vCPU, so that a kick
+/// that lands anywhere (in the guest, in the VMM between two `KVM_RUN`s)
+/// makes the next or current `KVM_RUN` return `EINTR`, as Firecracker does.
+/// It is never lost, and never needs repeating.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's vCPU's kvm_run mapping, set
+        // while the VcpuFd lives and cleared before it is dropped; a byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
 
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // An empty handler: its only effect is that KVM_RUN returns EINTR.
         let _ = register_signal_handler(kick_signal(), on_kick);
     });
 }
 
-type VcpuResult = (ExitCounts, Result<Option<i32>, VmmError>);
+/// What a vCPU thread hands back: its exits, how it ended, and when it ran.
+struct VcpuEnd {
+    counts: ExitCounts,
+    result: Result<Option<i32>, VmmError>,
+    ran: Option<(Instant, Instant)>,
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_owned())
+}
+
+/// One vCPU's loop, on its thread.
+fn vcpu_thread(
+    mut vcpu: VcpuState,
+    shared: &Shared,
+    console: &Console,
+    stop: &AtomicBool,
+) -> VcpuEnd {
+    KVM_RUN.with(|r| r.set(vcpu.kvm_run()));
+    let index = vcpu.index;
+    let mut counts = ExitCounts::default();
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                break Ok(None);
+            }
+            match run_once(&mut vcpu, shared, console, &mut counts) {
+                Ok(Step::Continue(_) | Step::Interrupted) => {}
+                Ok(Step::Halted) => break Ok(None),
+                Ok(Step::Exit(status)) => break Ok(Some(status)),
+                Err(e) => break Err(e),
+            }
+        }
+    }));
+    let ended = Instant::now();
+    vcpu.flush_serial(console);
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    let result = outcome.unwrap_or_else(|payload| {
+        Err(VmmError::VcpuPanicked {
+            vcpu: index,
+            message: panic_message(&*payload),
+        })
+    });
+    VcpuEnd {
+        counts,
+        result,
+        ran: Some((started, ended)),
+    }
+}
 
 impl Machine {
     /// Runs every vCPU on a thread of its own until the guest ends the run
@@ -66,7 +141,7 @@ impl Machine {
     ///
     /// # Errors
     /// The first vCPU's failure: a guest crash (with its registers), an
-    /// unknown port, a failed ioctl.
+    /// unknown port, a failed ioctl, a vCPU thread that panicked.
     pub fn run_to_end(self, console: &Console) -> Result<RunReport, VmmError> {
         install_kick_handler();
         let Machine {
@@ -76,34 +151,26 @@ impl Machine {
             ..
         } = self;
         let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let mut handles: Vec<JoinHandle<VcpuResult>> = Vec::new();
-        for mut vcpu in vcpus {
-            let (shared, console, vcpu_stop) =
-                (Arc::clone(&shared), console.clone(), Arc::clone(&stop));
+        let (done_tx, done_rx) = mpsc::channel::<usize>();
+        let mut handles: Vec<JoinHandle<VcpuEnd>> = Vec::new();
+        for vcpu in vcpus {
+            let (shared, console, vcpu_stop, done) = (
+                Arc::clone(&shared),
+                console.clone(),
+                Arc::clone(&stop),
+                done_tx.clone(),
+            );
             let index = vcpu.index;
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let mut counts = ExitCounts::default();
-                    let result = loop {
-                        if vcpu_stop.load(Ordering::Acquire) {
-                            break Ok(None);
-                        }
-                        match run_once(&mut vcpu, &shared, &console, &mut counts) {
-                            Ok(Step::Continue(_) | Step::Interrupted) => {}
-                            Ok(Step::Halted) => break Ok(None),
-                            Ok(Step::Exit(status)) => {
-                                vcpu_stop.store(true, Ordering::Release);
-                                break Ok(Some(status));
-                            }
-                            Err(e) => {
-                                vcpu_stop.store(true, Ordering::Release);
-                                break Err(e);
-                            }
-                        }
-                    };
-                    (counts, result)
+                    let end = vcpu_thread(vcpu, &shared, &console, &vcpu_stop);
+                    if !matches!(end.result, Ok(None)) {
+                        // An exit status or a failure ends the whole run.
+                        vcpu_stop.store(true, Ordering::Release);
+                    }
+                    let _ = done.send(index);
+                    end
                 })
                 .map_err(|source| VmmError::Thread {
                     vcpu: index,
@@ -121,23 +188,33 @@ impl Machine {
                 }
             }
         }
-        // Wait; once one vCPU ends the run, kick the others out of KVM_RUN
-        // until they notice.
-        while handles.iter().any(|h| !h.is_finished()) {
-            if stop.load(Ordering::Acquire) {
+        drop(done_tx);
+        // Wait for each vCPU to end; the first that ends the run has every
+        // other one kicked once.
+        let mut kicked = false;
+        while done_rx.recv().is_ok() {
+            if !kicked && stop.load(Ordering::Acquire) {
+                kicked = true;
                 kick_all(&handles);
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
-        let wall_time = start.elapsed();
         let mut status = 0;
         let mut first_error = None;
-        for h in handles {
-            let (vcpu_counts, result) = h.join().unwrap_or_else(|_| {
-                (ExitCounts::default(), Ok(None)) // a vCPU thread never panics on guest input
+        let mut window: Option<(Instant, Instant)> = None;
+        for (index, h) in handles.into_iter().enumerate() {
+            let end = h.join().unwrap_or_else(|payload| VcpuEnd {
+                counts: ExitCounts::default(),
+                result: Err(VmmError::VcpuPanicked {
+                    vcpu: index,
+                    message: panic_message(&*payload),
+                }),
+                ran: None,
             });
-            counts.merge(&vcpu_counts);
-            match result {
+            counts.merge(&end.counts);
+            if let Some((a, b)) = end.ran {
+                window = Some(window.map_or((a, b), |(s, e)| (s.min(a), e.max(b))));
+            }
+            match end.result {
                 Ok(Some(s)) if status == 0 => status = s,
                 Ok(_) => {}
                 Err(e) => {
@@ -148,6 +225,7 @@ impl Machine {
         if let Some(e) = first_error {
             return Err(e);
         }
+        let wall_time = window.map_or(Duration::ZERO, |(s, e)| e - s);
         let populated_bytes = shared
             .memory
             .populated()
@@ -174,7 +252,7 @@ impl Machine {
     }
 }
 
-fn kick_all(handles: &[JoinHandle<VcpuResult>]) {
+fn kick_all(handles: &[JoinHandle<VcpuEnd>]) {
     for h in handles.iter().filter(|h| !h.is_finished()) {
         // SAFETY: the thread is alive (not finished, and not joined while we
         // hold its handle); the signal has a handler that does nothing.

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use gmem::{Gatekeeper, RestrictedMemory, Vm};
+use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 
-use crate::abi::{self, DoorbellArgs, Request};
+use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
 
@@ -17,11 +17,28 @@ pub(crate) struct Shared {
     // then the file, then the VM.
     pub(crate) gate: Gatekeeper,
     pub(crate) memory: Arc<dyn RestrictedMemory>,
+    /// Whether `vmcall` with `KVM_HC_MAP_GPA_RANGE` exits to the VMM.
+    pub(crate) vmcall_taken: bool,
     pub(crate) vm: Vm,
     pub(crate) config: MachineConfig,
 }
 
 impl Shared {
+    /// The value of `key` on the ABI port (all-ones for an unknown key).
+    pub(crate) fn abi_value(&self, key: u32) -> u32 {
+        let c = &self.config;
+        match AbiKey::from_raw(key) {
+            Some(AbiKey::Version) => abi::ABI_VERSION,
+            Some(AbiKey::Policy) => u32::from(c.policy == Policy::Discard),
+            Some(AbiKey::Initial) => u32::from(c.initial == Attribute::Shared),
+            Some(AbiKey::VmcallTaken) => u32::from(self.vmcall_taken),
+            Some(AbiKey::Devices) => 0,
+            Some(AbiKey::RamLow) => c.mem_size as u32,
+            Some(AbiKey::RamHigh) => (c.mem_size >> 32) as u32,
+            None => u32::MAX,
+        }
+    }
+
     /// `KVM_HC_MAP_GPA_RANGE` and any other hypercall: 0 or a negative errno.
     pub(crate) fn hypercall(&self, args: DoorbellArgs) -> i64 {
         match abi::decode_hypercall(args, self.config.mem_size) {

@@ -4,15 +4,16 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{KVM_EXIT_HYPERCALL, kvm_regs};
+use kvm_bindings::{kvm_regs, kvm_run};
 use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::abi::{
-    DoorbellArgs, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
+    self, AbiKey, DoorbellArgs, PORT_ABI, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL,
+    PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, SERIAL_LSR_IDLE,
 };
 use crate::console::Console;
 use crate::error::VmmError;
-use crate::exit::Exit;
+use crate::exit::{Exit, NoReplies, Replies};
 use crate::shared::Shared;
 
 /// Exits counted by reason.
@@ -54,6 +55,10 @@ pub(crate) struct VcpuState {
     /// (`KVM_CAP_SYNC_REGS`), so a doorbell needs no `KVM_GET_REGS` and
     /// `KVM_SET_REGS` (about 5 µs each on this project's hosts).
     sync_regs: bool,
+    /// The key selected on the ABI port.
+    abi_key: u32,
+    /// Serial output not written yet: it goes out a line at a time.
+    serial: Vec<u8>,
 }
 
 impl VcpuState {
@@ -66,6 +71,29 @@ impl VcpuState {
             fd,
             last_fault: None,
             sync_regs,
+            abi_key: AbiKey::Version as u32,
+            serial: Vec::new(),
+        }
+    }
+
+    /// This vCPU's `kvm_run` mapping, for the kick handler.
+    pub(crate) fn kvm_run(&mut self) -> *mut kvm_run {
+        self.fd.get_kvm_run()
+    }
+
+    /// Writes out the serial bytes not yet written (a partial line).
+    pub(crate) fn flush_serial(&mut self, console: &Console) {
+        if !self.serial.is_empty() {
+            console.write(&self.serial);
+            self.serial.clear();
+        }
+    }
+
+    /// A serial byte: buffered, and written out at the end of each line.
+    fn serial_byte(&mut self, byte: u8, console: &Console) {
+        self.serial.push(byte);
+        if byte == b'\n' || self.serial.len() >= SERIAL_LINE_MAX {
+            self.flush_serial(console);
         }
     }
 
@@ -78,11 +106,12 @@ impl VcpuState {
         self.fd.get_regs().map_err(self.err("KVM_GET_REGS"))
     }
 
-    /// `KVM_RUN` to the next exit, retrying `EAGAIN`.
-    fn run_decoded(&mut self) -> Result<Option<Exit>, VmmError> {
+    /// `KVM_RUN` to the next exit, retrying `EAGAIN`; `None` if a kick
+    /// interrupted it. Reads and hypercalls are answered by `replies`.
+    fn run_decoded(&mut self, replies: &dyn Replies) -> Result<Option<Exit>, VmmError> {
         loop {
             match self.fd.run() {
-                Ok(exit) => return Ok(Some(Exit::decode(exit))),
+                Ok(exit) => return Ok(Some(Exit::decode_with(exit, replies))),
                 Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(e) if e.errno() == libc::EINTR => {
                     self.fd.set_kvm_immediate_exit(0);
@@ -101,7 +130,7 @@ impl VcpuState {
 
     pub(crate) fn run_raw(&mut self) -> Result<Exit, VmmError> {
         loop {
-            if let Some(exit) = self.run_decoded()? {
+            if let Some(exit) = self.run_decoded(&NoReplies)? {
                 return Ok(exit);
             }
         }
@@ -166,6 +195,44 @@ impl VcpuState {
     }
 }
 
+/// The longest serial line buffered before it is written anyway.
+const SERIAL_LINE_MAX: usize = 4096;
+
+/// What the VMM answers while an exit is decoded: the ABI port, the serial
+/// port's line status, and hypercalls.
+struct Answers<'a> {
+    shared: &'a Shared,
+    abi_key: u32,
+}
+
+impl Replies for Answers<'_> {
+    fn port_in(&self, port: u16, data: &mut [u8]) -> bool {
+        if abi::in_width(port) != Some(data.len() as u8) {
+            return false;
+        }
+        match port {
+            PORT_SERIAL_LSR => data[0] = SERIAL_LSR_IDLE,
+            PORT_ABI => data.copy_from_slice(&self.shared.abi_value(self.abi_key).to_le_bytes()),
+            _ => return false,
+        }
+        true
+    }
+
+    fn mmio_read(&self, _gpa: u64, _data: &mut [u8]) -> bool {
+        false
+    }
+
+    fn hypercall(&self, nr: u64, args: &[u64; 6]) -> u64 {
+        self.shared.hypercall(DoorbellArgs {
+            nr,
+            a0: args[0],
+            a1: args[1],
+            a2: args[2],
+            a3: args[3],
+        }) as u64
+    }
+}
+
 /// Runs `vcpu` to its next exit and handles it.
 pub(crate) fn run_once(
     vcpu: &mut VcpuState,
@@ -173,7 +240,11 @@ pub(crate) fn run_once(
     console: &Console,
     counts: &mut ExitCounts,
 ) -> Result<Step, VmmError> {
-    let Some(exit) = vcpu.run_decoded()? else {
+    let answers = Answers {
+        shared,
+        abi_key: vcpu.abi_key,
+    };
+    let Some(exit) = vcpu.run_decoded(&answers)? else {
         return Ok(Step::Interrupted);
     };
     counts.add(exit.reason());
@@ -181,36 +252,80 @@ pub(crate) fn run_once(
         vcpu.last_fault = None;
     }
     match &exit {
-        &Exit::IoOut { port, value, .. } => match port {
-            PORT_SERIAL => console.write(&[value as u8]),
-            PORT_EXIT => return Ok(Step::Exit(value as i32)),
-            PORT_HYPERCALL => vcpu.doorbell(|r| {
-                shared.hypercall(DoorbellArgs {
-                    nr: r.rax & 0xffff_ffff,
-                    a0: r.rbx,
-                    a1: r.rcx,
-                    a2: r.rdx,
-                    a3: r.rsi,
-                })
-            })?,
-            PORT_SHARED_CONSOLE => vcpu.doorbell(|r| shared.print_shared(r.rbx, r.rcx, console))?,
-            PORT_DISCARD => vcpu.doorbell(|r| shared.discard(r.rbx, r.rcx))?,
-            _ => {
+        &Exit::IoOut { port, value, size } => {
+            match abi::out_width(port) {
+                None => {
+                    return Err(VmmError::UnknownPort {
+                        vcpu: vcpu.index,
+                        port,
+                        exit,
+                    });
+                }
+                Some(expected) if expected != size => {
+                    return Err(VmmError::BadWidth {
+                        vcpu: vcpu.index,
+                        port,
+                        size,
+                        expected,
+                    });
+                }
+                Some(_) => {}
+            }
+            match port {
+                PORT_SERIAL => vcpu.serial_byte(value as u8, console),
+                PORT_EXIT => {
+                    vcpu.flush_serial(console);
+                    return Ok(Step::Exit(value as i32));
+                }
+                PORT_ABI => vcpu.abi_key = value,
+                PORT_HYPERCALL => vcpu.doorbell(|r| {
+                    shared.hypercall(DoorbellArgs {
+                        nr: r.rax & 0xffff_ffff,
+                        a0: r.rbx,
+                        a1: r.rcx,
+                        a2: r.rdx,
+                        a3: r.rsi,
+                    })
+                })?,
+                PORT_SHARED_CONSOLE => {
+                    vcpu.flush_serial(console);
+                    vcpu.doorbell(|r| shared.print_shared(r.rbx, r.rcx, console))?
+                }
+                PORT_DISCARD => vcpu.doorbell(|r| shared.discard(r.rbx, r.rcx))?,
+                _ => {
+                    return Err(VmmError::UnknownPort {
+                        vcpu: vcpu.index,
+                        port,
+                        exit,
+                    });
+                }
+            }
+        }
+        &Exit::IoIn {
+            port,
+            size,
+            answered,
+        } => {
+            if !answered {
+                if let Some(expected) = abi::in_width(port) {
+                    return Err(VmmError::BadWidth {
+                        vcpu: vcpu.index,
+                        port,
+                        size,
+                        expected,
+                    });
+                }
                 return Err(VmmError::UnknownPort {
                     vcpu: vcpu.index,
                     port,
                     exit,
                 });
             }
-        },
-        &Exit::IoIn { port, .. } => {
-            return Err(VmmError::UnknownPort {
-                vcpu: vcpu.index,
-                port,
-                exit,
-            });
         }
-        Exit::Hlt => return Ok(Step::Halted),
+        Exit::Hlt => {
+            vcpu.flush_serial(console);
+            return Ok(Step::Halted);
+        }
         &Exit::MemoryFault { gpa, size, flags } => {
             if vcpu.last_fault == Some(gpa) {
                 return Err(VmmError::RepeatedFault {
@@ -228,21 +343,9 @@ pub(crate) fn run_once(
                     source,
                 })?;
         }
-        &Exit::Hypercall { nr, args } => {
-            let ret = shared.hypercall(DoorbellArgs {
-                nr,
-                a0: args[0],
-                a1: args[1],
-                a2: args[2],
-                a3: args[3],
-            });
-            let run = vcpu.fd.get_kvm_run();
-            if run.exit_reason == KVM_EXIT_HYPERCALL {
-                // The exit reason says the union holds `hypercall`; writing
-                // its `ret` is how userspace answers (api.rst).
-                run.__bindgen_anon_1.hypercall.ret = ret as u64;
-            }
-        }
+        // Answered through HypercallExit::ret while it was decoded.
+        Exit::Hypercall { .. } => {}
+        Exit::Mmio { answered: true, .. } => {}
         Exit::Mmio { .. }
         | Exit::Shutdown
         | Exit::InternalError

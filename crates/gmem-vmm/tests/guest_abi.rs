@@ -7,8 +7,8 @@
 use gmem::{Attribute, BackingKind, Policy};
 use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
 use gmem_vmm::abi::{
-    EFAULT, EINVAL, ENOSYS, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_DISCARD, PORT_EXIT,
-    PORT_HYPERCALL, PORT_SERIAL, PORT_SHARED_CONSOLE,
+    ABI_VERSION, EFAULT, EINVAL, HC_MAP_GPA_RANGE, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, PORT_ABI,
+    PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE,
 };
 use gmem_vmm::{Console, Exit, Machine, MachineConfig, RunReport, VmmError, demo};
 use iced_x86::code_asm::*;
@@ -172,7 +172,7 @@ fn bad_hypercall_arguments_return_errors_and_the_vm_lives() {
     let ram = 4u64 << 20;
     let code = assemble(|a| {
         hypercall(a, 99, DATA, 1, 0)?;
-        expect_rax(a, -ENOSYS, 21)?;
+        expect_rax(a, -KVM_ENOSYS, 21)?;
         hypercall(a, HC_MAP_GPA_RANGE, DATA + 1, 1, 0)?;
         expect_rax(a, -EINVAL, 22)?;
         hypercall(a, HC_MAP_GPA_RANGE, ram - 4096, 2, 0)?;
@@ -442,4 +442,87 @@ fn bad_configs_and_payloads_are_refused() {
     machine
         .load(&[0xf4], LOAD, LOAD)
         .expect("a good payload still loads");
+}
+
+/// The ABI's version and what the guest can discover, read with `in` on
+/// the ABI port after selecting a key with `out`; and the serial port's
+/// line status, which an 8250 polling driver reads before each byte.
+#[test]
+fn the_guest_reads_the_abi_version_and_its_setup() {
+    let code = assemble(|a| {
+        // Unselected, the port reads the version.
+        a.in_(eax, u32::from(PORT_ABI))?;
+        a.cmp(eax, ABI_VERSION)?;
+        let mut ok = a.create_label();
+        a.je(ok)?;
+        a.mov(eax, 31)?;
+        a.out(u32::from(PORT_EXIT), eax)?;
+        a.set_label(&mut ok)?;
+        // Key 1: the policy (1 = discard); key 2: the initial attribute.
+        let mut status = 0u32;
+        for (key, want) in [
+            (1u32, 1u32),
+            (2, 0),
+            (4, 0),
+            (5, 4 << 20),
+            (6, 0),
+            (99, u32::MAX),
+        ] {
+            status += 1;
+            a.mov(eax, key)?;
+            a.out(u32::from(PORT_ABI), eax)?;
+            a.in_(eax, u32::from(PORT_ABI))?;
+            a.cmp(eax, want as i32)?;
+            let mut next = a.create_label();
+            a.je(next)?;
+            a.mov(eax, 40 + status)?;
+            a.out(u32::from(PORT_EXIT), eax)?;
+            a.set_label(&mut next)?;
+        }
+        a.mov(dx, PORT_SERIAL_LSR as u32)?;
+        a.in_(al, dx)?;
+        a.cmp(al, 0x60)?;
+        let mut lsr = a.create_label();
+        a.je(lsr)?;
+        a.mov(eax, 50)?;
+        a.out(u32::from(PORT_EXIT), eax)?;
+        a.set_label(&mut lsr)?;
+        a.hlt()
+    });
+    let Some((result, _)) = run_guest("abi port", BackingKind::Memfd, Policy::Discard, 1, &code)
+    else {
+        return;
+    };
+    assert_eq!(result.expect("run").status, 0, "status = the failing step");
+}
+
+/// Widths are checked: a 1-byte `out` to the 32-bit doorbell is an error
+/// naming both widths, not a silent truncation.
+#[test]
+fn an_access_of_the_wrong_width_is_a_clear_error() {
+    let code = assemble(|a| {
+        a.mov(al, 12)?;
+        a.out(u32::from(PORT_HYPERCALL), al)?;
+        a.hlt()
+    });
+    let Some((result, _)) = run_guest("widths", BackingKind::Memfd, Policy::InPlace, 1, &code)
+    else {
+        return;
+    };
+    let e = result.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VmmError::BadWidth {
+                size: 1,
+                expected: 4,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("1-byte") && e.to_string().contains("4-byte"),
+        "{e}"
+    );
 }

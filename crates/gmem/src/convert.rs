@@ -292,7 +292,10 @@ mod tests {
         // Firecracker's out-of-tree KVM_MEMORY_EXIT_FLAG_USERFAULT (bit 4):
         // refused, naming the flags, never taken for a conversion.
         let e = decode_memory_fault(1 << 4, 0x1000, 0x1000).unwrap_err();
-        assert!(matches!(e, ConvertError::UnknownFaultFlags { flags: 0x10, .. }));
+        assert!(matches!(
+            e,
+            ConvertError::UnknownFaultFlags { flags: 0x10, .. }
+        ));
         assert!(e.to_string().contains("0x10"), "{e}");
     }
 
