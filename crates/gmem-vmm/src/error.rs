@@ -57,6 +57,25 @@ pub enum VmmError {
         /// One past the highest (the vCPU stacks are above).
         limit: u64,
     },
+    /// An ELF payload was refused.
+    #[error("the ELF payload")]
+    Elf(#[from] crate::elf::ElfError),
+    /// An ELF segment does not fit where payloads may go.
+    #[error(
+        "ELF segment {index} at {addr:#x} of {len:#x} bytes does not fit: segments must lie in [{floor:#x}, {limit:#x}) (the boot structures are below, the vCPU stacks above)"
+    )]
+    SegmentOutsideRam {
+        /// The program header index.
+        index: usize,
+        /// Its address.
+        addr: u64,
+        /// Its size in memory.
+        len: u64,
+        /// The lowest address a payload may use.
+        floor: u64,
+        /// One past the highest.
+        limit: u64,
+    },
     /// The payload is empty.
     #[error("the payload is empty")]
     EmptyPayload,

@@ -16,6 +16,7 @@ pub mod boot;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod elf;
 pub mod error;
 pub mod exit;
 pub mod machine;

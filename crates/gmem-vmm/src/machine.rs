@@ -119,6 +119,52 @@ impl Machine {
             });
         }
         self.shared.gate.write(load_addr, payload)?;
+        self.start_at(entry)
+    }
+
+    /// Loads an ELF executable (its `PT_LOAD` segments at their physical
+    /// addresses, the rest of each zeroed) and launches at its entry point,
+    /// as [`load`](Self::load) does for a flat binary.
+    ///
+    /// # Errors
+    /// [`VmmError::Elf`] for a malformed or unfit file, naming the segment;
+    /// [`VmmError::SegmentOutsideRam`] for a segment outside
+    /// `[PAYLOAD_FLOOR, payload_limit)` (below it are the boot structures);
+    /// [`VmmError::AlreadyLaunched`] on a second load. Nothing is written
+    /// unless every segment fits.
+    pub fn load_elf(&mut self, file: &[u8]) -> Result<u64, VmmError> {
+        if self.launched {
+            return Err(VmmError::AlreadyLaunched);
+        }
+        let program = crate::elf::parse(file)?;
+        let limit = self.shared.config.payload_limit();
+        for s in &program.segments {
+            let r = s.range();
+            if r.start < PAYLOAD_FLOOR || r.end > limit {
+                return Err(VmmError::SegmentOutsideRam {
+                    index: s.index,
+                    addr: s.addr,
+                    len: s.mem_size,
+                    floor: PAYLOAD_FLOOR,
+                    limit,
+                });
+            }
+        }
+        let gate = &self.shared.gate;
+        for s in &program.segments {
+            gate.write(s.addr, s.data)?;
+            let rest = s.mem_size - s.data.len() as u64;
+            if rest > 0 {
+                gate.fill(s.addr + s.data.len() as u64, rest, 0)?;
+            }
+        }
+        self.start_at(program.entry)?;
+        Ok(program.entry)
+    }
+
+    /// Points every vCPU at `entry` with the ABI's registers and launches.
+    fn start_at(&mut self, entry: u64) -> Result<(), VmmError> {
+        let config = &self.shared.config;
         for vcpu in &self.vcpus {
             let index = vcpu.index as u64;
             let regs = boot::entry_regs(

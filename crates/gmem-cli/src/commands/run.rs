@@ -12,7 +12,9 @@ use crate::units::{parse_addr, parse_size, size_name};
 /// `gmem run` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A flat binary to run; without one, the built-in demo guest runs.
+    /// An ELF executable (loaded by its PT_LOAD segments, entered at its
+    /// entry point) or a flat binary to run; without one, the built-in demo
+    /// guest runs.
     payload: Option<PathBuf>,
     /// Guest RAM's backing: guest-memfd, memfd, hugetlb-2m or hugetlb-1g
     /// [default: guest-memfd where the kernel has it, else memfd].
@@ -92,9 +94,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let entry = args.entry.unwrap_or(args.load);
     let mut machine = Machine::new(config).context("building the machine")?;
-    machine
-        .load(&payload, args.load, entry)
-        .context("loading the payload")?;
+    if gmem_vmm::elf::is_elf(&payload) {
+        machine
+            .load_elf(&payload)
+            .context("loading the ELF payload")?;
+    } else {
+        machine
+            .load(&payload, args.load, entry)
+            .context("loading the payload")?;
+    }
     let console = if args.json {
         Console::stderr()
     } else {

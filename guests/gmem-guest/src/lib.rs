@@ -1,0 +1,48 @@
+//! # gmem-guest: the guest side of gmem's ABI
+//!
+//! For payloads of `gmem run` written in Rust (`no_std`). The ABI is
+//! `docs/guest-abi.md`; this crate is its guest half:
+//!
+//! - [`entry!`] defines `_start`: at CPL0 it builds an `iretq` frame and
+//!   drops to CPL3 with IOPL 3 (on this project's hosts CPL0 code is
+//!   emulated, about 1 µs an instruction, and the emulator rejects SSE; CPL3
+//!   code runs natively), with `rsp ≡ 8 (mod 16)` at the entry of Rust code,
+//!   then calls the guest's `main` and ends the run with its status;
+//! - [`console`]: `print!`/`println!` to the serial port;
+//! - [`exit`] ends the run with a status;
+//! - [`mem`]: conversions (`KVM_HC_MAP_GPA_RANGE` through the doorbell) and
+//!   discard;
+//! - [`abi`]: the port numbers and the ABI information port;
+//! - the runtime pieces a `no_std` binary needs here: a panic handler that
+//!   prints and exits with status 101, `rust_eh_personality`, and `memcpy`,
+//!   `memmove`, `memset`, `memcmp`, `bcmp` (there is no C library).
+//!
+//! `vmcall` is never executed: on this project's hosts it hangs the vCPU.
+#![no_std]
+
+pub mod abi;
+pub mod console;
+mod entry;
+pub mod io;
+pub mod mem;
+mod runtime;
+
+/// What the VMM passed at entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Boot {
+    /// Guest RAM in bytes (`rdi` at entry).
+    pub ram_size: u64,
+    /// This vCPU's index (`rsi` at entry).
+    pub vcpu: u64,
+}
+
+/// Ends the run with `status` (port `0xf4`); never returns.
+pub fn exit(status: i32) -> ! {
+    console::flush();
+    // SAFETY: an `out` to the ABI's exit port; the VMM ends the run.
+    unsafe { io::outl(abi::PORT_EXIT, status as u32) };
+    // The VMM stops this vCPU; CPL3 cannot `hlt`, so wait.
+    loop {
+        core::hint::spin_loop();
+    }
+}
