@@ -10,5 +10,18 @@
 /// version, and exits 0.
 pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 
+/// `guests/virtio-demo`, the built-in demo of `gmem run`: a secret in
+/// private memory, console output through virtio-console over shared bounce
+/// buffers, a disk read through virtio-blk, a device refused a private page.
+pub const VIRTIO_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio-demo.elf"));
+
+/// `guests/disk-sum`: reads a disk through virtio-blk, prints its FNV-1a 64
+/// checksum (all but the last sector) and writes it into the last sector.
+pub const DISK_SUM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/disk-sum.elf"));
+
 /// Every guest, by name.
-pub const ALL: &[(&str, &[u8])] = &[("hello", HELLO)];
+pub const ALL: &[(&str, &[u8])] = &[
+    ("hello", HELLO),
+    ("virtio-demo", VIRTIO_DEMO),
+    ("disk-sum", DISK_SUM),
+];

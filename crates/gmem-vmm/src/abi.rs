@@ -46,6 +46,8 @@ pub enum AbiKey {
     RamLow = 5,
     /// RAM size, high 32 bits.
     RamHigh = 6,
+    /// Where device `i`'s virtio-mmio window is: this plus `i × 0x1000`.
+    MmioBase = 7,
 }
 
 impl AbiKey {
@@ -60,6 +62,7 @@ impl AbiKey {
             Devices,
             RamLow,
             RamHigh,
+            MmioBase,
         ]
         .into_iter()
         .find(|k| *k as u32 == raw)

@@ -26,6 +26,8 @@ const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
 const PTE_HUGE: u64 = 1 << 7;
+/// Cache disable and write-through (PCD | PWT): device memory.
+const PTE_UNCACHED: u64 = 0x18;
 
 /// GDT selectors.
 const CODE_SELECTOR: u16 = 0x08;
@@ -92,6 +94,20 @@ pub fn page_tables(ram_size: u64) -> Vec<(u64, u64)> {
     }
     for p in 0..huge_pages {
         words.push((PD_ADDR + p * 8, (p << 21) | flags | PTE_HUGE));
+    }
+    // The device window (virtio-mmio), uncached, where RAM leaves its 1 GiB
+    // free: its page directory is the one RAM would use there.
+    let mmio = crate::virtio::MMIO_BASE;
+    if ram_size <= mmio {
+        let gib = mmio >> 30;
+        if gib >= directories {
+            words.push((PDPT_ADDR + gib * 8, (PD_ADDR + gib * 0x1000) | flags));
+        }
+        let page = mmio >> 21;
+        words.push((
+            PD_ADDR + page * 8,
+            (page << 21) | flags | PTE_HUGE | PTE_UNCACHED,
+        ));
     }
     words
 }
@@ -162,9 +178,13 @@ mod tests {
     #[test]
     fn page_tables_cover_ram() {
         let words = page_tables(64 << 20);
-        // PML4 + 1 PDPT entry + 32 huge pages.
-        assert_eq!(words.len(), 1 + 1 + 32);
-        assert_eq!(words.last().unwrap().1 & !0xfff, 31 << 21);
+        // PML4 + 1 PDPT entry + 32 huge pages, and the device window: its
+        // PDPT entry and one uncached huge page.
+        assert_eq!(words.len(), 1 + 1 + 32 + 2);
+        assert_eq!(words[33].1 & !0xfff, 31 << 21);
+        let window = words.last().unwrap().1;
+        assert_eq!(window & !0xfff, crate::virtio::MMIO_BASE);
+        assert_eq!(window & 0x18, 0x18, "uncached");
         assert!(words.iter().all(|(a, _)| *a < PAYLOAD_FLOOR));
         let big = page_tables(MAX_RAM);
         assert!(big.iter().all(|(a, _)| *a < PAYLOAD_FLOOR));

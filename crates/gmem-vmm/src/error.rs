@@ -57,6 +57,12 @@ pub enum VmmError {
         /// One past the highest (the vCPU stacks are above).
         limit: u64,
     },
+    /// A device could not be added.
+    #[error("adding a device: {rule}")]
+    Devices {
+        /// The rule broken.
+        rule: String,
+    },
     /// An ELF payload was refused.
     #[error("the ELF payload")]
     Elf(#[from] crate::elf::ElfError),

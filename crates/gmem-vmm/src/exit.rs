@@ -35,7 +35,8 @@ pub enum Exit {
         size: u8,
         /// Whether it was a write.
         write: bool,
-        /// Whether a device answered a read (otherwise it read zeroes).
+        /// Whether a device took the access (a read that none answered read
+        /// zeroes).
         answered: bool,
     },
     /// `hlt`.
@@ -75,6 +76,8 @@ pub trait Replies {
     fn port_in(&self, port: u16, data: &mut [u8]) -> bool;
     /// Fills `data` for a read of `gpa`; false if nothing owns it.
     fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> bool;
+    /// Takes a write of `data` to `gpa`; false if nothing owns it.
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> bool;
     /// The return value of hypercall `nr`.
     fn hypercall(&self, nr: u64, args: &[u64; 6]) -> u64;
 }
@@ -89,6 +92,10 @@ impl Replies for NoReplies {
     }
 
     fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+        false
+    }
+
+    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
         false
     }
 
@@ -145,7 +152,7 @@ impl Exit {
                 gpa,
                 size: data.len() as u8,
                 write: true,
-                answered: false,
+                answered: replies.mmio_write(gpa, data),
             },
             VcpuExit::Hlt => Exit::Hlt,
             VcpuExit::Shutdown => Exit::Shutdown,

@@ -23,11 +23,12 @@ pub mod machine;
 pub mod runner;
 mod shared;
 pub mod vcpu;
+pub mod virtio;
 
 pub use config::{MAX_VCPUS, MIN_RAM, MachineConfig};
 pub use console::Console;
 pub use error::VmmError;
 pub use exit::Exit;
 pub use machine::{Machine, MemoryHandle};
-pub use runner::RunReport;
+pub use runner::{DeviceReport, RunReport};
 pub use vcpu::Step;

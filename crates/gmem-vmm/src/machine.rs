@@ -79,6 +79,7 @@ impl Machine {
                 gate,
                 memory,
                 vmcall_taken,
+                devices: Default::default(),
                 vm,
                 config,
             }),
@@ -182,6 +183,45 @@ impl Machine {
         self.shared.gate.launch(config.initial)?;
         self.launched = true;
         Ok(())
+    }
+
+    /// Adds a virtio-mmio device; its window is the next one after
+    /// [`MMIO_BASE`](crate::virtio::MMIO_BASE) (the guest finds the count
+    /// and the base on the ABI port). Returns its index.
+    ///
+    /// # Errors
+    /// [`VmmError::Devices`] after the launch, with more than
+    /// [`MAX_DEVICES`](crate::virtio::MAX_DEVICES), or with RAM reaching the
+    /// device windows.
+    pub fn add_device(
+        &mut self,
+        device: Box<dyn crate::virtio::VirtioDevice>,
+    ) -> Result<usize, VmmError> {
+        let rule = if self.launched {
+            Some("devices are added before the launch".to_owned())
+        } else if self.shared.config.mem_size > crate::virtio::MMIO_BASE {
+            Some(format!(
+                "RAM of {:#x} bytes reaches the device windows at {:#x}",
+                self.shared.config.mem_size,
+                crate::virtio::MMIO_BASE
+            ))
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            return Err(VmmError::Devices { rule });
+        }
+        let mut devices = self.shared.lock_devices();
+        if devices.len() >= crate::virtio::MAX_DEVICES {
+            return Err(VmmError::Devices {
+                rule: format!(
+                    "a machine has at most {} devices",
+                    crate::virtio::MAX_DEVICES
+                ),
+            });
+        }
+        devices.push(crate::virtio::MmioTransport::new(device));
+        Ok(devices.len() - 1)
     }
 
     /// Runs vCPU `index` to its next exit and handles it as the guest ABI

@@ -42,9 +42,24 @@ pub struct RunReport {
     pub conversions: ConversionStats,
     /// Exits by reason.
     pub exits: BTreeMap<String, u64>,
+    /// The devices, and what they refused to touch.
+    pub devices: Vec<DeviceReport>,
     /// Wall time the guest ran: from the first vCPU's first `KVM_RUN` to
     /// the last vCPU's end, in µs (not the VMM's waiting).
     pub wall_time_us: u64,
+}
+
+/// One device in the run report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceReport {
+    /// The device.
+    pub name: &'static str,
+    /// Its status register at the end (`0x40`: it needed a reset).
+    pub status: u32,
+    /// How many accesses it refused (private or unbound memory).
+    pub refused: u64,
+    /// The first refusals.
+    pub refusals: Vec<crate::virtio::Refusal>,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -232,7 +247,21 @@ impl Machine {
             .map(|runs| runs.iter().map(|r| r.end - r.start).sum())
             .unwrap_or(0);
         let config = shared.config;
+        let devices = shared
+            .lock_devices()
+            .iter()
+            .map(|d| {
+                let (first, total) = d.refusals();
+                DeviceReport {
+                    name: d.name(),
+                    status: d.status(),
+                    refused: total,
+                    refusals: first.to_vec(),
+                }
+            })
+            .collect();
         Ok(RunReport {
+            devices,
             status,
             backing: config.backing,
             mem_size: config.mem_size,

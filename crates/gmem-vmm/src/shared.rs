@@ -2,13 +2,14 @@
 //! memory: conversions, the shared-buffer console and discard, all through
 //! the gatekeeper.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 
 use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
+use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
 /// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
 /// binding).
@@ -19,11 +20,42 @@ pub(crate) struct Shared {
     pub(crate) memory: Arc<dyn RestrictedMemory>,
     /// Whether `vmcall` with `KVM_HC_MAP_GPA_RANGE` exits to the VMM.
     pub(crate) vmcall_taken: bool,
+    /// The virtio-mmio devices, by window (`MMIO_BASE + i × MMIO_STRIDE`).
+    pub(crate) devices: Mutex<Vec<MmioTransport>>,
     pub(crate) vm: Vm,
     pub(crate) config: MachineConfig,
 }
 
 impl Shared {
+    pub(crate) fn lock_devices(&self) -> MutexGuard<'_, Vec<MmioTransport>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The device whose window holds `gpa`, and the offset in it.
+    fn device_at(&self, gpa: u64) -> Option<(usize, u64)> {
+        let off = gpa.checked_sub(MMIO_BASE)?;
+        let index = usize::try_from(off / MMIO_STRIDE).ok()?;
+        (index < self.lock_devices().len()).then_some((index, off % MMIO_STRIDE))
+    }
+
+    /// An MMIO read: a device's register or configuration space.
+    pub(crate) fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> bool {
+        let Some((i, off)) = self.device_at(gpa) else {
+            return false;
+        };
+        self.lock_devices()[i].read(off, data);
+        true
+    }
+
+    /// An MMIO write: a device's register (a notification runs it).
+    pub(crate) fn mmio_write(&self, gpa: u64, data: &[u8]) -> bool {
+        let Some((i, off)) = self.device_at(gpa) else {
+            return false;
+        };
+        self.lock_devices()[i].write(off, data, &self.gate);
+        true
+    }
+
     /// The value of `key` on the ABI port (all-ones for an unknown key).
     pub(crate) fn abi_value(&self, key: u32) -> u32 {
         let c = &self.config;
@@ -32,7 +64,8 @@ impl Shared {
             Some(AbiKey::Policy) => u32::from(c.policy == Policy::Discard),
             Some(AbiKey::Initial) => u32::from(c.initial == Attribute::Shared),
             Some(AbiKey::VmcallTaken) => u32::from(self.vmcall_taken),
-            Some(AbiKey::Devices) => 0,
+            Some(AbiKey::Devices) => self.lock_devices().len() as u32,
+            Some(AbiKey::MmioBase) => MMIO_BASE as u32,
             Some(AbiKey::RamLow) => c.mem_size as u32,
             Some(AbiKey::RamHigh) => (c.mem_size >> 32) as u32,
             None => u32::MAX,

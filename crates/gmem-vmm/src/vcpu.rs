@@ -218,8 +218,12 @@ impl Replies for Answers<'_> {
         true
     }
 
-    fn mmio_read(&self, _gpa: u64, _data: &mut [u8]) -> bool {
-        false
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> bool {
+        self.shared.mmio_read(gpa, data)
+    }
+
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> bool {
+        self.shared.mmio_write(gpa, data)
     }
 
     fn hypercall(&self, nr: u64, args: &[u64; 6]) -> u64 {

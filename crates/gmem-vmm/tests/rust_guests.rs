@@ -85,3 +85,116 @@ fn elf_files_that_do_not_fit_are_refused_by_segment() {
         Err(VmmError::AlreadyLaunched)
     ));
 }
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn disk(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("gmem-{name}-{}.img", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn machine_with_devices(
+    backing: BackingKind,
+    disk_path: &std::path::Path,
+    readonly: bool,
+) -> (Machine, std::sync::Arc<std::sync::Mutex<Vec<u8>>>, Console) {
+    let mut m = Machine::new(MachineConfig::new(backing, ram(backing))).unwrap();
+    let (console, out) = Console::buffer();
+    m.add_device(Box::new(gmem_vmm::virtio::console::VirtioConsole::new(
+        console.clone(),
+        Vec::new(),
+    )))
+    .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(disk_path)
+        .unwrap();
+    m.add_device(Box::new(
+        gmem_vmm::virtio::blk::VirtioBlk::new(file, readonly).unwrap(),
+    ))
+    .unwrap();
+    (m, out, console)
+}
+
+#[test]
+fn the_virtio_demo_talks_through_virtio_console_and_blk() {
+    for backing in BackingKind::ALL {
+        if !kvm_or_skip("virtio demo") {
+            return;
+        }
+        let Some(_pool) =
+            hugepages_or_skip("virtio demo", backing, ram(backing) / backing.page_size())
+        else {
+            continue;
+        };
+        let mut image = b"gmem demo disk: read through virtio-blk\n".to_vec();
+        image.resize(64 << 10, 0);
+        let path = disk("demo", &image);
+        let (mut m, out, console) = machine_with_devices(backing, &path, true);
+        m.load_elf(gmem_guests::VIRTIO_DEMO).unwrap();
+        let report = m
+            .run_to_end(&console)
+            .unwrap_or_else(|e| panic!("{backing}: {e}"));
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(report.status, 0, "{backing}: {text}");
+        assert!(
+            text.contains("came through virtio-console over shared bounce buffers"),
+            "{text}"
+        );
+        assert!(
+            text.contains("read through virtio-blk (128 sectors): gmem demo disk"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refused the private page: Err(Errno(-14))"),
+            "{text}"
+        );
+        assert_eq!(report.devices.len(), 2);
+        assert!(
+            report.devices.iter().all(|d| d.refused == 0),
+            "{:?}",
+            report.devices
+        );
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[test]
+fn disk_sum_matches_the_host_and_writes_its_result_back() {
+    if !kvm_or_skip("disk-sum") {
+        return;
+    }
+    let mut image = vec![0u8; 1 << 20];
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for b in image.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let want = fnv1a(&image[..image.len() - 512]);
+    let path = disk("sum", &image);
+    for backing in [BackingKind::GuestMemfd, BackingKind::Memfd] {
+        let (mut m, out, console) = machine_with_devices(backing, &path, false);
+        m.load_elf(gmem_guests::DISK_SUM).unwrap();
+        let report = m
+            .run_to_end(&console)
+            .unwrap_or_else(|e| panic!("{backing}: {e}"));
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(report.status, 0, "{backing}: {text}");
+        assert!(
+            text.contains(&format!("fnv1a64 {want:016x}")),
+            "{backing}: {text}"
+        );
+        let back = std::fs::read(&path).unwrap();
+        let tail = &back[back.len() - 512..];
+        assert_eq!(&tail[..24], format!("fnv1a64 {want:016x}").as_bytes());
+    }
+    let _ = std::fs::remove_file(path);
+}

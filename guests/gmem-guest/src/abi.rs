@@ -47,6 +47,8 @@ pub enum Key {
     RamLow = 5,
     /// RAM size, high 32 bits.
     RamHigh = 6,
+    /// Device `i`'s virtio-mmio window is at this plus `i × 0x1000`.
+    MmioBase = 7,
 }
 
 /// Reads `key` from the ABI port.

@@ -13,6 +13,10 @@
 //! - [`mem`]: conversions (`KVM_HC_MAP_GPA_RANGE` through the doorbell) and
 //!   discard;
 //! - [`abi`]: the port numbers and the ABI information port;
+//! - [`virtio`]: a bounce-buffer pool converted to shared at start (as
+//!   SWIOTLB does) and a `virtio-drivers` `Hal` whose `share`/`unshare` copy
+//!   through it, so the drivers of the `virtio-drivers` crate run here and
+//!   devices only ever see shared pages;
 //! - the runtime pieces a `no_std` binary needs here: a panic handler that
 //!   prints and exits with status 101, `rust_eh_personality`, and `memcpy`,
 //!   `memmove`, `memset`, `memcmp`, `bcmp` (there is no C library).
@@ -20,12 +24,15 @@
 //! `vmcall` is never executed: on this project's hosts it hangs the vCPU.
 #![no_std]
 
+extern crate alloc;
+
 pub mod abi;
 pub mod console;
 mod entry;
 pub mod io;
 pub mod mem;
 mod runtime;
+pub mod virtio;
 
 /// What the VMM passed at entry.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +41,15 @@ pub struct Boot {
     pub ram_size: u64,
     /// This vCPU's index (`rsi` at entry).
     pub vcpu: u64,
+}
+
+/// Parks this vCPU for the rest of the run (CPL3 code cannot `hlt`): for
+/// vCPUs other than the one doing the work; the run ends when that one
+/// exits.
+pub fn park() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
 }
 
 /// Ends the run with `status` (port `0xf4`); never returns.

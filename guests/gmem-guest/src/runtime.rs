@@ -85,3 +85,48 @@ unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// The heap: a bump allocator over a static arena. Freed memory is not
+/// reused; guests are short programs (the drivers allocate a few buffers).
+mod heap {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::cell::UnsafeCell;
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    const ARENA: usize = 1 << 20;
+
+    #[repr(align(4096))]
+    struct Arena(UnsafeCell<[u8; ARENA]>);
+
+    // SAFETY: the arena is handed out in disjoint pieces by an atomic bump.
+    unsafe impl Sync for Arena {}
+
+    static MEMORY: Arena = Arena(UnsafeCell::new([0; ARENA]));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    struct Bump;
+
+    // SAFETY: every allocation is a distinct, suitably aligned piece of the
+    // arena, never handed out twice; null when the arena is exhausted.
+    unsafe impl GlobalAlloc for Bump {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let base = MEMORY.0.get() as usize;
+            let mut cur = NEXT.load(Ordering::Relaxed);
+            loop {
+                let start = (base + cur).next_multiple_of(layout.align()) - base;
+                let Some(end) = start.checked_add(layout.size()).filter(|&e| e <= ARENA) else {
+                    return core::ptr::null_mut();
+                };
+                match NEXT.compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return (base + start) as *mut u8,
+                    Err(now) => cur = now,
+                }
+            }
+        }
+
+        unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+    }
+
+    #[global_allocator]
+    static HEAP: Bump = Bump;
+}

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gmem::{Attribute, BackingKind, GmemFlags, Policy, Vm};
-use gmem_vmm::{Console, Machine, MachineConfig, RunReport, demo};
+use gmem_vmm::virtio::blk::VirtioBlk;
+use gmem_vmm::virtio::console::VirtioConsole;
+use gmem_vmm::{Console, Machine, MachineConfig, RunReport};
 
 use crate::units::{parse_addr, parse_size, size_name};
 
@@ -14,7 +16,7 @@ use crate::units::{parse_addr, parse_size, size_name};
 pub struct Args {
     /// An ELF executable (loaded by its PT_LOAD segments, entered at its
     /// entry point) or a flat binary to run; without one, the built-in demo
-    /// guest runs.
+    /// guest (Rust, over virtio-console and virtio-blk) runs.
     payload: Option<PathBuf>,
     /// Guest RAM's backing: guest-memfd, memfd, hugetlb-2m or hugetlb-1g
     /// [default: guest-memfd where the kernel has it, else memfd].
@@ -39,9 +41,75 @@ pub struct Args {
     /// RAM's attribute after launch: private or shared.
     #[arg(long, default_value = "private", value_parser = parse_attribute)]
     initial: Attribute,
+    /// A disk image for a virtio-blk device: FILE or FILE,readonly [the
+    /// demo: a small read-only image of its own].
+    #[arg(long, value_parser = parse_disk)]
+    disk: Option<Disk>,
+    /// What the guest receives on its virtio-console (a file) [default:
+    /// nothing].
+    #[arg(long)]
+    console_in: Option<PathBuf>,
+    /// Run without virtio devices (payloads that predate them).
+    #[arg(long)]
+    no_devices: bool,
     /// Print the report as JSON (the guest's console then goes to stderr).
     #[arg(long)]
     json: bool,
+}
+
+/// `--disk FILE[,readonly]`.
+#[derive(Clone, Debug)]
+struct Disk {
+    path: PathBuf,
+    readonly: bool,
+}
+
+fn parse_disk(s: &str) -> Result<Disk, String> {
+    let (path, readonly) = match s.rsplit_once(',') {
+        Some((p, "readonly")) => (p, true),
+        Some((_, other)) => {
+            return Err(format!(
+                "unknown disk option {other:?}; expected FILE or FILE,readonly"
+            ));
+        }
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("the disk needs a file: FILE or FILE,readonly".into());
+    }
+    Ok(Disk {
+        path: PathBuf::from(path),
+        readonly,
+    })
+}
+
+/// The demo's disk: a sector of text, in a temporary file removed at exit.
+fn demo_disk() -> anyhow::Result<tempfile_like::TempDisk> {
+    tempfile_like::TempDisk::new(b"the gmem demo disk, read by the guest through virtio-blk\n")
+}
+
+mod tempfile_like {
+    //! A temporary disk image, removed when dropped.
+    use std::path::PathBuf;
+
+    pub(super) struct TempDisk(pub(super) PathBuf);
+
+    impl TempDisk {
+        pub(super) fn new(text: &[u8]) -> anyhow::Result<TempDisk> {
+            let path =
+                std::env::temp_dir().join(format!("gmem-demo-disk-{}.img", std::process::id()));
+            let mut image = text.to_vec();
+            image.resize(64 << 10, 0);
+            std::fs::write(&path, image)?;
+            Ok(TempDisk(path))
+        }
+    }
+
+    impl Drop for TempDisk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 }
 
 fn parse_attribute(s: &str) -> Result<Attribute, String> {
@@ -78,22 +146,55 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ..MachineConfig::new(backing, mem_size)
     };
     config.validate()?;
+    let demo = args.payload.is_none();
     let payload = match &args.payload {
         Some(path) => std::fs::read(path)
             .with_context(|| format!("reading the payload {}", path.display()))?,
-        None => {
-            if demo::area_end(config.vcpus) > config.payload_limit() {
-                anyhow::bail!(
-                    "the demo guest needs RAM up to {:#x} for {} vCPUs plus their stacks; give more --mem",
-                    demo::area_end(config.vcpus),
-                    config.vcpus
-                );
-            }
-            demo::payload(args.load).context("assembling the demo guest")?
-        }
+        None => gmem_guests::VIRTIO_DEMO.to_vec(),
     };
     let entry = args.entry.unwrap_or(args.load);
     let mut machine = Machine::new(config).context("building the machine")?;
+    let console = if args.json {
+        Console::stderr()
+    } else {
+        Console::stdout()
+    };
+    let _demo_disk;
+    if !args.no_devices {
+        let input = match &args.console_in {
+            Some(p) => std::fs::read(p)
+                .with_context(|| format!("reading the console input {}", p.display()))?,
+            None => Vec::new(),
+        };
+        machine
+            .add_device(Box::new(VirtioConsole::new(console.clone(), input)))
+            .context("adding virtio-console")?;
+        let disk = match &args.disk {
+            Some(d) => Some(d.clone()),
+            None if demo => {
+                let temp = demo_disk().context("creating the demo's disk image")?;
+                let d = Disk {
+                    path: temp.0.clone(),
+                    readonly: true,
+                };
+                _demo_disk = temp;
+                Some(d)
+            }
+            None => None,
+        };
+        if let Some(d) = disk {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.readonly)
+                .open(&d.path)
+                .with_context(|| format!("opening the disk image {}", d.path.display()))?;
+            let blk = VirtioBlk::new(file, d.readonly)
+                .with_context(|| format!("reading the size of {}", d.path.display()))?;
+            machine
+                .add_device(Box::new(blk))
+                .context("adding virtio-blk")?;
+        }
+    }
     if gmem_vmm::elf::is_elf(&payload) {
         machine
             .load_elf(&payload)
@@ -103,11 +204,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .load(&payload, args.load, entry)
             .context("loading the payload")?;
     }
-    let console = if args.json {
-        Console::stderr()
-    } else {
-        Console::stdout()
-    };
     let report = machine.run_to_end(&console).context("running the guest")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -156,6 +252,30 @@ fn print_report(r: &RunReport) {
     );
     let exits: Vec<String> = r.exits.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("{:<14}{}", "exits", exits.join(", "));
+    for d in &r.devices {
+        let refusals: Vec<String> = d
+            .refusals
+            .iter()
+            .take(4)
+            .map(|x| format!("[{:#x}, +{:#x})", x.gpa, x.len))
+            .collect();
+        println!(
+            "{:<14}{}: {} refused{}{}",
+            "device",
+            d.name,
+            d.refused,
+            if refusals.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", refusals.join(", "))
+            },
+            if d.status & 0x40 != 0 {
+                ", needed a reset"
+            } else {
+                ""
+            }
+        );
+    }
     println!(
         "{:<14}{:.3} ms",
         "wall time",

@@ -39,6 +39,9 @@ pub struct DeviceMemory {
     gate: Gatekeeper,
     /// The pins behind every slice handed out; released on drop.
     pins: Mutex<Vec<Pin>>,
+    /// The ranges refused (private, unbound, unpinnable), for the device to
+    /// report: `(gpa, len)`.
+    refused: Mutex<Vec<(u64, u64)>>,
 }
 
 impl DeviceMemory {
@@ -47,7 +50,24 @@ impl DeviceMemory {
         DeviceMemory {
             gate: gate.clone(),
             pins: Mutex::new(Vec::new()),
+            refused: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The ranges this request was refused, `(gpa, len)` in order: what a
+    /// device reports when the guest pointed it at memory it may not touch.
+    pub fn refusals(&self) -> Vec<(u64, u64)> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn refuse(&self, gpa: u64, len: u64) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((gpa, len));
     }
 
     /// The gatekeeper.
@@ -114,7 +134,11 @@ impl GuestMemory for DeviceMemory {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
-        count == 0 || self.gate.is_shared(addr.0, count as u64)
+        let ok = count == 0 || self.gate.is_shared(addr.0, count as u64);
+        if !ok {
+            self.refuse(addr.0, count as u64);
+        }
+        ok
     }
 
     fn get_slices<'a>(
@@ -135,26 +159,26 @@ impl GuestMemory for DeviceMemory {
             .checked_add(count as u64)
             .ok_or(GuestMemoryError::GuestAddressOverflow)?;
         let region = |pos: u64| {
-            self.gate
-                .region_of(pos)
-                .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(pos)))
+            self.gate.region_of(pos).ok_or_else(|| {
+                self.refuse(addr.0, count as u64);
+                GuestMemoryError::InvalidGuestAddress(GuestAddress(pos))
+            })
         };
         let first_end = end.min(region(addr.0)?.end);
-        let first = self
-            .gate
-            .pin(addr.0, first_end - addr.0)
-            .map_err(|e| refused(addr, e))?;
+        let first = self.gate.pin(addr.0, first_end - addr.0).map_err(|e| {
+            self.refuse(addr.0, count as u64);
+            refused(addr, e)
+        })?;
         // All or nothing: pin every other region's part before handing out
         // any slice (dropping the pins on error releases them).
         let mut others = Vec::new();
         let mut pos = first_end;
         while pos < end {
             let stop = end.min(region(pos)?.end);
-            others.push(
-                self.gate
-                    .pin(pos, stop - pos)
-                    .map_err(|e| refused(addr, e))?,
-            );
+            others.push(self.gate.pin(pos, stop - pos).map_err(|e| {
+                self.refuse(addr.0, count as u64);
+                refused(addr, e)
+            })?);
             pos = stop;
         }
         // SAFETY: `first` is moved into `self.pins` below and only dropped

@@ -1,0 +1,388 @@
+//! The virtio-mmio register file (virtio 1.x, §4.2.2, MMIO version 2) of
+//! one device: feature negotiation, queue setup, notifications, status and
+//! reset. Registers are 32-bit; configuration space starts at `0x100`.
+
+use gmem::{DeviceMemory, Gatekeeper};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+
+use super::{F_VERSION_1, Refusal, VirtioDevice};
+
+/// Where the device windows start: outside RAM (machines with devices keep
+/// their RAM below it), mapped uncached by the boot page tables.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// The size of each device's window.
+pub const MMIO_STRIDE: u64 = 0x1000;
+/// The most devices a machine has.
+pub const MAX_DEVICES: usize = 16;
+/// "virt", little-endian.
+pub const MAGIC: u32 = 0x7472_6976;
+/// "GMEM", the vendor id.
+pub const VENDOR: u32 = 0x4d45_4d47;
+/// The most refusals one device records (later ones are counted only).
+const MAX_REFUSALS: usize = 64;
+
+/// One device behind its registers.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    refusals: Vec<Refusal>,
+    refusals_total: u64,
+}
+
+impl MmioTransport {
+    /// A transport for `device`, reset.
+    pub fn new(device: Box<dyn VirtioDevice>) -> MmioTransport {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).unwrap_or_else(|_| Queue::new(1).expect("size 1 is valid")))
+            .collect();
+        MmioTransport {
+            device,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            refusals: Vec::new(),
+            refusals_total: 0,
+        }
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &'static str {
+        self.device.name()
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The refusals recorded, and how many there were in all.
+    pub fn refusals(&self) -> (&[Refusal], u64) {
+        (&self.refusals, self.refusals_total)
+    }
+
+    fn queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    fn queue_mut(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device
+                .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        let value = if data.len() != 4 {
+            0
+        } else {
+            match offset as u32 {
+                VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+                VIRTIO_MMIO_VERSION => 2,
+                VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+                VIRTIO_MMIO_VENDOR_ID => VENDOR,
+                VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                    0 => self.device.features() as u32,
+                    1 => (self.device.features() >> 32) as u32,
+                    _ => 0,
+                },
+                VIRTIO_MMIO_QUEUE_NUM_MAX => self.queue().map_or(0, |q| u32::from(q.max_size())),
+                VIRTIO_MMIO_QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready())),
+                VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+                VIRTIO_MMIO_STATUS => self.status,
+                VIRTIO_MMIO_CONFIG_GENERATION => 0,
+                _ => 0,
+            }
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len().min(4)]);
+    }
+
+    /// A write of `data` at `offset` in the window; notifications run the
+    /// device over `gate`'s memory.
+    pub fn write(&mut self, offset: u64, data: &[u8], gate: &Gatekeeper) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return; // registers take 32-bit writes only; config is read-only
+        };
+        let value = u32::from_le_bytes(bytes);
+        // A queue is set up while it is not ready (virtio 1.x §4.2.3.2); the
+        // driver disables it again by writing 0 to QueueReady.
+        let setting_up = self.queue().is_some_and(|q| !q.ready());
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM if setting_up => {
+                if let Some(q) = self.queue_mut() {
+                    q.set_size(value as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY => {
+                if let Some(q) = self.queue_mut() {
+                    q.set_ready(value == 1);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW if setting_up => {
+                self.set_address(|q, v| q.set_desc_table_address(Some(v), None), value)
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if setting_up => {
+                self.set_address(|q, v| q.set_desc_table_address(None, Some(v)), value)
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if setting_up => {
+                self.set_address(|q, v| q.set_avail_ring_address(Some(v), None), value)
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setting_up => {
+                self.set_address(|q, v| q.set_avail_ring_address(None, Some(v)), value)
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if setting_up => {
+                self.set_address(|q, v| q.set_used_ring_address(Some(v), None), value)
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if setting_up => {
+                self.set_address(|q, v| q.set_used_ring_address(None, Some(v)), value)
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value as usize, gate),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            _ => {}
+        }
+    }
+
+    fn set_address(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
+        if let Some(q) = self.queue_mut() {
+            set(q, value);
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+        {
+            // The driver may accept only what the device offers, and must
+            // speak virtio 1.x; otherwise FEATURES_OK does not stick.
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
+                value &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        // NEEDS_RESET is the device's to set.
+        self.status =
+            value & !VIRTIO_CONFIG_S_NEEDS_RESET | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+    }
+
+    /// Back to the state after power-on (status 0).
+    pub fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn notify(&mut self, index: usize, gate: &Gatekeeper) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        // One request's pins, released when it is done.
+        let mem = DeviceMemory::new(gate);
+        let result = self.device.process(index, queue, &mem);
+        for (gpa, len) in mem.refusals() {
+            self.refusals_total += 1;
+            if self.refusals.len() < MAX_REFUSALS {
+                self.refusals.push(Refusal {
+                    device: self.device.name(),
+                    gpa,
+                    len,
+                });
+            }
+        }
+        match result {
+            Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
+            Ok(false) => {}
+            Err(_) => {
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{F_ACCESS_PLATFORM, QueueFault};
+
+    struct Null;
+
+    impl VirtioDevice for Null {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn name(&self) -> &'static str {
+            "null"
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1 | F_ACCESS_PLATFORM
+        }
+        fn queue_max_sizes(&self) -> &'static [u16] {
+            &[16]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn process(
+            &mut self,
+            _: usize,
+            _: &mut Queue,
+            _: &DeviceMemory,
+        ) -> Result<bool, QueueFault> {
+            Ok(false)
+        }
+    }
+
+    fn r(t: &MmioTransport, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn gate() -> Option<Gatekeeper> {
+        let vm = gmem::Vm::new().ok()?;
+        let mem = gmem::create_memory(
+            gmem::MemoryOptions::new(gmem::BackingKind::Memfd, 2 << 20),
+            Some(&vm),
+        )
+        .ok()?;
+        let b = vm.bind(&mem, gmem::SlotRequest::new(0, 0, 2 << 20)).ok()?;
+        Gatekeeper::new(&vm, vec![b], gmem::GateOptions::default()).ok()
+    }
+
+    fn w(t: &mut MmioTransport, off: u32, v: u32, g: &Gatekeeper) {
+        t.write(u64::from(off), &v.to_le_bytes(), g);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let t = MmioTransport::new(Box::new(Null));
+        assert_eq!(r(&t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(r(&t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&t, VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(r(&t, VIRTIO_MMIO_VENDOR_ID), VENDOR);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+        let mut cfg = [0u8; 2];
+        t.read(0x104, &mut cfg);
+        assert_eq!(cfg, [4, 4], "config space from 0x100");
+        // A register read of the wrong width reads zeroes.
+        let mut b = [0xffu8; 1];
+        t.read(0, &mut b);
+        assert_eq!(b, [0]);
+    }
+
+    #[test]
+    fn feature_negotiation_and_reset() {
+        let Some(g) = gate() else {
+            println!("skipped: no /dev/kvm");
+            return;
+        };
+        let mut t = MmioTransport::new(Box::new(Null));
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1, &g);
+        assert_eq!(
+            r(&t, VIRTIO_MMIO_DEVICE_FEATURES),
+            0b11,
+            "VERSION_1 | ACCESS_PLATFORM"
+        );
+        // Accepting a feature not offered: FEATURES_OK does not stick.
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0, &g);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5, &g);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            1 | 2 | VIRTIO_CONFIG_S_FEATURES_OK,
+            &g,
+        );
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        // Without VERSION_1 neither.
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0, &g);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            1 | 2 | VIRTIO_CONFIG_S_FEATURES_OK,
+            &g,
+        );
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        // VERSION_1 and ACCESS_PLATFORM: accepted.
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1, &g);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0b11, &g);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            1 | 2 | VIRTIO_CONFIG_S_FEATURES_OK,
+            &g,
+        );
+        assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        // Queue setup, then reset clears it.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1, &g);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 1);
+        // A queue index the device lacks reads as absent.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 7, &g);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0, &g);
+        assert_eq!(
+            (r(&t, VIRTIO_MMIO_STATUS), r(&t, VIRTIO_MMIO_QUEUE_READY)),
+            (0, 0)
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! virtio for confidential guests: the device may touch only shared pages,
+//! so every buffer it sees lives in a bounce pool that the guest converts
+//! to shared at start (as Linux's SWIOTLB does); [`GmemHal`] is the
+//! `virtio-drivers` `Hal` that allocates rings there and copies buffers in
+//! and out in `share`/`unshare`. The drivers themselves are the
+//! `virtio-drivers` crate's.
+//!
+//! (`virtio-drivers` 0.13 does not accept `VIRTIO_F_ACCESS_PLATFORM`; its
+//! `share`/`unshare` hooks are what the feature stands for.)
+
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+
+use crate::mem::{self, Attribute, Errno};
+use crate::{Boot, abi};
+
+/// The bounce pool's size: 4 MiB, in 4 KiB pages.
+pub const POOL_PAGES: usize = 1024;
+const PAGE: usize = 4096;
+
+struct Pool {
+    base: usize,
+    /// A bit per page: in use.
+    used: [u64; POOL_PAGES / 64],
+}
+
+struct Locked {
+    busy: AtomicBool,
+    pool: UnsafeCell<Pool>,
+}
+
+// SAFETY: `pool` is only reached with `busy` held (see `with_pool`).
+unsafe impl Sync for Locked {}
+
+static POOL: Locked = Locked {
+    busy: AtomicBool::new(false),
+    pool: UnsafeCell::new(Pool {
+        base: 0,
+        used: [0; POOL_PAGES / 64],
+    }),
+};
+
+fn with_pool<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
+    while POOL.busy.swap(true, Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    // SAFETY: `busy` is held: no other reference to the pool exists.
+    let r = f(unsafe { &mut *POOL.pool.get() });
+    POOL.busy.store(false, Ordering::Release);
+    r
+}
+
+/// Where the bounce pool goes for `boot`: 4 MiB, 2 MiB-aligned, below the
+/// top 1 MiB of RAM (the vCPU stacks).
+pub fn pool_base(boot: &Boot) -> u64 {
+    (boot.ram_size - (1 << 20) - (POOL_PAGES * PAGE) as u64) & !((2 << 20) - 1)
+}
+
+/// Converts the bounce pool to shared and makes it [`GmemHal`]'s.
+///
+/// # Errors
+/// The VMM's errno if the conversion is refused.
+pub fn init(boot: &Boot) -> Result<(), Errno> {
+    let base = pool_base(boot);
+    mem::convert(base, POOL_PAGES as u64, Attribute::Shared)?;
+    with_pool(|p| {
+        p.base = base as usize;
+        p.used = [0; POOL_PAGES / 64];
+    });
+    Ok(())
+}
+
+/// The first address of the bounce pool (0 before [`init`]).
+pub fn pool_start() -> usize {
+    with_pool(|p| p.base)
+}
+
+fn alloc(pages: usize) -> Option<usize> {
+    with_pool(|p| {
+        if p.base == 0 || pages == 0 {
+            return None;
+        }
+        let free = |i: usize| p.used[i / 64] & (1 << (i % 64)) == 0;
+        let mut start = 0;
+        while start + pages <= POOL_PAGES {
+            match (start..start + pages).find(|&i| !free(i)) {
+                Some(taken) => start = taken + 1,
+                None => {
+                    for i in start..start + pages {
+                        p.used[i / 64] |= 1 << (i % 64);
+                    }
+                    return Some(p.base + start * PAGE);
+                }
+            }
+        }
+        None
+    })
+}
+
+fn free(addr: usize, pages: usize) {
+    with_pool(|p| {
+        let first = (addr - p.base) / PAGE;
+        for i in first..(first + pages).min(POOL_PAGES) {
+            p.used[i / 64] &= !(1 << (i % 64));
+        }
+    });
+}
+
+/// The `virtio-drivers` `Hal` of a gmem guest: DMA memory and bounce
+/// buffers from the shared pool; guest RAM is identity-mapped, so a
+/// physical address is its virtual one.
+pub struct GmemHal;
+
+// SAFETY: dma_alloc returns zeroed, page-aligned pages of the pool that no
+// other allocation aliases until dma_dealloc; share copies into pages of
+// the same kind and returns their (identity-mapped) address.
+unsafe impl Hal for GmemHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let Some(addr) = alloc(pages) else {
+            crate::println!("gmem-guest: the bounce pool is exhausted ({pages} pages asked)");
+            crate::exit(102);
+        };
+        // SAFETY: `pages` pages at `addr` are the pool's, shared, just taken.
+        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, pages * PAGE) };
+        // The pool never starts at 0 (it is below the top of RAM).
+        (
+            addr as PhysAddr,
+            NonNull::new(addr as *mut u8).unwrap_or(NonNull::dangling()),
+        )
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
+        free(paddr as usize, pages);
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling())
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
+        let len = buffer.len();
+        let pages = len.div_ceil(PAGE).max(1);
+        let Some(bounce) = alloc(pages) else {
+            crate::println!("gmem-guest: the bounce pool is exhausted ({len} bytes to share)");
+            crate::exit(102);
+        };
+        if direction != BufferDirection::DeviceToDriver {
+            // SAFETY: `len` bytes at both: the caller's buffer and the
+            // bounce pages just taken; they do not overlap.
+            unsafe {
+                core::ptr::copy_nonoverlapping(buffer.cast::<u8>().as_ptr(), bounce as *mut u8, len)
+            };
+        }
+        bounce as PhysAddr
+    }
+
+    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        let len = buffer.len();
+        if direction != BufferDirection::DriverToDevice {
+            // SAFETY: the bounce pages `share` returned hold `len` bytes for
+            // the caller's buffer of that length.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    paddr as *const u8,
+                    buffer.cast::<u8>().as_ptr(),
+                    len,
+                )
+            };
+        }
+        free(paddr as usize, len.div_ceil(PAGE).max(1));
+    }
+}
+
+/// The `index`-th device's transport, if there is such a device.
+///
+/// # Safety
+/// The VMM's device window must be identity-mapped (the ABI guarantees
+/// it), and no other transport for the same device may exist.
+pub unsafe fn transport(index: u32) -> Option<MmioTransport<'static>> {
+    if index >= abi::query(abi::Key::Devices) {
+        return None;
+    }
+    let base = u64::from(abi::query(abi::Key::MmioBase)) + u64::from(index) * 0x1000;
+    let header = NonNull::new(base as *mut VirtIOHeader)?;
+    // SAFETY: the caller's contract: a device window of 0x1000 bytes, used
+    // by this transport alone.
+    unsafe { MmioTransport::new(header, 0x1000) }.ok()
+}
