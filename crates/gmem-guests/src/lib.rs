@@ -19,9 +19,15 @@ pub const VIRTIO_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio-
 /// checksum (all but the last sector) and writes it into the last sector.
 pub const DISK_SUM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/disk-sum.elf"));
 
+/// `guests/attacker`: forges virtqueue descriptors and rings that point a
+/// virtio-blk device at private memory, and checks each is refused and the
+/// VM lives on.
+pub const ATTACKER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attacker.elf"));
+
 /// Every guest, by name.
 pub const ALL: &[(&str, &[u8])] = &[
     ("hello", HELLO),
     ("virtio-demo", VIRTIO_DEMO),
     ("disk-sum", DISK_SUM),
+    ("attacker", ATTACKER),
 ];

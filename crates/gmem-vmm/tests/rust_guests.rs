@@ -180,7 +180,12 @@ fn disk_sum_matches_the_host_and_writes_its_result_back() {
     }
     let want = fnv1a(&image[..image.len() - 512]);
     let path = disk("sum", &image);
-    for backing in [BackingKind::GuestMemfd, BackingKind::Memfd] {
+    for backing in BackingKind::ALL {
+        let Some(_pool) =
+            hugepages_or_skip("disk-sum", backing, ram(backing) / backing.page_size())
+        else {
+            continue;
+        };
         let (mut m, out, console) = machine_with_devices(backing, &path, false);
         m.load_elf(gmem_guests::DISK_SUM).unwrap();
         let report = m
@@ -197,4 +202,48 @@ fn disk_sum_matches_the_host_and_writes_its_result_back() {
         assert_eq!(&tail[..24], format!("fnv1a64 {want:016x}").as_bytes());
     }
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn the_attacker_is_refused_every_time_and_the_vm_lives() {
+    for backing in BackingKind::ALL {
+        if !kvm_or_skip("attacker") {
+            return;
+        }
+        let Some(_pool) =
+            hugepages_or_skip("attacker", backing, ram(backing) / backing.page_size())
+        else {
+            continue;
+        };
+        let mut image = b"attacker disk".to_vec();
+        image.resize(64 << 10, 0);
+        let path = disk(&format!("attack-{backing}"), &image);
+        let (mut m, out, console) = machine_with_devices(backing, &path, false);
+        m.load_elf(gmem_guests::ATTACKER).unwrap();
+        let report = m
+            .run_to_end(&console)
+            .unwrap_or_else(|e| panic!("{backing}: {e}"));
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            report.status, 0,
+            "{backing}: attack {} was not refused\n{text}",
+            report.status
+        );
+        assert!(
+            text.contains("every attempt was refused, and the VM lives"),
+            "{text}"
+        );
+        let blk = report
+            .devices
+            .iter()
+            .find(|d| d.name == "virtio-blk")
+            .unwrap();
+        assert!(
+            blk.refused >= 5,
+            "{backing}: the report counts {} refusals",
+            blk.refused
+        );
+        assert!(blk.refusals.iter().all(|r| r.device == "virtio-blk"));
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -17,6 +17,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{F_ACCESS_PLATFORM, F_VERSION_1, QueueFault, VirtioDevice};
 
@@ -57,31 +58,35 @@ impl VirtioBlk {
         chain: DescriptorChain<&DeviceMemory>,
         mem: &DeviceMemory,
     ) -> Result<u32, QueueFault> {
-        let mut writer = chain
-            .clone()
-            .writer(mem)
-            .map_err(|e| QueueFault(format!("a request with no writable status: {e}")))?;
-        let room = writer.available_bytes();
-        if room == 0 {
-            return Err(QueueFault("a request with no room for its status".into()));
-        }
-        let mut status_w = writer
-            .split_at(room - 1)
-            .map_err(|e| QueueFault(format!("the status byte: {e}")))?;
-        let status = match chain.reader(mem) {
-            Ok(mut reader) => self.serve(&mut reader, &mut writer),
-            // The header or a buffer lies in private memory: refused.
-            Err(_) => VIRTIO_BLK_S_IOERR,
+        // The status byte: the last byte of the last descriptor, which must
+        // be device-writable.
+        let status_at = match chain.clone().last() {
+            Some(d) if d.is_write_only() && d.len() > 0 => d.addr().0 + u64::from(d.len()) - 1,
+            _ => return Err(QueueFault("a request with no writable status byte".into())),
+        };
+        let (status, written) = match (chain.clone().reader(mem), chain.writer(mem)) {
+            (Ok(mut reader), Ok(mut writer)) => {
+                let room = writer.available_bytes();
+                match writer.split_at(room - 1) {
+                    Ok(_status) => {
+                        let status = self.serve(&mut reader, &mut writer);
+                        (status, writer.bytes_written())
+                    }
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            // A header or a buffer in private memory: refused, read or
+            // written not at all.
+            _ => (VIRTIO_BLK_S_IOERR, 0),
         };
         self.statuses[match status {
             VIRTIO_BLK_S_OK => 0,
             VIRTIO_BLK_S_IOERR => 1,
             _ => 2,
         }] += 1;
-        status_w
-            .write_all(&[status as u8])
-            .map_err(|e| QueueFault(format!("the status byte: {e}")))?;
-        Ok((writer.bytes_written() + 1) as u32)
+        mem.write_obj(status as u8, GuestAddress(status_at))
+            .map_err(|e| QueueFault(format!("the status byte at {status_at:#x}: {e}")))?;
+        Ok((written + 1) as u32)
     }
 
     fn serve(
