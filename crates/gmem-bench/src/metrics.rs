@@ -478,6 +478,7 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
             s,
         ));
     }
+    plans.extend(crate::virtio_io::plans(backings));
     plans.extend(crate::host_access::plans(backings, |k| {
         size_for(Subject::Backing(k))
     }));
