@@ -26,6 +26,11 @@ fn result(ret: i64) -> Result<(), Errno> {
 
 /// Converts `pages` 4 KiB pages at `gpa` to `to` (`KVM_HC_MAP_GPA_RANGE`),
 /// retrying while a device holds them (`-EAGAIN`).
+///
+/// Always through the doorbell: guest Rust code runs at CPL3, where KVM
+/// refuses `vmcall` (`-KVM_EPERM`, measured here even where the VMM takes
+/// `KVM_HC_MAP_GPA_RANGE` exits), and at CPL0 `vmcall` hangs the vCPU on
+/// this project's hosts.
 pub fn convert(gpa: u64, pages: u64, to: Attribute) -> Result<(), Errno> {
     let attrs = match to {
         Attribute::Private => abi::MAP_GPA_RANGE_ENCRYPTED,
