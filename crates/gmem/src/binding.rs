@@ -263,6 +263,15 @@ pub enum BindError {
         /// How many the VM has.
         max: u32,
     },
+    /// The bound range could not be mapped for KVM.
+    #[error("mapping the range for slot {slot} (userspace_addr)")]
+    Map {
+        /// The slot.
+        slot: Slot,
+        /// The backing's error.
+        #[source]
+        source: crate::backing::BackingError,
+    },
     /// KVM refused the memslot.
     #[error("KVM_SET_USER_MEMORY_REGION2 for slot {slot} failed")]
     Kvm {
@@ -281,6 +290,7 @@ impl BindError {
             BindError::GpaOverlap { .. } => libc::EEXIST,
             BindError::NoFreeSlot { .. } => libc::ENOSPC,
             BindError::Kvm { source, .. } => source.errno(),
+            BindError::Map { source, .. } => source.errno(),
             _ => libc::EINVAL,
         }
     }

@@ -241,3 +241,26 @@ fn slots_the_vmm_created_itself_are_never_overwritten() {
     // the VMM deletes the slot.
     drop(reservation);
 }
+
+/// Sizes the kernel accepts, gmem accepts: creation maps nothing (only a
+/// binding maps its range), so a guest_memfd or memfd of 2^47, 2^62 or
+/// 0x7ffffffffffff000 bytes costs no address space until bound.
+#[test]
+fn huge_sparse_files_cost_nothing_until_bound() {
+    let Some(_kvm) = kvm("huge files") else {
+        return;
+    };
+    let vm = Vm::new().unwrap();
+    for kind in [BackingKind::GuestMemfd, BackingKind::Memfd] {
+        for size in [1u64 << 47, 1 << 62, 0x7fff_ffff_ffff_f000] {
+            let mem = gmem::create_memory(gmem::MemoryOptions::new(kind, size), Some(&vm))
+                .unwrap_or_else(|e| panic!("{kind} of {size:#x}: {e}"));
+            assert_eq!(mem.size(), size);
+            // A binding of 2 MiB at the end of the file maps just that.
+            let b = vm
+                .bind(&mem, SlotRequest::new(0, size - 2 * MIB, 2 * MIB))
+                .unwrap_or_else(|e| panic!("{kind} of {size:#x}: {e}"));
+            drop(b);
+        }
+    }
+}

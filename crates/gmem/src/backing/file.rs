@@ -56,7 +56,12 @@ impl FileCore {
         flags: GmemFlags,
         owner: Option<VmId>,
     ) -> Result<FileCore, (OwnedFd, BackingError)> {
-        let kvm_map = if flags.contains(GmemFlags::MMAP) || kind != BackingKind::GuestMemfd {
+        // Only hugetlb files are mapped whole at creation: the mapping
+        // reserves their huge pages (a short pool is refused now, not at a
+        // fault) and shows which are populated. Other files are mapped per
+        // binding (`host_window`), so creating one costs no address space
+        // and any size the kernel accepts is accepted.
+        let kvm_map = if kind.is_hugetlb() {
             let map = Mapping::shared(fd.as_fd(), size).and_then(|map| {
                 guard(&map, kind)?;
                 Ok(map)
@@ -89,13 +94,29 @@ impl FileCore {
         self.fd.as_fd()
     }
 
-    /// KVM's mapping of the whole file, if the file may be mapped.
-    pub(crate) fn kvm_map(&self) -> Option<&Mapping> {
-        self.kvm_map.as_ref()
-    }
-
-    pub(crate) fn kvm_userspace_addr(&self) -> u64 {
-        self.kvm_map.as_ref().map_or(0, |m| m.addr() as u64)
+    /// A read-write host mapping of `[offset, offset + len)` of the file:
+    /// KVM's `userspace_addr` for a binding of it, and where the
+    /// gatekeeper's copies go. Hugetlb files lend their whole-file mapping;
+    /// others are mapped for the range, guarded like every gmem mapping,
+    /// and registered (population queries and punches see it).
+    pub(crate) fn host_window(&self, offset: u64, len: u64) -> Result<HostWindow, BackingError> {
+        if let Some(map) = &self.kvm_map {
+            return Ok(HostWindow::Lent {
+                addr: map.addr() + offset as usize,
+            });
+        }
+        let map = Mapping::new(
+            self.fd(),
+            offset,
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+        )?;
+        guard(&map, self.kind)?;
+        let registration = self.host_maps.register(&map, offset);
+        Ok(HostWindow::Own {
+            _registration: registration,
+            map,
+        })
     }
 
     pub(crate) fn claim(&self, vm: VmId) -> Result<(), VmId> {
@@ -238,6 +259,34 @@ impl FileCore {
             resident_into(map.addr(), map.len(), 0, runs)?;
         }
         Ok(())
+    }
+}
+
+/// A host mapping of a bound range (see [`FileCore::host_window`]).
+#[derive(Debug)]
+pub(crate) enum HostWindow {
+    /// Part of the file's whole mapping, which the file keeps alive.
+    Lent {
+        /// The address of the range's first byte.
+        addr: usize,
+    },
+    /// A mapping of the range alone.
+    Own {
+        // Field order is drop order: unregister, then unmap.
+        /// Kept for its `Drop`: the mapping's registry entry.
+        _registration: super::mapping::Registration,
+        /// The mapping.
+        map: Mapping,
+    },
+}
+
+impl HostWindow {
+    /// The address of the range's first byte.
+    pub(crate) fn addr(&self) -> usize {
+        match self {
+            HostWindow::Lent { addr } => *addr,
+            HostWindow::Own { map, .. } => map.addr(),
+        }
     }
 }
 

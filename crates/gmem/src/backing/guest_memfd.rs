@@ -86,7 +86,7 @@ impl RestrictedMemory for GuestMemfd {
         if let Some(runs) = cached_runs(self.core.fd(), self.core.size)? {
             return Ok(runs.to_vec());
         }
-        if self.core.kvm_map.is_none() {
+        if !self.core.flags.contains(GmemFlags::MMAP) {
             return Err(BackingError::Unsupported {
                 op: "the populated-range query",
                 kind: BackingKind::GuestMemfd,
@@ -94,8 +94,12 @@ impl RestrictedMemory for GuestMemfd {
             });
         }
         // mincore on a shared file mapping looks the page cache up, so pages
-        // the guest or the host faulted in show even where unmapped.
-        self.core
-            .populated(|runs| self.core.resident_via_kvm_map(runs))
+        // the guest or the host faulted in show even where unmapped: through
+        // every gmem mapping of the file (each binding's window).
+        self.core.populated(|runs| {
+            self.core
+                .host_maps
+                .for_each(|addr, len, off| super::mapping::resident_into(addr, len, off, runs))
+        })
     }
 }

@@ -298,12 +298,6 @@ pub(crate) mod sealed {
         /// The fd, size, flags, owner and KVM mapping every backing has.
         fn core(&self) -> &FileCore;
 
-        /// KVM's `userspace_addr` for file offset 0: the file's own mapping,
-        /// or 0 when the file may not be mapped (spec §3.6).
-        fn kvm_userspace_addr(&self) -> u64 {
-            self.core().kvm_userspace_addr()
-        }
-
         /// Records `vm` as the file's VM if it has none yet; returns the owner
         /// if it is another VM.
         fn claim(&self, vm: VmId) -> Result<(), VmId> {

@@ -30,8 +30,9 @@ pub(super) struct Region {
     pub(super) offset: u64,
     /// The backing's page size: what a window opens at once.
     pub(super) granule: u64,
-    /// The file's own mapping (KVM's `userspace_addr` for offset 0).
-    pub(super) file_base: *mut u8,
+    /// The binding's host mapping of the region (KVM's `userspace_addr`):
+    /// where safe copies go.
+    pub(super) host: *mut u8,
     /// The file host code reaches (the shared side of a two-backing slot).
     pub(super) memory: Arc<dyn RestrictedMemory>,
     /// The private side of a two-backing slot: never mapped by gmem.
@@ -39,9 +40,9 @@ pub(super) struct Region {
     pub(super) binding: Binding,
 }
 
-// SAFETY: `file_base` points into the file's own mapping, which the region
-// keeps alive through `memory`; it is only used for volatile-tolerant copies
-// under the gatekeeper's lock, from any thread.
+// SAFETY: `host` points into the binding's mapping of the region, which the
+// region keeps alive through `binding`; it is only used for
+// volatile-tolerant copies under the gatekeeper's lock, from any thread.
 unsafe impl Send for Region {}
 // SAFETY: as for Send: shared references give copies and addresses only.
 unsafe impl Sync for Region {}
@@ -59,11 +60,10 @@ impl Region {
         self.gpa + (off - self.offset)
     }
 
-    /// The file's own mapping at `gpa`, which must lie in the region.
+    /// The binding's host mapping at `gpa`, which must lie in the region.
     pub(super) fn file_ptr(&self, gpa: u64) -> *mut u8 {
-        // In bounds: the file mapping covers the whole file, and the region
-        // lies inside it.
-        self.file_base.wrapping_add(self.file_off(gpa) as usize)
+        // In bounds: the mapping covers the region.
+        self.host.wrapping_add((gpa - self.gpa) as usize)
     }
 
     /// The file a punch of pages becoming `to` frees: the side that becomes
@@ -141,8 +141,8 @@ impl Region {
         let private = binding.private_memory().cloned();
         let flags = memory.flags();
         let core = memory.core();
-        let file_base = match core.kvm_map() {
-            Some(map) if flags.contains(GmemFlags::MMAP | GmemFlags::INIT_SHARED) => map.as_ptr(),
+        let host = match binding.host_ptr() {
+            Some(ptr) if flags.contains(GmemFlags::MMAP | GmemFlags::INIT_SHARED) => ptr,
             _ => {
                 return Err(GateError::NotShareable {
                     gpa,
@@ -166,7 +166,7 @@ impl Region {
             len,
             offset,
             granule,
-            file_base,
+            host,
             memory,
             private,
             binding,

@@ -12,7 +12,8 @@ use thiserror::Error;
 
 pub use super::id::VmId;
 use super::uapi::KVM_CAP_GUEST_MEMFD_FLAGS;
-use crate::backing::{BackingKind, RestrictedMemory};
+use crate::backing::file::HostWindow;
+use crate::backing::{BackingKind, GmemFlags, RestrictedMemory};
 use crate::binding::{BindError, FileFacts, Slot, SlotRequest, SlotTable, VmLimits};
 
 /// The VM types of `KVM_CAP_VM_TYPES` (spec §1.4). On x86-64 they are the
@@ -440,9 +441,11 @@ impl Files {
     }
 }
 
-/// Builds the memslot for a binding (size 0 deletes it).
+/// Builds the memslot for a binding (size 0 deletes it); `window` is the
+/// host side's mapping of the bound range, if it may be mapped.
 fn memslot(
     files: Option<&Files>,
+    window: Option<&HostWindow>,
     address_space: u16,
     slot: Slot,
     req: &SlotRequest,
@@ -450,7 +453,6 @@ fn memslot(
 ) -> kvm_userspace_memory_region2 {
     let offset = req.offset;
     let gmem = files.and_then(Files::guest_memfd);
-    let base = files.map_or(0, |f| f.host.kvm_userspace_addr());
     let flags = req.flags.bits()
         | if gmem.is_some() {
             KVM_MEM_GUEST_MEMFD
@@ -464,7 +466,7 @@ fn memslot(
         memory_size: len,
         // KVM's own accesses go through userspace_addr even on gmem slots, so
         // it is the host side's own mapping (spec §3.6), or 0 if it has none.
-        userspace_addr: if base == 0 { 0 } else { base + offset },
+        userspace_addr: window.map_or(0, |w| w.addr() as u64),
         guest_memfd_offset: if gmem.is_some() { offset } else { 0 },
         guest_memfd: gmem.map_or(0, |m| {
             u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&m.core().fd())).unwrap_or(u32::MAX)
@@ -478,6 +480,9 @@ fn memslot(
 pub struct Binding {
     vm: Arc<VmInner>,
     files: Files,
+    /// The host side's mapping of the range: KVM's `userspace_addr`. Its
+    /// `Drop` runs after the slot is deleted (fields drop after `drop`).
+    window: Option<HostWindow>,
     slot: Slot,
     req: SlotRequest,
 }
@@ -533,6 +538,12 @@ impl Binding {
         self.req.flags
     }
 
+    /// The host side's mapping of the bound range (its first byte), for the
+    /// gatekeeper's copies; `None` if the file may not be mapped.
+    pub(crate) fn host_ptr(&self) -> Option<*mut u8> {
+        self.window.as_ref().map(|w| w.addr() as *mut u8)
+    }
+
     /// The VM the slot is in.
     pub fn vm_id(&self) -> VmId {
         self.vm.id
@@ -556,6 +567,7 @@ impl Drop for Binding {
         let mut table = self.vm.slots.lock().unwrap_or_else(|e| e.into_inner());
         let delete = memslot(
             Some(&self.files),
+            self.window.as_ref(),
             self.req.address_space,
             self.slot,
             &self.req,
@@ -567,10 +579,11 @@ impl Drop for Binding {
         if result.is_ok() {
             table.remove_in(self.req.address_space, self.slot);
         } else {
-            // KVM may still use the file's mapping: keep the files (and so the
-            // mapping) alive for the life of the process rather than unmap
-            // memory a live slot points at.
+            // KVM may still use the mapping: keep it and the files alive for
+            // the life of the process rather than unmap memory a live slot
+            // points at.
             std::mem::forget(self.files.clone());
+            std::mem::forget(self.window.take());
         }
     }
 }
@@ -742,10 +755,28 @@ impl Vm {
         let mut table = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
         let facts = files.facts();
         let slot = table.check_files(limits, &facts, req)?;
-        let create = memslot(Some(&files), req.address_space, slot, &req, req.len);
-        // SAFETY: userspace_addr is the host side's own mapping (or 0), which
-        // the file owns and unmaps only on drop; the Binding returned below
-        // holds the files until it has deleted this slot. `check_files`
+        let window = if files.host.flags().contains(GmemFlags::MMAP) {
+            Some(
+                files
+                    .host
+                    .core()
+                    .host_window(req.offset, req.len)
+                    .map_err(|source| BindError::Map { slot, source })?,
+            )
+        } else {
+            None
+        };
+        let create = memslot(
+            Some(&files),
+            window.as_ref(),
+            req.address_space,
+            slot,
+            &req,
+            req.len,
+        );
+        // SAFETY: userspace_addr is the host side's mapping of the range (or
+        // 0), which the Binding returned below owns (or the file does, for
+        // hugetlb) and unmaps only after deleting this slot. `check_files`
         // established that the range is aligned, inside every file, overlaps
         // no other slot's GPA range and no other binding of the files, that
         // the flags are allowed, and that the files are this VM's.
@@ -753,10 +784,18 @@ impl Vm {
             .map_err(|source| BindError::Kvm { slot, source })?;
         if let Err(owner) = files.claim(vm.id) {
             // Lost a race with another VM's first binding: undo ours.
-            let delete = memslot(Some(&files), req.address_space, slot, &req, 0);
+            let delete = memslot(
+                Some(&files),
+                window.as_ref(),
+                req.address_space,
+                slot,
+                &req,
+                0,
+            );
             // SAFETY: deleting the slot created just above.
             if unsafe { vm.fd.set_user_memory_region2(delete) }.is_err() {
                 std::mem::forget(files.clone());
+                std::mem::forget(window);
             }
             return Err(BindError::ForeignVm { vm: vm.id, owner });
         }
@@ -764,6 +803,7 @@ impl Vm {
         Ok(Binding {
             vm: Arc::clone(vm),
             files,
+            window,
             slot,
             req: SlotRequest {
                 slot: Some(slot),
