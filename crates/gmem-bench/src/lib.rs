@@ -18,6 +18,7 @@ mod metrics;
 pub mod output;
 mod plan;
 pub mod raw;
+mod scale;
 mod virtio_io;
 
 use gmem::BackingKind;

@@ -479,6 +479,7 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
         ));
     }
     plans.extend(crate::virtio_io::plans(backings));
+    plans.extend(crate::scale::plans(backings));
     plans.extend(crate::host_access::plans(backings, |k| {
         size_for(Subject::Backing(k))
     }));
