@@ -84,6 +84,8 @@ pub struct BenchOptions {
     pub reps: u32,
     /// Only the rows whose metric contains one of these (all if empty).
     pub only: Vec<String>,
+    /// A quick subset: one row of each family (about a minute).
+    pub quick: bool,
 }
 
 impl BenchOptions {

@@ -584,6 +584,19 @@ pub(crate) fn run_all(
     if !opts.only.is_empty() {
         plans.retain(|p| opts.only.iter().any(|o| p.metric.contains(o.as_str())));
     }
+    if opts.quick {
+        const QUICK: &[&str] = &[
+            "populate",
+            "host fault-in",
+            "conversion round trips (doorbell)",
+            "host read, 64 KiB copies",
+            "view VMAs at 1000 islands",
+            "virtio-blk sequential read (guest)",
+            "sparse guest setup, 1 GiB",
+            "8 VMs, aggregate round trips",
+        ];
+        plans.retain(|p| QUICK.contains(&p.metric.as_str()));
+    }
     let reps_of = |p: &Plan| opts.reps.max(p.min_reps) as usize;
     let total: usize = plans
         .iter()

@@ -22,6 +22,10 @@ pub struct Args {
     /// Measured reps per measurement, after one warm-up rep.
     #[arg(long, default_value_t = 3)]
     reps: u32,
+    /// A quick subset (about a minute): one row of each family, one rep,
+    /// 64 MiB regions.
+    #[arg(long)]
+    quick: bool,
     /// Only the rows whose metric contains this text; repeat for several.
     #[arg(long)]
     only: Vec<String>,
@@ -41,9 +45,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         } else {
             args.backing.clone()
         },
-        size: args.size,
-        reps: args.reps,
+        size: if args.quick { 64 << 20 } else { args.size },
+        reps: if args.quick { 1 } else { args.reps },
         only: args.only.clone(),
+        quick: args.quick,
     };
     opts.validate()?;
     let tty = std::io::stderr().is_terminal();
