@@ -8,7 +8,8 @@ use libfuzzer_sys::fuzz_target;
 
 const EINVAL: i64 = -22;
 const EFAULT: i64 = -14;
-const ENOSYS: i64 = -38;
+/// `-KVM_ENOSYS` (guest ABI 2): unknown hypercalls.
+const KVM_ENOSYS: i64 = -1000;
 
 fn model_pages(gpa: u64, pages: u64, ram: u64) -> Result<(u128, u128), i64> {
     let (start, end) = (u128::from(gpa), u128::from(gpa) + u128::from(pages) * 4096);
@@ -29,7 +30,7 @@ fuzz_target!(|input: (u64, u64, u64, u64, u64, u64)| {
         a3: 0,
     };
     let expected = if nr != 12 {
-        Err(ENOSYS)
+        Err(KVM_ENOSYS)
     } else if attrs & !0x1f != 0 || attrs & 0xf > 2 {
         Err(EINVAL)
     } else {
