@@ -16,12 +16,18 @@ use crate::plan::{Plan, gib_per_s, per_s, timed};
 use crate::raw::{self, Map, Subject};
 
 const PAGE: u64 = 4096;
-/// The region the fragmentation rows convert in: sparse, never populated.
+/// The smallest region the fragmentation rows convert in: sparse, never
+/// populated; larger island counts get the region they need.
 const FRAG_REGION: u64 = 1 << 30;
+
+/// The region for `islands` shared pages every other page.
+fn frag_region(islands: u64) -> u64 {
+    FRAG_REGION.max((2 * islands * PAGE).next_multiple_of(2 << 20))
+}
 /// Conversions per fragmentation measurement.
 const FRAG_CONVERSIONS: u64 = 20_000;
 /// Island counts of the fragmentation rows.
-const ISLANDS: [u64; 3] = [1, 1_000, 100_000];
+const ISLANDS: [u64; 4] = [1, 1_000, 100_000, 1_000_000];
 
 struct Gated {
     gate: Gatekeeper,
@@ -113,8 +119,9 @@ fn vmas_in(start: usize, len: usize) -> usize {
 /// A gatekeeper over a sparse region, all private but for `islands` shared
 /// pages, every other page from 0.
 fn fragmented_gmem(kind: BackingKind, islands: u64) -> Result<Gated, BenchError> {
-    let g = gated(kind, FRAG_REGION)?;
-    g.gate.convert(0, FRAG_REGION, Attribute::Private)?;
+    let region = frag_region(islands);
+    let g = gated(kind, region)?;
+    g.gate.convert(0, region, Attribute::Private)?;
     for i in 0..islands {
         g.gate.convert(2 * i * PAGE, PAGE, Attribute::Shared)?;
     }
@@ -140,7 +147,7 @@ fn frag_convert_gmem(kind: BackingKind, islands: u64) -> Result<f64, BenchError>
 fn frag_vmas_gmem(kind: BackingKind, islands: u64) -> Result<f64, BenchError> {
     let g = fragmented_gmem(kind, islands)?;
     let addr = g.gate.view_addr(0).map_or(0, |p| p as usize);
-    Ok(vmas_in(addr, FRAG_REGION as usize) as f64)
+    Ok(vmas_in(addr, frag_region(islands) as usize) as f64)
 }
 
 /// A raw shared mapping of a file of `kind` with `islands` read-write pages
@@ -235,7 +242,7 @@ pub(crate) fn plans(backings: &[BackingKind], size_for: impl Fn(BackingKind) -> 
             if fits {
                 p = p
                     .raw(move || frag_convert_raw(k, islands))
-                    .note("1 GiB sparse region; raw: mprotect of one page among mprotect islands");
+                    .note("a sparse region (1 GiB, 8 GiB for 1M islands); raw: mprotect of one page among mprotect islands");
                 v = v
                     .raw(move || frag_vmas_raw(k, islands))
                     .note("raw: one mprotect island per shared page");
