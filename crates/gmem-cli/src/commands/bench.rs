@@ -1,6 +1,6 @@
 //! `gmem bench`: every backing beside the raw system calls and plain memory.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -51,26 +51,24 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         quick: args.quick,
     };
     opts.validate()?;
-    let tty = std::io::stderr().is_terminal();
-    let mut last_metric = String::new();
+    // A progress bar on stderr when it is a terminal, never under --json.
+    let bar = (std::io::stderr().is_terminal() && !args.json).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
     let mut progress = |done: usize, total: usize, label: &str| {
-        let mut err = std::io::stderr();
-        if tty {
-            let filled = done * 30 / total.max(1);
-            let _ = write!(
-                err,
-                "\r\x1b[K[{}{}] {done}/{total} {label}",
-                "#".repeat(filled),
-                " ".repeat(30 - filled)
-            );
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(label.to_owned());
             if done == total {
-                let _ = writeln!(err);
-            }
-        } else {
-            let metric = label.split(" · ").take(2).collect::<Vec<_>>().join(" · ");
-            if metric != last_metric {
-                let _ = writeln!(err, "[{done}/{total}] {metric}");
-                last_metric = metric;
+                bar.finish_and_clear();
             }
         }
     };
