@@ -1,0 +1,130 @@
+//! Conversion: guest round trips, bulk conversion and the attribute map.
+
+use gmem::{Attribute, AttributeMap, BackingKind};
+use gmem_vmm::abi::PORT_EXIT;
+use gmem_vmm::{Console, Machine, MachineConfig, Step};
+use rustix::mm::MprotectFlags;
+
+use super::PAGE;
+use super::file::{bound, raw_file};
+use crate::BenchError;
+use crate::guest::{self, LOAD};
+use crate::plan::{gib_per_s, per_s, timed};
+use crate::raw::{self, Map, RawVm, Subject};
+
+/// Doorbell round trips per conversion measurement.
+const ROUND_TRIPS: u32 = 200;
+/// Where the round-trip guest converts its page.
+const ROUND_TRIP_GPA: u64 = 0x20_0000;
+/// Attribute-map operations per measurement.
+const MAP_OPS: u64 = 100_000;
+
+pub(super) fn round_trips_gmem(kind: BackingKind, ram: u64) -> Result<f64, BenchError> {
+    let mut m = Machine::new(MachineConfig::new(kind, ram))?;
+    m.load(
+        &guest::round_trips(ROUND_TRIP_GPA, ROUND_TRIPS)?,
+        LOAD,
+        LOAD,
+    )?;
+    let (console, _) = Console::buffer();
+    let d = timed(|| {
+        loop {
+            match m.step(0, &console)? {
+                Step::Exit(0) => return Ok(()),
+                Step::Exit(s) => {
+                    return Err(BenchError::Guest(format!(
+                        "round trips ended with status {s}"
+                    )));
+                }
+                Step::Halted => {
+                    return Err(BenchError::Guest("round-trip guest halted early".into()));
+                }
+                Step::Continue(_) | Step::Interrupted => {}
+            }
+        }
+    })?;
+    Ok(per_s(u64::from(ROUND_TRIPS), d))
+}
+
+pub(super) fn round_trips_raw(subject: Subject, ram: u64) -> Result<f64, BenchError> {
+    let mut vm = RawVm::new(
+        subject,
+        ram,
+        &guest::round_trips(ROUND_TRIP_GPA, ROUND_TRIPS)?,
+        LOAD,
+    )?;
+    let d = timed(|| vm.run_until_out(PORT_EXIT).map(drop))?;
+    Ok(per_s(u64::from(ROUND_TRIPS), d))
+}
+
+pub(super) fn bulk_convert_gmem(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
+    let b = bound(kind, size)?;
+    {
+        // A device touched all of it (its window stays open once released).
+        let pin = b.gate.pin(0, size)?;
+        // SAFETY: the pin holds all `size` bytes shared and read-write.
+        unsafe { raw::touch(pin.as_ptr(), size) };
+    }
+    let d = timed(|| {
+        b.gate.convert(0, size, Attribute::Private)?;
+        b.gate.convert(0, size, Attribute::Shared)?;
+        Ok(())
+    })?;
+    drop(b);
+    Ok(gib_per_s(2 * size, d))
+}
+
+pub(super) fn bulk_convert_raw(kind: BackingKind, size: u64) -> Result<f64, BenchError> {
+    let (fd, _vm) = raw_file(kind, size)?;
+    let map = Map::shared(std::os::fd::AsFd::as_fd(&fd), size)?;
+    // SAFETY: the mapping is live, read-write, `size` bytes, unreferenced.
+    unsafe { raw::touch(map.as_ptr(), size) };
+    let d = timed(|| {
+        map.protect(MprotectFlags::empty())?;
+        map.protect(MprotectFlags::READ | MprotectFlags::WRITE)
+    })?;
+    Ok(gib_per_s(2 * size, d))
+}
+
+/// A deterministic stream of (first page, pages, private?) over `pages`.
+fn map_ops(pages: u64) -> impl Iterator<Item = (u64, u64, bool)> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..MAP_OPS).map(move |i| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 1 + (x >> 40) % 16;
+        ((x % (pages - len)), len, i % 2 == 0)
+    })
+}
+
+pub(super) fn attribute_map_gmem() -> Result<f64, BenchError> {
+    const PAGES: u64 = 1 << 20;
+    let mut map = AttributeMap::new();
+    let d = timed(|| {
+        for (first, len, private) in map_ops(PAGES) {
+            let attr = if private {
+                Attribute::Private
+            } else {
+                Attribute::Shared
+            };
+            map.set(first * PAGE..(first + len) * PAGE, attr);
+        }
+        Ok(())
+    })?;
+    std::hint::black_box(&map);
+    Ok(per_s(MAP_OPS, d))
+}
+
+pub(super) fn attribute_map_naive() -> Result<f64, BenchError> {
+    const PAGES: u64 = 1 << 20;
+    let mut pages = vec![false; PAGES as usize];
+    let d = timed(|| {
+        for (first, len, private) in map_ops(PAGES) {
+            pages[first as usize..(first + len) as usize].fill(private);
+        }
+        Ok(())
+    })?;
+    std::hint::black_box(&pages);
+    Ok(per_s(MAP_OPS, d))
+}
