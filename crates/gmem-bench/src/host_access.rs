@@ -12,10 +12,9 @@ use gmem::{
 use rustix::mm::MprotectFlags;
 
 use crate::BenchError;
-use crate::plan::{Plan, gib_per_s, per_s, timed};
+use crate::plan::{PAGE, Plan, gib_per_s, per_s, timed};
 use crate::raw::{self, Map, Subject};
 
-const PAGE: u64 = 4096;
 /// The smallest region the fragmentation rows convert in: sparse, never
 /// populated; larger island counts get the region they need.
 const FRAG_REGION: u64 = 1 << 30;

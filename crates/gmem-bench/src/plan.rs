@@ -9,6 +9,9 @@ use crate::raw::Subject;
 
 pub(crate) type Rep = Box<dyn FnMut() -> Result<f64, BenchError>>;
 
+/// The base page size the metrics count in.
+pub(crate) const PAGE: u64 = 4096;
+
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// One row to measure.

@@ -5,11 +5,10 @@ use gmem_vmm::abi::PORT_EXIT;
 use gmem_vmm::{Console, Machine, MachineConfig, Step};
 use rustix::mm::MprotectFlags;
 
-use super::PAGE;
 use super::file::{bound, raw_file};
 use crate::BenchError;
 use crate::guest::{self, LOAD};
-use crate::plan::{gib_per_s, per_s, timed};
+use crate::plan::{PAGE, gib_per_s, per_s, timed};
 use crate::raw::{self, Map, RawVm, Subject};
 
 /// Doorbell round trips per conversion measurement.

@@ -20,12 +20,9 @@ use vcpu::{guest_touch_gmem, guest_touch_raw, launch_gmem, launch_raw};
 
 use gmem::{Attribute, AttributeMap, BackingKind, Vm};
 
-use crate::plan::{Plan, gib_per_s, per_s};
+use crate::plan::{PAGE, Plan, gib_per_s, per_s};
 use crate::raw::Subject;
 use crate::{BenchError, BenchOptions, BenchReport, Goal, Row, Sample};
-
-/// The base page size every metric counts in.
-const PAGE: u64 = 4096;
 
 // --- the plan ----------------------------------------------------------------------------
 

@@ -5,10 +5,9 @@ use std::time::Instant;
 use gmem::BackingKind;
 use gmem_vmm::{Exit, Machine, MachineConfig};
 
-use super::PAGE;
 use crate::BenchError;
 use crate::guest::{self, LOAD, MARK_PORT};
-use crate::plan::{micros, per_s, timed};
+use crate::plan::{PAGE, micros, per_s, timed};
 use crate::raw::{RawVm, Subject};
 
 // --- guest fault-in -------------------------------------------------------------
