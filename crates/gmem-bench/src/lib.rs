@@ -18,6 +18,7 @@ mod metrics;
 pub mod output;
 mod plan;
 pub mod raw;
+mod runner;
 mod scale;
 mod virtio_io;
 
@@ -198,5 +199,5 @@ pub fn run(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<BenchReport, BenchError> {
     opts.validate()?;
-    metrics::run_all(opts, progress)
+    runner::run_all(opts, progress)
 }

@@ -1,8 +1,8 @@
 //! The measurements: one function per metric and side (gmem or raw), each
 //! doing one rep's setup untimed and returning the timed figure.
 //!
-//! The metric families live in submodules; this module turns them into the
-//! plan (`plans`) and runs it (`run_all`).
+//! The metric families live in submodules; this module lists them as the
+//! plan (`plans`), which [`crate::runner`] runs.
 
 mod conversion;
 mod file;
@@ -18,11 +18,11 @@ use file::{
 };
 use vcpu::{guest_touch_gmem, guest_touch_raw, launch_gmem, launch_raw};
 
-use gmem::{Attribute, AttributeMap, BackingKind, Vm};
+use gmem::{Attribute, AttributeMap, BackingKind};
 
 use crate::plan::{PAGE, Plan, gib_per_s, per_s};
 use crate::raw::Subject;
-use crate::{BenchError, BenchOptions, BenchReport, Goal, Row, Sample};
+use crate::{BenchOptions, Goal, Row, Sample};
 
 // --- the plan ----------------------------------------------------------------------------
 
@@ -32,7 +32,7 @@ fn thp_note() -> Option<String> {
         .then(|| "THP is disabled on this host: 4 KiB pages".to_owned())
 }
 
-fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
+pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
     let mut subjects: Vec<Subject> = backings.iter().map(|&b| Subject::Backing(b)).collect();
     subjects.extend([Subject::Anon, Subject::AnonThp]);
     let size_for = |s: Subject| opts.size.next_multiple_of(s.page_size().max(2 << 20));
@@ -177,7 +177,7 @@ fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> {
 }
 
 /// Bookkeeping sizes: computed, not timed.
-fn metadata_rows() -> Vec<Row> {
+pub(crate) fn metadata_rows() -> Vec<Row> {
     let row = |metric: &str, unit: &'static str, value: f64, goal: Option<Goal>, note: &str| Row {
         metric: metric.to_owned(),
         subject: "gmem".to_owned(),
@@ -224,141 +224,4 @@ fn metadata_rows() -> Vec<Row> {
             "O(runs), not O(size): a private 1 TiB guest costs the same",
         ),
     ]
-}
-
-pub(crate) fn run_all(
-    opts: &BenchOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<BenchReport, BenchError> {
-    let mut skipped = Vec::new();
-    let mut host_changes = Vec::new();
-    let mut guards = Vec::new();
-    let mut backings = Vec::new();
-    for &b in &opts.backings {
-        if let Some(why) = unavailable(b) {
-            skipped.push(format!("{b}: {why}"));
-            continue;
-        }
-        if b.is_hugetlb() {
-            // The largest need at once: a region, or a 1 GiB launch.
-            let bytes = opts.size.max(1 << 30).next_multiple_of(b.page_size());
-            // Measurements hold one region at a time; 2 MiB pools get a
-            // little slack for the boot pages of a launch.
-            let slack = if b == BackingKind::Hugetlb1G { 0 } else { 4 };
-            let pages = bytes / b.page_size() + slack;
-            let guard = gmem_testkit::pool::lock(b.page_size());
-            let before = gmem::backing::HugePagePool::read(b.page_size()).map_or(0, |p| p.total);
-            if let Err(why) = gmem_testkit::pool::ensure_free(b.page_size(), pages) {
-                skipped.push(format!("{b}: {why}"));
-                continue;
-            }
-            let after = gmem::backing::HugePagePool::read(b.page_size()).map_or(0, |p| p.total);
-            if after != before {
-                host_changes.push(format!(
-                    "raised the {} KiB huge page pool from {before} to {after} pages for {b}; it is restored at the end",
-                    b.page_size() >> 10
-                ));
-            }
-            guards.push(guard);
-        }
-        backings.push(b);
-    }
-    let mut plans = plans(opts, &backings);
-    if !opts.only.is_empty() {
-        plans.retain(|p| opts.only.iter().any(|o| p.metric.contains(o.as_str())));
-    }
-    if opts.quick {
-        const QUICK: &[&str] = &[
-            "populate",
-            "host fault-in",
-            "conversion round trips (doorbell)",
-            "host read, 64 KiB copies",
-            "view VMAs at 1000 islands",
-            "virtio-blk sequential read (guest)",
-            "sparse guest setup, 1 GiB",
-            "8 VMs, aggregate round trips",
-        ];
-        plans.retain(|p| QUICK.contains(&p.metric.as_str()));
-    }
-    let reps_of = |p: &Plan| opts.reps.max(p.min_reps) as usize;
-    let total: usize = plans
-        .iter()
-        .map(|p| (usize::from(p.gmem.is_some()) + usize::from(p.raw.is_some())) * (reps_of(p) + 1))
-        .sum();
-    let mut done = 0;
-    let mut rows = Vec::new();
-    for plan in &mut plans {
-        let reps = reps_of(plan);
-        // gmem and raw take turns rep by rep, so that neither always runs on
-        // memory the other has just warmed (or cooled).
-        let name = plan.label.unwrap_or(plan.subject.name());
-        let mut gmem_values = Vec::with_capacity(reps);
-        let mut raw_values = Vec::with_capacity(reps);
-        for rep in 0..=reps {
-            for (side, f, values) in [
-                ("gmem", plan.gmem.as_mut(), &mut gmem_values),
-                ("raw", plan.raw.as_mut(), &mut raw_values),
-            ] {
-                let Some(f) = f else { continue };
-                progress(
-                    done,
-                    total,
-                    &format!("{} · {name} · {side} · rep {rep}/{reps}", plan.metric),
-                );
-                done += 1;
-                let v = f()?;
-                if rep > 0 {
-                    values.push(v);
-                }
-            }
-        }
-        let gmem = (!gmem_values.is_empty()).then(|| Sample::of(&gmem_values));
-        let raw = (!raw_values.is_empty()).then(|| Sample::of(&raw_values));
-        let ratio = match (gmem, raw) {
-            (Some(g), Some(r)) if plan.higher_is_better => Some(g.median / r.median),
-            (Some(g), Some(r)) => Some(r.median / g.median),
-            _ => None,
-        };
-        rows.push(Row {
-            metric: plan.metric.clone(),
-            subject: plan.label.unwrap_or(plan.subject.name()).to_owned(),
-            unit: plan.unit,
-            higher_is_better: plan.higher_is_better,
-            gmem,
-            raw,
-            ratio,
-            goal: plan.goal.zip(ratio).map(|(goal, ratio)| Goal {
-                text: format!("≥ {goal}× raw"),
-                met: ratio >= goal,
-            }),
-            note: plan.note.clone(),
-        });
-    }
-    progress(total, total, "done");
-    rows.extend(metadata_rows());
-    drop(guards);
-    gmem_testkit::pool::restore();
-    Ok(BenchReport {
-        size: opts.size,
-        reps: opts.reps,
-        kernel: rustix::system::uname()
-            .release()
-            .to_string_lossy()
-            .into_owned(),
-        rows,
-        skipped,
-        host_changes,
-    })
-}
-
-/// Why `backing` cannot be measured here, if it cannot: every measurement
-/// builds VMs, and guest-memfd needs guest_memfd.
-fn unavailable(backing: BackingKind) -> Option<String> {
-    match Vm::new() {
-        Err(e) => Some(format!("needs /dev/kvm: {e}")),
-        Ok(vm) if backing == BackingKind::GuestMemfd && !vm.has_guest_memfd() => {
-            Some("this kernel's KVM has no guest_memfd".into())
-        }
-        Ok(_) => None,
-    }
 }
