@@ -12,6 +12,7 @@
 //! gmem ÷ raw, for latencies raw ÷ gmem.
 #![warn(missing_docs)]
 
+pub mod charts;
 mod guest;
 mod host_access;
 mod metrics;

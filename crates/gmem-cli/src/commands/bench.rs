@@ -32,7 +32,8 @@ pub struct Args {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Also write an SVG chart to this file.
+    /// Also write an SVG chart to this file, and the scale curves beside it
+    /// (`<stem>-<curve>.svg`).
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -82,6 +83,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         std::fs::write(path, output::svg(&report))
             .with_context(|| format!("writing the chart {}", path.display()))?;
         eprintln!("chart written to {}", path.display());
+        let stem = path
+            .file_stem()
+            .map_or("bench".into(), |s| s.to_string_lossy());
+        for (name, svg) in gmem_bench::charts::curves(&report)
+            .map_err(|e| anyhow::anyhow!("drawing the curves: {e}"))?
+        {
+            let curve = path.with_file_name(format!("{stem}-{name}.svg"));
+            std::fs::write(&curve, svg)
+                .with_context(|| format!("writing the chart {}", curve.display()))?;
+            eprintln!("chart written to {}", curve.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
