@@ -27,6 +27,11 @@ fn main() {
     for g in GUESTS {
         println!("cargo:rerun-if-changed={}", guests.join(g).display());
     }
+    // The guest SDK links the ABI's numbers from the host workspace.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../gmem-abi").display()
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     // The guests' .cargo/config.toml is found from the working directory.

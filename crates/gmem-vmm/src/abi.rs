@@ -6,68 +6,12 @@ use std::ops::Range;
 
 use gmem::{Attribute, PAGE_SIZE};
 
-/// Serial console: a byte written here goes to the run's output.
-pub const PORT_SERIAL: u16 = 0x3f8;
-/// End the run: the 32-bit value written becomes the exit status.
-pub const PORT_EXIT: u16 = 0xf4;
-/// Hypercall doorbell: eax = number, rbx/rcx/rdx/rsi = arguments, result in rax.
-pub const PORT_HYPERCALL: u16 = 0xf5;
-/// Shared-buffer console: rbx = GPA, rcx = length; result in rax.
-pub const PORT_SHARED_CONSOLE: u16 = 0xf6;
-/// Discard (free page reporting): rbx = GPA, rcx = 4 KiB pages; result in rax.
-pub const PORT_DISCARD: u16 = 0xf7;
-/// ABI information: `out` a key (32-bit) to select, `in` (32-bit) to read
-/// its value ([`AbiKey`]); reads the ABI version until a key is selected.
-pub const PORT_ABI: u16 = 0xf8;
-/// The serial port's line-status register (`in` only): transmitter empty.
-pub const PORT_SERIAL_LSR: u16 = PORT_SERIAL + 5;
-/// What the line-status register reads: THR empty and transmitter idle
-/// (bits 5 and 6), so an 8250 polling driver writes at once.
-pub const SERIAL_LSR_IDLE: u8 = 0x60;
-
-/// The guest ABI's version (`docs/guest-abi.md`), read from [`PORT_ABI`].
-pub const ABI_VERSION: u32 = 2;
-
-/// The keys of [`PORT_ABI`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum AbiKey {
-    /// [`ABI_VERSION`].
-    Version = 0,
-    /// The conversion policy: 0 in-place, 1 discard.
-    Policy = 1,
-    /// RAM's attribute after launch: 0 private, 1 shared.
-    Initial = 2,
-    /// Whether `vmcall` reaches the VMM (1) or the doorbell must be used (0).
-    VmcallTaken = 3,
-    /// How many devices the machine has.
-    Devices = 4,
-    /// RAM size, low 32 bits.
-    RamLow = 5,
-    /// RAM size, high 32 bits.
-    RamHigh = 6,
-    /// Where device `i`'s virtio-mmio window is: this plus `i × 0x1000`.
-    MmioBase = 7,
-}
-
-impl AbiKey {
-    /// The key of `raw`, if it is one.
-    pub fn from_raw(raw: u32) -> Option<AbiKey> {
-        use AbiKey::*;
-        [
-            Version,
-            Policy,
-            Initial,
-            VmcallTaken,
-            Devices,
-            RamLow,
-            RamHigh,
-            MmioBase,
-        ]
-        .into_iter()
-        .find(|k| *k as u32 == raw)
-    }
-}
+// The numbers live in `gmem-abi`, which the guest SDK links too.
+pub use gmem_abi::{
+    ABI_VERSION, AbiKey, EAGAIN, EFAULT, EINVAL, ENOSYS, HC_MAP_GPA_RANGE, KVM_ENOSYS,
+    MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_PAGE_SIZE_MASK, PORT_ABI, PORT_DISCARD, PORT_EXIT,
+    PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, SERIAL_LSR_IDLE,
+};
 
 /// The access width (bytes) the ABI defines for `out` to `port`, if it
 /// defines the port.
@@ -87,25 +31,6 @@ pub fn in_width(port: u16) -> Option<u8> {
         _ => None,
     }
 }
-
-/// `KVM_HC_MAP_GPA_RANGE`: convert a range to private or shared.
-pub const HC_MAP_GPA_RANGE: u64 = 12;
-/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: bit 4 of the attributes, "make private".
-pub const MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
-/// The page-size level bits of the attributes (0 = 4K, 1 = 2M, 2 = 1G).
-pub const MAP_GPA_RANGE_PAGE_SIZE_MASK: u64 = 0xf;
-
-/// The errno values the ABI returns, negated in rax.
-pub const EFAULT: i64 = 14;
-/// See [`EFAULT`]: a device holds the range; retry.
-pub const EAGAIN: i64 = 11;
-/// See [`EFAULT`].
-pub const EINVAL: i64 = 22;
-/// See [`EFAULT`].
-pub const ENOSYS: i64 = 38;
-/// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): what KVM's hypercall
-/// convention returns, negated, for an unknown hypercall number.
-pub const KVM_ENOSYS: i64 = 1000;
 
 /// The registers a doorbell request carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
