@@ -56,6 +56,12 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
+/// A test machine's RAM on `backing`: `bytes` rounded up to the backing's
+/// page size (so one 1 GiB page on hugetlb-1g).
+pub fn ram_for(backing: BackingKind, bytes: u64) -> u64 {
+    bytes.next_multiple_of(backing.page_size())
+}
+
 /// Makes `pages` huge pages of `backing` free (raising the pool as root) and
 /// holds that pool's lock; `None`, with the skip printed, if that fails.
 /// Returns `Some(None)` for backings without a pool.

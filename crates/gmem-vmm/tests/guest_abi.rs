@@ -19,11 +19,7 @@ const DATA: u64 = 0x20_0000;
 
 /// RAM for `backing`: 4 MiB, or one 1 GiB page.
 fn ram(backing: BackingKind) -> u64 {
-    if backing == BackingKind::Hugetlb1G {
-        1 << 30
-    } else {
-        4 << 20
-    }
+    gmem_testkit::ram_for(backing, 4 << 20)
 }
 
 /// Runs `code` on a fresh machine; `None` if the test must skip here.

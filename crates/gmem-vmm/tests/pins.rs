@@ -15,11 +15,7 @@ const LOAD: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 
 fn ram(backing: BackingKind) -> u64 {
-    if backing == BackingKind::Hugetlb1G {
-        1 << 30
-    } else {
-        4 << 20
-    }
+    gmem_testkit::ram_for(backing, 4 << 20)
 }
 
 fn exit_with(a: &mut CodeAssembler, status: u32) -> Result<(), IcedError> {

@@ -7,11 +7,7 @@ use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
 use gmem_vmm::{Console, Machine, MachineConfig, VmmError};
 
 fn ram(backing: BackingKind) -> u64 {
-    if backing == BackingKind::Hugetlb1G {
-        1 << 30
-    } else {
-        16 << 20
-    }
+    gmem_testkit::ram_for(backing, 16 << 20)
 }
 
 #[test]
