@@ -1,5 +1,5 @@
 //! What the three backings share: the owned fd, the size, the flags, the VM the
-//! file belongs to, KVM's mapping, and the `fallocate` calls.
+//! file belongs to, the bindings' mappings, and the `fallocate` calls.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -8,7 +8,7 @@ use rustix::fs::FallocateFlags;
 use rustix::mm::Advice;
 
 use super::PunchReport;
-use super::mapping::{HostMapping, Mapping, MappingRegistry, resident_into};
+use super::mapping::{HostMapping, Mapping, MappingRegistry};
 use super::memfd::private_placeholder;
 use super::{BackingError, BackingKind, GmemFlags};
 use crate::kvm::VmId;
@@ -17,9 +17,6 @@ use crate::range_set::RangeSet;
 
 #[derive(Debug)]
 pub struct FileCore {
-    // Field order is drop order: KVM's mapping goes before the fd.
-    /// KVM's mapping (`userspace_addr`); never handed out.
-    pub(crate) kvm_map: Option<Mapping>,
     pub(crate) fd: OwnedFd,
     pub(crate) kind: BackingKind,
     pub(crate) size: u64,
@@ -37,7 +34,7 @@ pub struct FileCore {
 }
 
 impl FileCore {
-    /// Wraps a new file; maps it for KVM when the flags allow mapping.
+    /// Wraps a new file. A hugetlb file's huge pages are reserved here.
     pub(crate) fn new(
         fd: OwnedFd,
         kind: BackingKind,
@@ -56,25 +53,20 @@ impl FileCore {
         flags: GmemFlags,
         owner: Option<VmId>,
     ) -> Result<FileCore, (OwnedFd, BackingError)> {
-        // Only hugetlb files are mapped whole at creation: the mapping
-        // reserves their huge pages (a short pool is refused now, not at a
-        // fault) and shows which are populated. Other files are mapped per
-        // binding (`host_window`), so creating one costs no address space
-        // and any size the kernel accepts is accepted.
-        let kvm_map = if kind.is_hugetlb() {
-            let map = Mapping::shared(fd.as_fd(), size).and_then(|map| {
-                guard(&map, kind)?;
-                Ok(map)
-            });
-            match map {
-                Ok(map) => Some(map),
-                Err(e) => return Err((fd, e)),
-            }
-        } else {
-            None
-        };
+        // A hugetlb file's pages are reserved now, so that a short pool is
+        // refused here and not at a fault: mapping the whole file shared
+        // reserves them in the inode's reserve map, which keeps them after
+        // the mapping goes (only a punch or the file's end releases them).
+        // No file keeps a mapping of its own: each binding maps its range
+        // (`host_window`), so an unbound file costs no address space, any
+        // size the kernel accepts is accepted, and a punch of an unbound
+        // range walks no mapping.
+        if kind.is_hugetlb()
+            && let Err(e) = Mapping::shared(fd.as_fd(), size)
+        {
+            return Err((fd, e));
+        }
         let core = FileCore {
-            kvm_map,
             fd,
             kind,
             size,
@@ -96,25 +88,33 @@ impl FileCore {
 
     /// A read-write host mapping of `[offset, offset + len)` of the file:
     /// KVM's `userspace_addr` for a binding of it, and where the
-    /// gatekeeper's copies go. Hugetlb files lend their whole-file mapping;
-    /// others are mapped for the range, guarded like every gmem mapping,
-    /// and registered (population queries and punches see it).
+    /// gatekeeper's copies go. It maps the whole backing pages the range
+    /// touches (hugetlb maps only whole huge pages), is guarded like every
+    /// gmem mapping, and is registered (population queries and punches see
+    /// it).
     pub(crate) fn host_window(&self, offset: u64, len: u64) -> Result<HostWindow, BackingError> {
-        if let Some(map) = &self.kvm_map {
-            return Ok(HostWindow::Lent {
-                addr: map.addr() + offset as usize,
-            });
-        }
+        let page = self.kind.page_size();
+        let start = offset / page * page;
+        let end = offset
+            .checked_add(len)
+            .and_then(|end| end.checked_next_multiple_of(page))
+            .ok_or_else(|| {
+                BackingError::syscall(
+                    format!("mmap of {len:#x} bytes at offset {offset:#x}"),
+                    rustix::io::Errno::NOMEM,
+                )
+            })?;
         let map = Mapping::new(
             self.fd(),
-            offset,
-            len,
+            start,
+            end - start,
             rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
         )?;
         guard(&map, self.kind)?;
-        let registration = self.host_maps.register(&map, offset);
-        Ok(HostWindow::Own {
+        let registration = self.host_maps.register(&map, start);
+        Ok(HostWindow {
             _registration: registration,
+            skew: (offset - start) as usize,
             map,
         })
     }
@@ -192,8 +192,7 @@ impl FileCore {
             let end = (range.end() - off.min(range.end())).min(len as u64);
             if end > start {
                 // SAFETY: [addr + start, addr + end) lies inside a live
-                // mapping of this file (KVM's, owned by self, or one held
-                // alive by the registry lock); DONTNEED on a shared file
+                // mapping of this file, held alive by the registry lock; DONTNEED on a shared file
                 // mapping only drops page-table entries, and the punch that
                 // follows discards the content anyway.
                 let _ = unsafe {
@@ -206,9 +205,6 @@ impl FileCore {
             }
             Ok::<(), ()>(())
         };
-        if let Some(map) = &self.kvm_map {
-            let _ = zap(map.addr(), map.len(), 0);
-        }
         let _ = self.host_maps.for_each(zap);
     }
 
@@ -252,41 +248,25 @@ impl FileCore {
             Some(&self.host_maps),
         ))
     }
-
-    /// The resident ranges of the file as seen through KVM's mapping.
-    pub(crate) fn resident_via_kvm_map(&self, runs: &mut RangeSet) -> Result<(), BackingError> {
-        if let Some(map) = &self.kvm_map {
-            resident_into(map.addr(), map.len(), 0, runs)?;
-        }
-        Ok(())
-    }
 }
 
 /// A host mapping of a bound range (see [`FileCore::host_window`]).
 #[derive(Debug)]
-pub(crate) enum HostWindow {
-    /// Part of the file's whole mapping, which the file keeps alive.
-    Lent {
-        /// The address of the range's first byte.
-        addr: usize,
-    },
-    /// A mapping of the range alone.
-    Own {
-        // Field order is drop order: unregister, then unmap.
-        /// Kept for its `Drop`: the mapping's registry entry.
-        _registration: super::mapping::Registration,
-        /// The mapping.
-        map: Mapping,
-    },
+pub(crate) struct HostWindow {
+    // Field order is drop order: unregister, then unmap.
+    /// Kept for its `Drop`: the mapping's registry entry.
+    _registration: super::mapping::Registration,
+    /// Bytes from the mapping's start (a backing page boundary) to the
+    /// range's first byte.
+    skew: usize,
+    /// The mapping of the whole backing pages the range touches.
+    map: Mapping,
 }
 
 impl HostWindow {
     /// The address of the range's first byte.
     pub(crate) fn addr(&self) -> usize {
-        match self {
-            HostWindow::Lent { addr } => *addr,
-            HostWindow::Own { map, .. } => map.addr(),
-        }
+        self.map.addr() + self.skew
     }
 }
 

@@ -5,10 +5,15 @@
 //! whole huge pages inside the range and zeroes the partial ones in place
 //! (spec §8.8), and its [`PunchReport`](super::PunchReport) says which is which.
 //!
+//! The huge pages are reserved at creation (a whole-file shared mapping,
+//! made and dropped: the reservation stays with the file), so a short pool
+//! is refused then, and no mapping stays behind for a punch to walk.
+//!
 //! The kernel reveals which huge pages are populated only through page tables
 //! (mincore reports mapped pages only, and hugetlbfs has no SEEK_DATA): pages
-//! faulted in show in the page tables of KVM's mapping or of a host mapping,
-//! all of which are gmem's own, and gmem remembers what it allocated.
+//! faulted in show in the page tables of gmem's mappings (the bindings'
+//! windows, which KVM uses, views and host mappings), dropped mappings leave
+//! what they had behind, and gmem remembers what it allocated.
 
 use std::ops::Range;
 
@@ -73,7 +78,7 @@ pub struct HugetlbMemfd {
 
 impl HugetlbMemfd {
     /// Creates a sealed hugetlb memfd of `size` bytes and reserves its pages
-    /// (by mapping it for KVM).
+    /// (a whole-file mapping, made and dropped: the reservation stays).
     ///
     /// # Errors
     /// - [`BackingError::UnsupportedFlags`] (`EINVAL`) for unknown flags;
@@ -149,10 +154,9 @@ impl sealed::Sealed for HugetlbMemfd {
 
 impl RestrictedMemory for HugetlbMemfd {
     fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
-        // Faulted-in huge pages show only in page tables: KVM's mapping and
-        // the host mappings, all of them gmem's.
+        // Faulted-in huge pages show only in page tables: the bindings'
+        // windows (KVM's) and the other host mappings, all of them gmem's.
         let runs = self.core.populated(|runs| {
-            self.core.resident_via_kvm_map(runs)?;
             self.core
                 .host_maps
                 .for_each(|addr, len, off| resident_into(addr, len, off, runs))
@@ -174,6 +178,45 @@ impl RestrictedMemory for HugetlbMemfd {
 mod tests {
     use super::*;
     use crate::range::FileRange;
+
+    /// The lines of /proc/self/maps that map the file `fd`, by inode.
+    fn maps_of(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+        let ino = rustix::fs::fstat(fd).unwrap().st_ino.to_string();
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(4) == Some(ino.as_str()))
+            .count()
+    }
+
+    /// An unbound hugetlb file keeps no mapping (a punch walks none), yet
+    /// its pages stay reserved: a binding's window faults them in.
+    #[test]
+    fn reserved_at_creation_without_a_mapping() {
+        let page = 2u64 << 20;
+        let mem = match HugetlbMemfd::create(
+            BackingKind::Hugetlb2M,
+            2 * page,
+            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
+            None,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("skipped: hugetlb-2m: {e}");
+                return;
+            }
+        };
+        assert_eq!(maps_of(mem.core.fd()), 0, "no mapping after creation");
+        // A window of a range inside the second huge page maps that page.
+        let window = mem.core.host_window(page + 4096, 4096).unwrap();
+        assert_eq!(maps_of(mem.core.fd()), 1);
+        // SAFETY: the window maps [page + 4096, page + 8192) of this test's
+        // own file, read-write; nothing else refers to it.
+        unsafe { (window.addr() as *mut u8).write_volatile(7) };
+        drop(window);
+        assert_eq!(maps_of(mem.core.fd()), 0);
+        assert_eq!(mem.populated().unwrap(), vec![page..2 * page]);
+    }
 
     /// Found by a user: after a gmem-owned mapping that wrote pages was
     /// dropped, `populated()` refused to answer ("the file holds 0x200000

@@ -775,8 +775,8 @@ impl Vm {
             req.len,
         );
         // SAFETY: userspace_addr is the host side's mapping of the range (or
-        // 0), which the Binding returned below owns (or the file does, for
-        // hugetlb) and unmaps only after deleting this slot. `check_files`
+        // 0), which the Binding returned below owns and unmaps only after
+        // deleting this slot. `check_files`
         // established that the range is aligned, inside every file, overlaps
         // no other slot's GPA range and no other binding of the files, that
         // the flags are allowed, and that the files are this VM's.
