@@ -18,6 +18,7 @@ mod host_access;
 mod metrics;
 pub mod output;
 mod plan;
+pub mod processes;
 pub mod raw;
 mod runner;
 mod scale;
@@ -88,6 +89,10 @@ pub struct BenchOptions {
     pub only: Vec<String>,
     /// A quick subset: one row of each family (about a minute).
     pub quick: bool,
+    /// How to start one VM worker process ([`processes::worker`]): the
+    /// program and its arguments, to which the round-trip count is
+    /// appended. Without it the across-processes rows are skipped.
+    pub worker: Option<Vec<std::ffi::OsString>>,
 }
 
 impl BenchOptions {

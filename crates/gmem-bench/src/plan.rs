@@ -78,7 +78,11 @@ impl Plan {
     }
 
     pub(crate) fn note(mut self, note: impl Into<String>) -> Plan {
-        self.note = Some(note.into());
+        let note = note.into();
+        self.note = Some(match self.note.take() {
+            Some(before) => format!("{before}; {note}"),
+            None => note,
+        });
         self
     }
 }

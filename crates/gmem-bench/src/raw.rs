@@ -221,6 +221,75 @@ pub unsafe fn touch(ptr: *mut u8, len: u64) {
     }
 }
 
+/// Makes `map` (of `fd`, a file of `kind`, or anonymous memory if `kind` is
+/// `None`) the VM's memslot 0 at GPA 0, as KVM requires for the kind: a
+/// guest_memfd slot names the file and its own mapping.
+///
+/// # Safety
+/// `map` (and `fd`) must outlive the slot: the VM fd must be closed (or the
+/// slot deleted) before either is dropped.
+pub unsafe fn bind(
+    vm: &VmFd,
+    kind: Option<BackingKind>,
+    fd: Option<&OwnedFd>,
+    map: &Map,
+) -> Result<(), BenchError> {
+    let gmem = kind == Some(BackingKind::GuestMemfd);
+    let region = kvm_userspace_memory_region2 {
+        slot: 0,
+        flags: if gmem { KVM_MEM_GUEST_MEMFD } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: map.len() as u64,
+        userspace_addr: map.as_ptr() as u64,
+        guest_memfd_offset: 0,
+        guest_memfd: fd.map_or(0, |f| f.as_raw_fd() as u32),
+        pad1: 0,
+        pad2: [0; 14],
+    };
+    // SAFETY: the caller keeps the mapping alive as long as the slot; the
+    // slot is the VM's only one, so nothing overlaps.
+    unsafe { vm.set_user_memory_region2(region) }.map_err(kvm_err)
+}
+
+/// Guest memory as a VMM without gmem has it: a raw file of `kind`, one
+/// read-write host mapping of it, and a VM whose memslot 0 maps it.
+pub struct SlotFile {
+    // Field order is drop order: the VM (and its slot) before the mapping.
+    _vm: VmFd,
+    map: Map,
+    fd: OwnedFd,
+    _kvm: Kvm,
+}
+
+impl SlotFile {
+    /// Creates the VM, the file of `size` bytes, its mapping and the slot.
+    pub fn new(kind: BackingKind, size: u64) -> Result<SlotFile, BenchError> {
+        let kvm = Kvm::new().map_err(kvm_err)?;
+        let vm = kvm.create_vm().map_err(kvm_err)?;
+        let fd = file(kind, size, &vm)?;
+        let map = Map::shared(fd.as_fd(), size)?;
+        // SAFETY: the returned value's field order closes the VM fd before
+        // unmapping and closing the file.
+        unsafe { bind(&vm, Some(kind), Some(&fd), &map) }?;
+        Ok(SlotFile {
+            _vm: vm,
+            map,
+            fd,
+            _kvm: kvm,
+        })
+    }
+
+    /// The host mapping.
+    pub fn map(&self) -> &Map {
+        &self.map
+    }
+
+    /// The file.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// A VM built with kvm-ioctls alone: memory, one memslot at GPA 0, boot
 /// structures and one vCPU in long mode, as gmem-vmm builds them.
 pub struct RawVm {
@@ -248,22 +317,9 @@ impl RawVm {
             Subject::Anon => (None, Map::anon(size, false)?),
             Subject::AnonThp => (None, Map::anon(size, true)?),
         };
-        let gmem = subject == Subject::Backing(BackingKind::GuestMemfd);
-        let region = kvm_userspace_memory_region2 {
-            slot: 0,
-            flags: if gmem { KVM_MEM_GUEST_MEMFD } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: size,
-            userspace_addr: map.as_ptr() as u64,
-            guest_memfd_offset: 0,
-            guest_memfd: fd.as_ref().map_or(0, |f| f.as_raw_fd() as u32),
-            pad1: 0,
-            pad2: [0; 14],
-        };
         // SAFETY: the mapping and the file live in the returned RawVm, whose
-        // field order closes the vCPU and the VM fds before unmapping; the
-        // slot is the VM's only one, so nothing overlaps.
-        unsafe { vm.set_user_memory_region2(region) }.map_err(kvm_err)?;
+        // field order closes the vCPU and the VM fds before unmapping.
+        unsafe { bind(&vm, subject.backing(), fd.as_ref(), &map) }?;
         let write = |gpa: u64, bytes: &[u8]| {
             // SAFETY: gpa + len lies inside the mapping (boot structures below
             // 1 MiB, the payload checked by the callers).

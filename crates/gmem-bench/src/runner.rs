@@ -76,6 +76,11 @@ impl Host {
             }
             host.backings.push(b);
         }
+        if opts.worker.is_none() {
+            host.skipped.push(
+                "VM processes: no worker command (BenchOptions::worker) to start them with".into(),
+            );
+        }
         host
     }
 
@@ -128,6 +133,7 @@ fn select(mut plans: Vec<Plan>, opts: &BenchOptions) -> Vec<Plan> {
             "virtio-blk sequential read (guest)",
             "sparse guest setup, 1 GiB",
             "8 VMs, aggregate round trips",
+            "8 VM processes, aggregate round trips",
         ];
         plans.retain(|p| QUICK.contains(&p.metric.as_str()));
     }

@@ -1,6 +1,7 @@
 //! How gmem's cost grows: with guest size (sparse guests of 1 GiB to
 //! 1 TiB, nothing touched), and with the number of VMs in one process (each
-//! with 1 GiB of sparse memory and a vCPU converting a page back and forth).
+//! with 1 GiB of sparse memory and a vCPU converting a page back and forth;
+//! [`crate::processes`] has the same across processes).
 
 use std::time::Instant;
 
@@ -23,9 +24,9 @@ const SIZES: [(u64, &str); 4] = [
     (1 << 40, "1 TiB"),
 ];
 /// VM counts.
-const VMS: [usize; 4] = [1, 8, 32, 64];
+pub(crate) const VMS: [usize; 4] = [1, 8, 32, 64];
 /// Round trips per VM in the many-VM rows.
-const VM_ROUND_TRIPS: u32 = 100;
+pub(crate) const VM_ROUND_TRIPS: u32 = 100;
 
 /// `field` (in kB) of /proc/self/status.
 fn status_kib(field: &str) -> u64 {
@@ -49,14 +50,14 @@ fn fds() -> u64 {
 
 /// What a process costs now: RSS, page tables, VMAs, fds.
 #[derive(Clone, Copy)]
-struct Cost {
-    rss_kib: u64,
-    pte_kib: u64,
-    vmas: u64,
-    fds: u64,
+pub(crate) struct Cost {
+    pub(crate) rss_kib: u64,
+    pub(crate) pte_kib: u64,
+    pub(crate) vmas: u64,
+    pub(crate) fds: u64,
 }
 
-fn cost() -> Cost {
+pub(crate) fn cost() -> Cost {
     Cost {
         rss_kib: status_kib("VmRSS:"),
         pte_kib: status_kib("VmPTE:"),

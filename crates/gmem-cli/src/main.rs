@@ -31,6 +31,9 @@ enum Command {
     /// Run the conformance suite (the upstream T-checks and gmem's G-checks)
     /// on every backing this host has, or on one.
     Selftest(commands::selftest::Args),
+    /// One VM of `gmem bench`'s across-processes rows (started by it).
+    #[command(hide = true)]
+    BenchWorker(commands::bench::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Selftest(args) => commands::selftest::run(&args),
+        Command::BenchWorker(args) => commands::bench::worker(&args),
     };
     match result {
         Ok(code) => code,

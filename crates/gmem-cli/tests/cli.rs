@@ -259,6 +259,56 @@ fn run_without_dev_kvm_says_so() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// The worker protocol of `gmem bench`'s across-processes rows: `ready`
+/// with six figures, then `done` once started; a parent that goes away
+/// before starting it gets an error, not a run.
+#[test]
+fn bench_worker_speaks_its_protocol() {
+    if !kvm_or_skip("gmem bench-worker") {
+        return;
+    }
+    let run = |input: &[u8]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gmem"))
+            .args(["bench-worker", "10"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(b"go\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let ready: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(ready[0], "ready", "{stdout}");
+    assert_eq!(ready.len(), 7, "{stdout}");
+    assert!(
+        ready[1..].iter().all(|w| w.parse::<u64>().is_ok()),
+        "{stdout}"
+    );
+    assert_eq!(lines[1], "done");
+    let out = run(b"");
+    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error ") && l.contains("closed stdin")),
+        "{stdout}"
+    );
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn bench_runs_at_a_tiny_size() {
     if !kvm_or_skip("gmem bench") {
@@ -285,6 +335,8 @@ fn bench_runs_at_a_tiny_size() {
         "conversion round trips",
         "--only",
         "bulk conversion",
+        "--only",
+        "8 VM processes",
         "--json",
         "--plot",
         svg.to_str().unwrap(),
@@ -313,6 +365,11 @@ fn bench_runs_at_a_tiny_size() {
         rows.iter().any(|r| r["subject"] == "anon-thp"),
         "the THP baseline is measured"
     );
+    let procs = rows
+        .iter()
+        .find(|r| r["metric"] == "8 VM processes, aggregate round trips")
+        .expect("the across-processes row");
+    assert!(procs["gmem"]["median"].as_f64().unwrap() > 0.0);
     let chart = std::fs::read_to_string(&svg).expect("the chart");
     let _ = std::fs::remove_file(&svg);
     assert!(chart.starts_with("<svg") && chart.contains("populate"));

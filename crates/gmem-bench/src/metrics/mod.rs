@@ -9,11 +9,11 @@ mod file;
 mod vcpu;
 
 use conversion::{
-    attribute_map_gmem, attribute_map_naive, bulk_convert_gmem, bulk_convert_raw, round_trips_gmem,
-    round_trips_raw,
+    BULK_PAIRS, attribute_map_gmem, attribute_map_naive, bulk_convert_gmem, bulk_convert_raw,
+    round_trips_gmem, round_trips_raw,
 };
 use file::{
-    host_touch_gmem, host_touch_raw, populate_gmem, populate_raw, punch_mapped_gmem,
+    RawPunch, host_touch_gmem, host_touch_raw, populate_gmem, populate_raw, punch_mapped_gmem,
     punch_mapped_raw, punch_unmapped_gmem, punch_unmapped_raw,
 };
 use vcpu::{guest_touch_gmem, guest_touch_raw, launch_gmem, launch_raw};
@@ -94,15 +94,31 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
     for &k in backings {
         let s = Subject::Backing(k);
         let size = size_for(s);
-        let mut p = Plan::new("discard, host-mapped", s, "GiB/s", true)
+        // The raw side is guest memory as any VMM has it (a memslot over one
+        // touched host mapping), discarded with the least work for the kind.
+        let how = if k == BackingKind::GuestMemfd {
+            RawPunch::ZapFirst
+        } else {
+            RawPunch::Naive
+        };
+        let p = Plan::new("discard, host-mapped", s, "GiB/s", true)
             .gmem(move || punch_mapped_gmem(k, size))
-            .raw(move || punch_mapped_raw(k, size));
-        if k == BackingKind::GuestMemfd {
-            p = p
-                .goal(4.0)
-                .note("raw: a naive punch with the mapping in place; gmem zaps its mappings first");
-        }
+            .raw(move || punch_mapped_raw(k, size, how))
+            .goal(0.9)
+            .note(match how {
+                RawPunch::ZapFirst => {
+                    "raw: memslot + one touched mapping, MADV_DONTNEED then punch"
+                }
+                RawPunch::Naive => "raw: memslot + one touched mapping, punch",
+            });
         plans.push(with_note(p, s));
+        if k == BackingKind::GuestMemfd {
+            let p = Plan::new("discard, host-mapped, vs naive punch", s, "GiB/s", true)
+                .gmem(move || punch_mapped_gmem(k, size))
+                .raw(move || punch_mapped_raw(k, size, RawPunch::Naive))
+                .note("raw: memslot + one touched mapping, punch with the mapping in place");
+            plans.push(with_note(p, s));
+        }
     }
     for &s in &subjects {
         let size = size_for(s);
@@ -157,12 +173,16 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
             Plan::new("bulk conversion", s, "GiB/s", true)
                 .gmem(move || bulk_convert_gmem(k, size))
                 .raw(move || bulk_convert_raw(k, size))
-                .note("private and back over the whole region; raw: mprotect NONE and back"),
+                .goal(0.9)
+                .note(format!(
+                    "private and back over the whole region, {BULK_PAIRS} pairs a rep; raw: mprotect NONE and back"
+                )),
             s,
         ));
     }
     plans.extend(crate::virtio_io::plans(backings));
     plans.extend(crate::scale::plans(backings));
+    plans.extend(crate::processes::plans(backings, opts.worker.as_deref()));
     plans.extend(crate::host_access::plans(backings, |k| {
         size_for(Subject::Backing(k))
     }));

@@ -50,6 +50,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         reps: if args.quick { 1 } else { args.reps },
         only: args.only.clone(),
         quick: args.quick,
+        // The across-processes rows start this binary's hidden worker.
+        worker: std::env::current_exe()
+            .ok()
+            .map(|exe| vec![exe.into_os_string(), "bench-worker".into()]),
     };
     opts.validate()?;
     // A progress bar on stderr when it is a terminal, never under --json.
@@ -95,5 +99,19 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             eprintln!("chart written to {}", curve.display());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gmem bench-worker` arguments (hidden: `gmem bench` starts it).
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Round trips the worker's guest makes once started.
+    round_trips: u32,
+}
+
+/// Runs one VM worker process for `gmem bench` (see
+/// `gmem_bench::processes`).
+pub fn worker(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    gmem_bench::processes::worker(args.round_trips).context("bench worker")?;
     Ok(ExitCode::SUCCESS)
 }
