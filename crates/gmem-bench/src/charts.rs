@@ -1,56 +1,90 @@
-//! The scale curves as SVG line charts, drawn with `plotters`: setup time
-//! against guest size, conversions and view VMAs against the number of
-//! islands, and the aggregate round-trip rate against the number of VMs.
+//! The results as SVG charts, drawn with `plotters`:
+//! - [`bars`]: one panel per metric, gmem's bar beside the raw baseline's
+//!   for each subject, on a log scale;
+//! - [`curves`]: the scale curves as line charts: setup time against guest
+//!   size, conversions and view VMAs against the number of islands, and the
+//!   aggregate round-trip rate against the number of VMs (in one process
+//!   and a process each).
 //!
-//! Each curve is read back from the report's rows (the metric names carry
-//! the x value), so a chart always shows the run its table shows.
+//! Both are read back from the report's rows (the curves' metric names
+//! carry the x value), so a chart always shows the run its table shows.
 
 use plotters::prelude::*;
 
 use crate::{BenchReport, Row};
 
-/// One curve family: the rows whose metric is `prefix` + x + `suffix`.
+/// One chart of curves.
 struct Curve {
     /// The file name's tail: `<stem>-<name>.svg`.
     name: &'static str,
     title: &'static str,
-    prefix: &'static str,
-    suffix: &'static str,
+    /// The row families drawn, one line (per subject and side) each.
+    lines: &'static [Line],
     x_desc: &'static str,
     /// Parses the x value out of the metric's middle.
     parse: fn(&str) -> Option<f64>,
+}
+
+/// One row family: the rows whose metric is `prefix` + x + `suffix`,
+/// labelled with `tag` after the subject.
+struct Line {
+    prefix: &'static str,
+    suffix: &'static str,
+    tag: &'static str,
+}
+
+impl Line {
+    const fn new(prefix: &'static str, suffix: &'static str) -> Line {
+        Line {
+            prefix,
+            suffix,
+            tag: "",
+        }
+    }
+
+    /// The x text of `metric` if it belongs to this family.
+    fn x_of<'m>(&self, metric: &'m str) -> Option<&'m str> {
+        metric.strip_prefix(self.prefix)?.strip_suffix(self.suffix)
+    }
 }
 
 const CURVES: &[Curve] = &[
     Curve {
         name: "sparse-setup",
         title: "sparse guest setup against guest size (flat is the goal)",
-        prefix: "sparse guest setup, ",
-        suffix: "",
+        lines: &[Line::new("sparse guest setup, ", "")],
         x_desc: "guest size (GiB)",
         parse: gib,
     },
     Curve {
         name: "fragmentation",
         title: "conversions against islands",
-        prefix: "conversions at ",
-        suffix: " islands",
+        lines: &[Line::new("conversions at ", " islands")],
         x_desc: "islands",
         parse: count,
     },
     Curve {
         name: "view-vmas",
         title: "host-view VMAs against islands",
-        prefix: "view VMAs at ",
-        suffix: " islands",
+        lines: &[Line::new("view VMAs at ", " islands")],
         x_desc: "islands",
         parse: count,
     },
     Curve {
         name: "many-vms",
-        title: "aggregate conversion round trips against VMs in one process",
-        prefix: "",
-        suffix: " VMs, aggregate round trips",
+        title: "aggregate conversion round trips against VMs",
+        lines: &[
+            Line {
+                prefix: "",
+                suffix: " VMs, aggregate round trips",
+                tag: ", one process",
+            },
+            Line {
+                prefix: "",
+                suffix: " VM processes, aggregate round trips",
+                tag: ", a process per VM",
+            },
+        ],
         x_desc: "VMs",
         parse: count,
     },
@@ -93,12 +127,12 @@ struct Series {
 fn series_of(curve: &Curve, rows: &[Row]) -> (Vec<Series>, &'static str) {
     let mut out: Vec<Series> = Vec::new();
     let mut unit = "";
-    let mut subjects: Vec<&str> = Vec::new();
+    let mut subjects: Vec<String> = Vec::new();
     for r in rows {
-        let Some(mid) = r
-            .metric
-            .strip_prefix(curve.prefix)
-            .and_then(|m| m.strip_suffix(curve.suffix))
+        let Some((line, mid)) = curve
+            .lines
+            .iter()
+            .find_map(|l| l.x_of(&r.metric).map(|mid| (l, mid)))
         else {
             continue;
         };
@@ -106,15 +140,25 @@ fn series_of(curve: &Curve, rows: &[Row]) -> (Vec<Series>, &'static str) {
             continue;
         };
         unit = r.unit;
-        if !subjects.contains(&r.subject.as_str()) {
-            subjects.push(&r.subject);
-        }
-        let colour = COLOURS[subjects.iter().position(|s| *s == r.subject).unwrap_or(0) % 6];
+        // One colour per subject and family; raw lines share it, thinner.
+        let key = format!("{}{}", r.subject, line.tag);
+        let colour = match subjects.iter().position(|s| *s == key) {
+            Some(i) => COLOURS[i % COLOURS.len()],
+            None => {
+                subjects.push(key);
+                COLOURS[(subjects.len() - 1) % COLOURS.len()]
+            }
+        };
         for (raw, sample) in [(false, r.gmem), (true, r.raw)] {
             let Some(sample) = sample.filter(|s| s.median > 0.0) else {
                 continue;
             };
-            let label = format!("{}{}", r.subject, if raw { " (raw)" } else { "" });
+            let label = format!(
+                "{}{}{}",
+                r.subject,
+                line.tag,
+                if raw { " (raw)" } else { "" }
+            );
             match out.iter_mut().find(|s| s.label == label) {
                 Some(s) => s.points.push((x, sample.median)),
                 None => out.push(Series {
@@ -219,6 +263,151 @@ fn draw(
     Ok(svg)
 }
 
+/// gmem's bars and the raw baseline's.
+const GMEM_BAR: RGBColor = RGBColor(0x3b, 0x6f, 0xd4);
+const RAW_BAR: RGBColor = RGBColor(0x9a, 0x9a, 0x9a);
+
+/// The metrics the bar chart shows: every measured one except the
+/// metadata rows and the rows the curves draw.
+fn bar_metrics(rows: &[Row]) -> Vec<&str> {
+    let mut metrics: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.raw.is_some() || r.gmem.is_some()) {
+        let in_curve = CURVES
+            .iter()
+            .flat_map(|c| c.lines)
+            .any(|l| l.x_of(&r.metric).is_some());
+        if !in_curve && !r.metric.starts_with("metadata") && !metrics.contains(&r.metric.as_str()) {
+            metrics.push(&r.metric);
+        }
+    }
+    metrics
+}
+
+/// The results as one SVG: a panel per metric (two columns), a pair of bars
+/// per subject (gmem, then the raw baseline), each panel on its own log
+/// scale, the ratio under each subject.
+///
+/// # Errors
+/// The drawing library's error, as text.
+pub fn bars(report: &BenchReport) -> Result<String, String> {
+    draw_bars(report).map_err(|e| e.to_string())
+}
+
+fn draw_bars(report: &BenchReport) -> Result<String, Box<dyn std::error::Error>> {
+    const PANEL: (u32, u32) = (480, 230);
+    const COLS: usize = 2;
+    const HEADER: u32 = 36;
+    let metrics = bar_metrics(&report.rows);
+    let grid_rows = metrics.len().div_ceil(COLS).max(1);
+    let size = (PANEL.0 * COLS as u32, PANEL.1 * grid_rows as u32 + HEADER);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (header, body) = root.split_vertically(HEADER);
+        header.draw(&Text::new(
+            format!(
+                "gmem bench: gmem (blue) beside the raw baseline (grey), region {} MiB, median of {} reps, log scales",
+                report.size >> 20,
+                report.reps
+            ),
+            (10, 10),
+            ("sans-serif", 15).into_font().style(FontStyle::Bold),
+        ))?;
+        let panels = body.split_evenly((grid_rows, COLS));
+        for (metric, area) in metrics.iter().zip(panels.iter()) {
+            let rows: Vec<&Row> = report.rows.iter().filter(|r| r.metric == *metric).collect();
+            bar_panel(area, metric, &rows)?;
+        }
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+fn bar_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    metric: &str,
+    rows: &[&Row],
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let unit = rows.first().map_or("", |r| r.unit);
+    let better = if rows.first().is_some_and(|r| r.higher_is_better) {
+        "higher is better"
+    } else {
+        "lower is better"
+    };
+    let values: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| [r.gmem, r.raw])
+        .flatten()
+        .map(|s| s.median)
+        .filter(|v| *v > 0.0)
+        .collect();
+    let hi = values.iter().copied().fold(f64::MIN_POSITIVE, f64::max) * 1.5;
+    let lo = values.iter().copied().fold(hi, f64::min) / 2.0;
+    let n = rows.len().max(1) as u32;
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| match r.ratio {
+            Some(x) => format!("{} {x:.2}×", r.subject),
+            None => r.subject.clone(),
+        })
+        .collect();
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("{metric} ({unit}, {better})"),
+            ("sans-serif", 12).into_font().style(FontStyle::Bold),
+        )
+        .margin(8)
+        .x_label_area_size(22)
+        .y_label_area_size(52)
+        // Segments 0..=n-1: one per subject.
+        .build_cartesian_2d((0u32..n - 1).into_segmented(), (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_labels(6)
+        .y_label_formatter(&|v| crate::output::num(*v))
+        .label_style(("sans-serif", 8))
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()?;
+    for (j, r) in rows.iter().enumerate() {
+        let j = j as u32;
+        let halves = [
+            (
+                r.gmem,
+                GMEM_BAR,
+                SegmentValue::Exact(j),
+                SegmentValue::CenterOf(j),
+            ),
+            (
+                r.raw,
+                RAW_BAR,
+                SegmentValue::CenterOf(j),
+                SegmentValue::Exact(j + 1),
+            ),
+        ];
+        for (sample, colour, left, right) in halves {
+            let Some(s) = sample.filter(|s| s.median > 0.0) else {
+                continue;
+            };
+            let mut bar = Rectangle::new([(left.clone(), lo), (right, s.median)], colour.filled());
+            bar.set_margin(0, 0, 3, 3);
+            chart.draw_series(std::iter::once(bar))?;
+            // The value just above the bar's left edge.
+            let value = EmptyElement::at((left, s.median))
+                + Text::new(crate::output::num(s.median), (4, -10), ("sans-serif", 8));
+            chart.draw_series(std::iter::once(value))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +452,12 @@ mod tests {
         assert_eq!(*name, "sparse-setup");
         assert!(svg.contains("<svg") && svg.contains("memfd (raw)"));
         assert_eq!(gib("1 TiB"), Some(1024.0));
+        let chart = bars(&report).unwrap();
+        assert!(chart.contains("<svg") && chart.contains("populate"));
+        assert!(
+            !chart.contains("sparse guest setup"),
+            "curve rows are in the curves, not the bars"
+        );
         assert_eq!(gib("3 PiB"), None);
     }
 }

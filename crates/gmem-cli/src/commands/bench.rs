@@ -84,7 +84,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         print!("{}", output::table(&report));
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, output::svg(&report))
+        let chart = gmem_bench::charts::bars(&report)
+            .map_err(|e| anyhow::anyhow!("drawing the chart: {e}"))?;
+        std::fs::write(path, chart)
             .with_context(|| format!("writing the chart {}", path.display()))?;
         eprintln!("chart written to {}", path.display());
         let stem = path
