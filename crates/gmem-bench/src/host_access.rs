@@ -68,6 +68,30 @@ fn copy_gmem(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<
     Ok(gib_per_s(size, d))
 }
 
+/// The same copies through a device's [`gmem::Pin`]: `Pin::read` and
+/// `Pin::write`, bounds-checked and lock-free (the pin holds the pages
+/// shared), the device path.
+fn copy_pinned(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<f64, BenchError> {
+    let g = gated(kind, size)?;
+    g.gate.fill(0, size, 1)?;
+    let pin = g.gate.pin(0, size)?;
+    // SAFETY: the pin holds all `size` bytes mapped read-write, unreferenced.
+    unsafe { raw::touch(pin.as_ptr(), size) };
+    let mut buf = vec![7u8; chunk];
+    let d = timed(|| {
+        for off in (0..size).step_by(chunk) {
+            if write {
+                pin.write(off, &buf)?;
+            } else {
+                pin.read(off, &mut buf)?;
+            }
+        }
+        Ok(())
+    })?;
+    std::hint::black_box(&buf);
+    Ok(gib_per_s(size, d))
+}
+
 /// The same copies with `memcpy` through a device's pin of the same pages.
 fn copy_raw(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<f64, BenchError> {
     let g = gated(kind, size)?;
@@ -201,22 +225,46 @@ fn raw_islands_fit(islands: u64) -> bool {
 /// rows), over regions of `size` bytes.
 pub(crate) fn plans(backings: &[BackingKind], size_for: impl Fn(BackingKind) -> u64) -> Vec<Plan> {
     let mut plans = Vec::new();
-    for (chunk, label) in [(64usize << 10, "64 KiB"), (4 << 10, "4 KiB")] {
+    // The safe API at two sizes, and the device path (a pin, no lock per
+    // call) at the small one.
+    for (chunk, label, pinned) in [
+        (64usize << 10, "64 KiB", false),
+        (4 << 10, "4 KiB", false),
+        (4 << 10, "4 KiB", true),
+    ] {
         for write in [false, true] {
             let op = if write { "write" } else { "read" };
+            let (how, note) = if pinned {
+                (
+                    " through a pin",
+                    "gmem: Pin::read/write, bounds-checked, no lock; raw: memcpy through the same pin",
+                )
+            } else {
+                (
+                    "",
+                    "gmem: the safe API, checked per call; raw: memcpy through a pin of the same pages",
+                )
+            };
             for &k in backings {
                 let size = size_for(k);
+                let gmem = move || {
+                    if pinned {
+                        copy_pinned(k, size, chunk, write)
+                    } else {
+                        copy_gmem(k, size, chunk, write)
+                    }
+                };
                 plans.push(
                     Plan::new(
-                        format!("host {op}, {label} copies"),
+                        format!("host {op}, {label} copies{how}"),
                         Subject::Backing(k),
                         "GiB/s",
                         true,
                     )
-                    .gmem(move || copy_gmem(k, size, chunk, write))
+                    .gmem(gmem)
                     .raw(move || copy_raw(k, size, chunk, write))
                     .goal(0.9)
-                    .note("gmem: the safe API, checked per call; raw: memcpy through a pin of the same pages"),
+                    .note(note),
                 );
             }
         }

@@ -149,11 +149,12 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // A worker that finished exits by itself; one that did not is
-        // killed. Either way it is reaped here.
-        drop(self.stdin.take());
+        // killed (before its stdin closes, so that it does not report the
+        // parent gone). Either way it is reaped here.
         if !matches!(self.child.try_wait(), Ok(Some(_))) {
             let _ = self.child.kill();
         }
+        drop(self.stdin.take());
         let _ = self.child.wait();
     }
 }

@@ -12,7 +12,7 @@ use crate::plan::{PAGE, gib_per_s, per_s, timed};
 use crate::raw::{self, Map, RawVm, Subject};
 
 /// Doorbell round trips per conversion measurement.
-const ROUND_TRIPS: u32 = 200;
+const ROUND_TRIPS: u32 = 1000;
 /// Where the round-trip guest converts its page.
 const ROUND_TRIP_GPA: u64 = 0x20_0000;
 /// Attribute-map operations per measurement.

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     size: u64,
     /// Measured reps per measurement, after one warm-up rep.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     reps: u32,
     /// A quick subset (about a minute): one row of each family, one rep,
     /// 64 MiB regions.
