@@ -2,12 +2,49 @@
 //! baseline. Loops that must run fast run at CPL3: on this project's hosts
 //! only user-mode guest code runs natively (CPL0 code is emulated).
 
+use gmem::BackingKind;
 use gmem_vmm::abi::{HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_EXIT, PORT_HYPERCALL};
 use gmem_vmm::boot::{USER_CODE_SELECTOR, USER_DATA_SELECTOR};
+use gmem_vmm::{Console, Machine, MachineConfig, Step};
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
     CodeAssembler, al, byte_ptr, eax, ecx, edx, ptr, r8, rax, rbx, rcx, rdi, rsp,
 };
+
+use crate::BenchError;
+
+/// Where a round-trip guest converts its page.
+pub(crate) const ROUND_TRIP_GPA: u64 = 0x20_0000;
+
+/// A gmem machine of `ram` bytes of `kind` with the round-trip guest
+/// ([`round_trips`], `trips` of them) loaded.
+pub(crate) fn round_trip_machine(
+    kind: BackingKind,
+    ram: u64,
+    trips: u32,
+) -> Result<Machine, BenchError> {
+    let mut m = Machine::new(MachineConfig::new(kind, ram))?;
+    m.load(&round_trips(ROUND_TRIP_GPA, trips)?, LOAD, LOAD)?;
+    Ok(m)
+}
+
+/// Runs vCPU 0 of `m` until the guest exits; an exit status other than 0
+/// or a halt is an error.
+pub(crate) fn run_to_exit(m: &mut Machine) -> Result<(), BenchError> {
+    let (console, _) = Console::buffer();
+    loop {
+        match m.step(0, &console)? {
+            Step::Exit(0) => return Ok(()),
+            Step::Exit(s) => {
+                return Err(BenchError::Guest(format!(
+                    "the guest exited with status {s}"
+                )));
+            }
+            Step::Halted => return Err(BenchError::Guest("the guest halted early".into())),
+            Step::Continue(_) | Step::Interrupted => {}
+        }
+    }
+}
 
 /// Where payloads are loaded (and entered).
 pub const LOAD: u64 = 0x10_0000;

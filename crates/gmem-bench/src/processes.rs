@@ -17,10 +17,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use gmem::BackingKind;
-use gmem_vmm::{Console, Machine, MachineConfig, Step};
 
 use crate::BenchError;
-use crate::guest::{self, LOAD};
+use crate::guest;
 use crate::plan::{Plan, per_s};
 use crate::raw::Subject;
 use crate::scale::{VM_ROUND_TRIPS, VMS, cost};
@@ -45,10 +44,8 @@ pub fn worker(round_trips: u32) -> Result<(), BenchError> {
 }
 
 fn worker_inner(round_trips: u32, out: &mut impl Write) -> Result<(), BenchError> {
-    let code = guest::round_trips(0x20_0000, round_trips)?;
     let before = cost();
-    let mut m = Machine::new(MachineConfig::new(BackingKind::Memfd, 1 << 30))?;
-    m.load(&code, LOAD, LOAD)?;
+    let mut m = guest::round_trip_machine(BackingKind::Memfd, 1 << 30, round_trips)?;
     let after = cost();
     writeln!(
         out,
@@ -67,19 +64,7 @@ fn worker_inner(round_trips: u32, out: &mut impl Write) -> Result<(), BenchError
             "the parent closed stdin before starting the worker".into(),
         ));
     }
-    let (console, _) = Console::buffer();
-    loop {
-        match m.step(0, &console)? {
-            Step::Exit(0) => break,
-            Step::Exit(s) => {
-                return Err(BenchError::Guest(format!(
-                    "round trips ended with status {s}"
-                )));
-            }
-            Step::Halted => return Err(BenchError::Guest("halted early".into())),
-            Step::Continue(_) | Step::Interrupted => {}
-        }
-    }
+    guest::run_to_exit(&mut m)?;
     writeln!(out, "done")?;
     out.flush()?;
     Ok(())

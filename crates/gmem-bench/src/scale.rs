@@ -9,10 +9,10 @@ use gmem::{
     Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, SlotRequest, Vm,
     create_memory,
 };
-use gmem_vmm::{Console, Machine, MachineConfig, Step};
+use gmem_vmm::{Machine, MachineConfig};
 
 use crate::BenchError;
-use crate::guest::{self, LOAD};
+use crate::guest;
 use crate::plan::{Plan, micros, per_s};
 use crate::raw::Subject;
 
@@ -156,36 +156,19 @@ fn host_cost(kind: BackingKind, size: u64, what: &'static str) -> Result<f64, Be
 /// `n` machines of 1 GiB sparse memfd RAM, each converting a page back and
 /// forth; the aggregate round trips per second.
 fn many_vms_rate(n: usize) -> Result<f64, BenchError> {
-    let code = guest::round_trips(0x20_0000, VM_ROUND_TRIPS)?;
     let mut machines = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut m = Machine::new(MachineConfig::new(BackingKind::Memfd, 1 << 30))?;
-        m.load(&code, LOAD, LOAD)?;
-        machines.push(m);
+        machines.push(guest::round_trip_machine(
+            BackingKind::Memfd,
+            1 << 30,
+            VM_ROUND_TRIPS,
+        )?);
     }
     let start = Instant::now();
     let results: Vec<Result<(), BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = machines
             .iter_mut()
-            .map(|m| {
-                s.spawn(move || {
-                    let (console, _) = Console::buffer();
-                    loop {
-                        match m.step(0, &console)? {
-                            Step::Exit(0) => return Ok(()),
-                            Step::Exit(st) => {
-                                return Err(BenchError::Guest(format!(
-                                    "round trips ended with status {st}"
-                                )));
-                            }
-                            Step::Halted => {
-                                return Err(BenchError::Guest("halted early".into()));
-                            }
-                            Step::Continue(_) | Step::Interrupted => {}
-                        }
-                    }
-                })
-            })
+            .map(|m| s.spawn(move || guest::run_to_exit(m)))
             .collect();
         handles
             .into_iter()

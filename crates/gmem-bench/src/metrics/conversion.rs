@@ -2,7 +2,6 @@
 
 use gmem::{Attribute, AttributeMap, BackingKind};
 use gmem_vmm::abi::PORT_EXIT;
-use gmem_vmm::{Console, Machine, MachineConfig, Step};
 use rustix::mm::MprotectFlags;
 
 use super::file::{bound, raw_file};
@@ -13,35 +12,12 @@ use crate::raw::{self, Map, RawVm, Subject};
 
 /// Doorbell round trips per conversion measurement.
 const ROUND_TRIPS: u32 = 1000;
-/// Where the round-trip guest converts its page.
-const ROUND_TRIP_GPA: u64 = 0x20_0000;
 /// Attribute-map operations per measurement.
 const MAP_OPS: u64 = 100_000;
 
 pub(super) fn round_trips_gmem(kind: BackingKind, ram: u64) -> Result<f64, BenchError> {
-    let mut m = Machine::new(MachineConfig::new(kind, ram))?;
-    m.load(
-        &guest::round_trips(ROUND_TRIP_GPA, ROUND_TRIPS)?,
-        LOAD,
-        LOAD,
-    )?;
-    let (console, _) = Console::buffer();
-    let d = timed(|| {
-        loop {
-            match m.step(0, &console)? {
-                Step::Exit(0) => return Ok(()),
-                Step::Exit(s) => {
-                    return Err(BenchError::Guest(format!(
-                        "round trips ended with status {s}"
-                    )));
-                }
-                Step::Halted => {
-                    return Err(BenchError::Guest("round-trip guest halted early".into()));
-                }
-                Step::Continue(_) | Step::Interrupted => {}
-            }
-        }
-    })?;
+    let mut m = guest::round_trip_machine(kind, ram, ROUND_TRIPS)?;
+    let d = timed(|| guest::run_to_exit(&mut m))?;
     Ok(per_s(u64::from(ROUND_TRIPS), d))
 }
 
@@ -49,7 +25,7 @@ pub(super) fn round_trips_raw(subject: Subject, ram: u64) -> Result<f64, BenchEr
     let mut vm = RawVm::new(
         subject,
         ram,
-        &guest::round_trips(ROUND_TRIP_GPA, ROUND_TRIPS)?,
+        &guest::round_trips(guest::ROUND_TRIP_GPA, ROUND_TRIPS)?,
         LOAD,
     )?;
     let d = timed(|| vm.run_until_out(PORT_EXIT).map(drop))?;
