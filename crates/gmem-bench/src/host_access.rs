@@ -68,51 +68,58 @@ fn copy_gmem(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<
     Ok(gib_per_s(size, d))
 }
 
-/// The same copies through a device's [`gmem::Pin`]: `Pin::read` and
-/// `Pin::write`, bounds-checked and lock-free (the pin holds the pages
-/// shared), the device path.
-fn copy_pinned(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<f64, BenchError> {
-    let g = gated(kind, size)?;
-    g.gate.fill(0, size, 1)?;
-    let pin = g.gate.pin(0, size)?;
-    // SAFETY: the pin holds all `size` bytes mapped read-write, unreferenced.
-    unsafe { raw::touch(pin.as_ptr(), size) };
-    let mut buf = vec![7u8; chunk];
-    let d = timed(|| {
-        for off in (0..size).step_by(chunk) {
-            if write {
-                pin.write(off, &buf)?;
-            } else {
-                pin.read(off, &mut buf)?;
-            }
-        }
-        Ok(())
-    })?;
-    std::hint::black_box(&buf);
-    Ok(gib_per_s(size, d))
+/// How copies through a device's pin are made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PinCopy {
+    /// `Pin::read` / `Pin::write`: bounds-checked, no lock (the pin holds
+    /// the pages shared); the device path.
+    Checked,
+    /// `memcpy` at the pin's address: the raw baseline.
+    Memcpy,
 }
 
-/// The same copies with `memcpy` through a device's pin of the same pages.
-fn copy_raw(kind: BackingKind, size: u64, chunk: usize, write: bool) -> Result<f64, BenchError> {
+/// The same copies through a device's pin of the same pages, made as `how`
+/// says.
+fn copy_pinned(
+    kind: BackingKind,
+    size: u64,
+    chunk: usize,
+    write: bool,
+    how: PinCopy,
+) -> Result<f64, BenchError> {
     let g = gated(kind, size)?;
     g.gate.fill(0, size, 1)?;
     let pin = g.gate.pin(0, size)?;
     let base = pin.as_ptr();
-    // Fault the window in first: gmem's copies go through the file's own
-    // mapping, which `fill` has faulted in.
+    // Fault the window in first: the safe API's copies go through the
+    // file's own mapping, which `fill` has faulted in.
     // SAFETY: the pin holds all `size` bytes mapped read-write, unreferenced.
     unsafe { raw::touch(base, size) };
     let mut buf = vec![7u8; chunk];
+    // One loop per way, so that neither pays for the other's branch.
     let d = timed(|| {
-        for off in (0..size as usize).step_by(chunk) {
-            // SAFETY: the pin holds all `size` bytes mapped read-write; `buf`
-            // is a separate buffer of `chunk` bytes and `size` is a multiple
-            // of `chunk`.
-            unsafe {
-                if write {
-                    std::ptr::copy_nonoverlapping(buf.as_ptr(), base.add(off), chunk);
-                } else {
-                    std::ptr::copy_nonoverlapping(base.add(off), buf.as_mut_ptr(), chunk);
+        match how {
+            PinCopy::Checked => {
+                for off in (0..size).step_by(chunk) {
+                    if write {
+                        pin.write(off, &buf)?;
+                    } else {
+                        pin.read(off, &mut buf)?;
+                    }
+                }
+            }
+            PinCopy::Memcpy => {
+                for off in (0..size as usize).step_by(chunk) {
+                    // SAFETY: the pin holds all `size` bytes mapped
+                    // read-write; `buf` is a separate buffer of `chunk`
+                    // bytes and `size` is a multiple of `chunk`.
+                    unsafe {
+                        if write {
+                            std::ptr::copy_nonoverlapping(buf.as_ptr(), base.add(off), chunk);
+                        } else {
+                            std::ptr::copy_nonoverlapping(base.add(off), buf.as_mut_ptr(), chunk);
+                        }
+                    }
                 }
             }
         }
@@ -249,7 +256,7 @@ pub(crate) fn plans(backings: &[BackingKind], size_for: impl Fn(BackingKind) -> 
                 let size = size_for(k);
                 let gmem = move || {
                     if pinned {
-                        copy_pinned(k, size, chunk, write)
+                        copy_pinned(k, size, chunk, write, PinCopy::Checked)
                     } else {
                         copy_gmem(k, size, chunk, write)
                     }
@@ -262,7 +269,7 @@ pub(crate) fn plans(backings: &[BackingKind], size_for: impl Fn(BackingKind) -> 
                         true,
                     )
                     .gmem(gmem)
-                    .raw(move || copy_raw(k, size, chunk, write))
+                    .raw(move || copy_pinned(k, size, chunk, write, PinCopy::Memcpy))
                     .goal(0.9)
                     .note(note),
                 );
