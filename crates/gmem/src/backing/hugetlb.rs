@@ -179,6 +179,19 @@ mod tests {
     use super::*;
     use crate::range::FileRange;
 
+    /// A shared hugetlb-2m file of two pages; `None` (and a skip line) where
+    /// the pool cannot give them.
+    fn two_shared_pages() -> Option<HugetlbMemfd> {
+        HugetlbMemfd::create(
+            BackingKind::Hugetlb2M,
+            4 << 20,
+            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
+            None,
+        )
+        .map_err(|e| println!("skipped: hugetlb-2m: {e}"))
+        .ok()
+    }
+
     /// The lines of /proc/self/maps that map the file `fd`, by inode.
     fn maps_of(fd: std::os::fd::BorrowedFd<'_>) -> usize {
         let ino = rustix::fs::fstat(fd).unwrap().st_ino.to_string();
@@ -194,17 +207,8 @@ mod tests {
     #[test]
     fn reserved_at_creation_without_a_mapping() {
         let page = 2u64 << 20;
-        let mem = match HugetlbMemfd::create(
-            BackingKind::Hugetlb2M,
-            2 * page,
-            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
-            None,
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                println!("skipped: hugetlb-2m: {e}");
-                return;
-            }
+        let Some(mem) = two_shared_pages() else {
+            return;
         };
         assert_eq!(maps_of(mem.core.fd()), 0, "no mapping after creation");
         // A window of a range inside the second huge page maps that page.
@@ -225,17 +229,8 @@ mod tests {
     #[test]
     fn population_survives_dropped_mappings() {
         let page = 2u64 << 20;
-        let mem = match HugetlbMemfd::create(
-            BackingKind::Hugetlb2M,
-            2 * page,
-            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
-            None,
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                println!("skipped: hugetlb-2m: {e}");
-                return;
-            }
+        let Some(mem) = two_shared_pages() else {
+            return;
         };
         {
             // SAFETY: a file of this test's own, shared, under no gatekeeper.
