@@ -88,11 +88,25 @@ impl FileCore {
 
     /// A read-write host mapping of `[offset, offset + len)` of the file:
     /// KVM's `userspace_addr` for a binding of it, and where the
-    /// gatekeeper's copies go. It maps the whole backing pages the range
-    /// touches (hugetlb maps only whole huge pages), is guarded like every
-    /// gmem mapping, and is registered (population queries and punches see
-    /// it).
+    /// gatekeeper's copies go (see [`map_pages`](Self::map_pages)).
     pub(crate) fn host_window(&self, offset: u64, len: u64) -> Result<HostWindow, BackingError> {
+        self.map_pages(
+            offset,
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+        )
+    }
+
+    /// Maps the whole backing pages that `[offset, offset + len)` touches
+    /// (hugetlb maps only whole huge pages) with `prot`, guarded like every
+    /// gmem mapping and registered, so that population queries and punches
+    /// see it: the bindings' windows and the gatekeeper's views.
+    pub(crate) fn map_pages(
+        &self,
+        offset: u64,
+        len: u64,
+        prot: rustix::mm::ProtFlags,
+    ) -> Result<HostWindow, BackingError> {
         let page = self.kind.page_size();
         let start = offset / page * page;
         let end = offset
@@ -100,20 +114,18 @@ impl FileCore {
             .and_then(|end| end.checked_next_multiple_of(page))
             .ok_or_else(|| {
                 BackingError::syscall(
-                    format!("mmap of {len:#x} bytes at offset {offset:#x}"),
+                    format!(
+                        "mmap of {len:#x} bytes at offset {offset:#x} (the range's end overflows)"
+                    ),
                     rustix::io::Errno::NOMEM,
                 )
             })?;
-        let map = Mapping::new(
-            self.fd(),
-            start,
-            end - start,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-        )?;
+        let map = Mapping::new(self.fd(), start, end - start, prot)?;
         guard(&map, self.kind)?;
         let registration = self.host_maps.register(&map, start);
         Ok(HostWindow {
             _registration: registration,
+            start,
             skew: (offset - start) as usize,
             map,
         })
@@ -250,14 +262,17 @@ impl FileCore {
     }
 }
 
-/// A host mapping of a bound range (see [`FileCore::host_window`]).
+/// A registered mapping of a range of the file, from
+/// [`FileCore::map_pages`].
 #[derive(Debug)]
 pub(crate) struct HostWindow {
     // Field order is drop order: unregister, then unmap.
     /// Kept for its `Drop`: the mapping's registry entry.
     _registration: super::mapping::Registration,
-    /// Bytes from the mapping's start (a backing page boundary) to the
-    /// range's first byte.
+    /// The file offset of the mapping's first byte (a backing page
+    /// boundary).
+    start: u64,
+    /// Bytes from the mapping's start to the range's first byte.
     skew: usize,
     /// The mapping of the whole backing pages the range touches.
     map: Mapping,
@@ -267,6 +282,16 @@ impl HostWindow {
     /// The address of the range's first byte.
     pub(crate) fn addr(&self) -> usize {
         self.map.addr() + self.skew
+    }
+
+    /// The whole mapping, from [`start`](Self::start).
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// The file offset of the mapping's first byte.
+    pub(crate) fn start(&self) -> u64 {
+        self.start
     }
 }
 

@@ -8,22 +8,19 @@ use std::sync::Arc;
 use rustix::mm::{MprotectFlags, ProtFlags};
 
 use super::error::GateError;
-use crate::backing::mapping::{Mapping, Registration};
+use crate::backing::file::HostWindow;
+use crate::backing::mapping::Mapping;
 use crate::backing::{GmemFlags, RestrictedMemory};
 use crate::kvm::vm::Binding;
 use crate::kvm::vm::Vm;
 
 /// One bound range, as the gatekeeper sees it.
 pub(super) struct Region {
-    // Field order is drop order: the view's registration, the view, then
-    // the binding.
-    /// Kept for its `Drop`: the view's entry in the file's mapping registry
-    /// (population queries and punches see the view's page tables too).
-    _registration: Registration,
-    /// The view: the file's `[view_off, view_off + view.len())`, `PROT_NONE`
-    /// except where a window is open.
-    pub(super) view: Mapping,
-    pub(super) view_off: u64,
+    // Field order is drop order: the view, then the binding.
+    /// The view: the whole backing pages of the region, `PROT_NONE` except
+    /// where a window is open; registered with the file, so population
+    /// queries and punches see its page tables too.
+    view: HostWindow,
     pub(super) gpa: u64,
     pub(super) len: u64,
     /// The file offset of `gpa`.
@@ -79,11 +76,16 @@ impl Region {
         }
     }
 
+    /// The view's mapping (from the file offset `view.start()`).
+    pub(super) fn view(&self) -> &Mapping {
+        self.view.mapping()
+    }
+
     /// The view at `gpa`, which must lie in the region.
     pub(super) fn view_ptr(&self, gpa: u64) -> *mut u8 {
-        self.view
+        self.view()
             .as_ptr()
-            .wrapping_add((self.file_off(gpa) - self.view_off) as usize)
+            .wrapping_add((self.file_off(gpa) - self.view.start()) as usize)
     }
 
     /// The backing pages that `gpas` (inside the region) touches, in GPA;
@@ -113,9 +115,9 @@ impl Region {
         } else {
             MprotectFlags::empty()
         };
-        let start = (self.file_off(gpas.start) - self.view_off) as usize;
+        let start = (self.file_off(gpas.start) - self.view.start()) as usize;
         let len = (gpas.end - gpas.start) as usize;
-        self.view
+        self.view()
             .protect(start, len, prot)
             .map_err(|e| GateError::Protect {
                 gpa: gpas.start,
@@ -152,16 +154,11 @@ impl Region {
         };
         let granule = memory.page_size();
         let (offset, len) = (binding.offset(), binding.len());
-        let view_off = offset / granule * granule;
-        let view_len = (offset + len).next_multiple_of(granule) - view_off;
-        let view = Mapping::new(core.fd(), view_off, view_len, ProtFlags::empty())
-            .and_then(|map| crate::backing::file::guard(&map, memory.kind()).map(|()| map))
+        let view = core
+            .map_pages(offset, len, ProtFlags::empty())
             .map_err(|source| GateError::Map { gpa, source })?;
-        let _registration = core.host_maps.register(&view, view_off);
         Ok(Region {
-            _registration,
             view,
-            view_off,
             gpa,
             len,
             offset,

@@ -83,7 +83,7 @@ fn vmas_in(start: usize, len: usize) -> usize {
 
 fn view_vmas(gate: &Gatekeeper) -> usize {
     let r = &gate.0.regions[0];
-    vmas_in(r.view.addr(), r.view.len())
+    vmas_in(r.view().addr(), r.view().len())
 }
 
 #[test]
