@@ -192,7 +192,7 @@ fn unavailable(backing: BackingKind) -> Option<String> {
     match Vm::new() {
         Err(e) => Some(format!("needs /dev/kvm: {e}")),
         Ok(vm) if backing == BackingKind::GuestMemfd && !vm.has_guest_memfd() => {
-            Some("this kernel's KVM has no guest_memfd".into())
+            Some(gmem::BackingError::NoGuestMemfd.to_string())
         }
         Ok(_) => None,
     }

@@ -10,6 +10,10 @@ fn main() -> Result<(), gmem::Error> {
             let t = Instant::now();
             let vm = Vm::new()?;
             let t_vm = t.elapsed();
+            if kind == BackingKind::GuestMemfd && !vm.has_guest_memfd() {
+                println!("{kind}: skipped: {}", BackingError::NoGuestMemfd);
+                break;
+            }
             let mem = create_memory(MemoryOptions::new(kind, 2 << 20), Some(&vm))?;
             let t_mem = t.elapsed();
             let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;

@@ -14,6 +14,10 @@ fn main() -> Result<(), gmem::Error> {
         .unwrap_or(256)
         << 20;
     let vm = Vm::new()?;
+    if !vm.has_guest_memfd() {
+        println!("skipped: {}", BackingError::NoGuestMemfd);
+        return Ok(());
+    }
     let mut total = std::time::Duration::ZERO;
     for _ in 0..10 {
         let mem = create_memory(MemoryOptions::new(BackingKind::GuestMemfd, size), Some(&vm))?;

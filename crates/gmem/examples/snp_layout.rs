@@ -34,17 +34,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The VMM's own VM.
     let kvm = kvm_ioctls::Kvm::new()?;
     let vm = Vm::from_vm_fd(kvm.create_vm()?, VmType::Default)?;
+    // The private side is a guest_memfd: on a kernel without one there is
+    // nothing to show (kernels before 6.8, KVMs built without it).
+    if !vm.has_guest_memfd() {
+        println!("skipped: {}", gmem::BackingError::NoGuestMemfd);
+        return Ok(());
+    }
     let mut bindings = Vec::new();
     let mut sides = Vec::new();
     for (slot, gpa, size) in RAM {
         // The private side: the VMM's own KVM_CREATE_GUEST_MEMFD, flags 0.
+        let request = kvm_bindings::kvm_create_guest_memfd {
+            size,
+            flags: 0,
+            reserved: [0; 6],
+        };
         let raw = vm
             .fd()
-            .create_guest_memfd(kvm_bindings::kvm_create_guest_memfd {
-                size,
-                flags: 0,
-                reserved: [0; 6],
-            })?;
+            .create_guest_memfd(request)
+            .map_err(|e| GuestMemfd::create_error(&vm, &request, e))?;
         // SAFETY: the ioctl returned a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let private: Arc<dyn RestrictedMemory> =

@@ -24,7 +24,9 @@
 //! use gmem::{SlotRequest, Vm, create_memory};
 //!
 //! let Ok(vm) = Vm::new() else { return Ok(()) }; // this example needs /dev/kvm
-//! let mem = create_memory(MemoryOptions::new(BackingKind::GuestMemfd, 2 << 20), Some(&vm))?;
+//! // guest_memfd where this KVM has it (Linux 6.18), the sealed memfd elsewhere.
+//! let kind: BackingKind = vm.preferred_backing();
+//! let mem = create_memory(MemoryOptions::new(kind, 2 << 20), Some(&vm))?;
 //! mem.allocate(FileRange::new(0, 2 << 20)?)?;
 //! let binding = vm.bind(&mem, SlotRequest::new(0x0, 0, 2 << 20))?;
 //! let gate = Gatekeeper::new(&vm, vec![binding], GateOptions::new(Attribute::Shared, Policy::InPlace))?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gmem::{Attribute, BackingKind, GmemFlags, Policy, Vm};
+use gmem::{Attribute, BackingKind, Policy, Vm};
 use gmem_vmm::virtio::blk::VirtioBlk;
 use gmem_vmm::virtio::console::VirtioConsole;
 use gmem_vmm::{Console, Machine, MachineConfig, RunReport};
@@ -122,15 +122,10 @@ fn parse_attribute(s: &str) -> Result<Attribute, String> {
     }
 }
 
-/// guest-memfd where the kernel can back a runnable guest with it, else memfd.
+/// guest-memfd where the kernel can back a runnable guest with it, else memfd
+/// ([`Vm::preferred_backing`]).
 fn default_backing() -> BackingKind {
-    let both = (GmemFlags::MMAP | GmemFlags::INIT_SHARED).bits();
-    match Vm::new() {
-        Ok(vm) if vm.has_guest_memfd() && vm.supported_gmem_flags() & both == both => {
-            BackingKind::GuestMemfd
-        }
-        _ => BackingKind::Memfd,
-    }
+    Vm::new().map_or(BackingKind::Memfd, |vm| vm.preferred_backing())
 }
 
 /// Runs `gmem run`; the process exits with the guest's status.

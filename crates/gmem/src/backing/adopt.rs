@@ -156,7 +156,9 @@ impl GuestMemfd {
     /// `flags` (the kernel does not reveal a file's flags: pass what it was
     /// created with).
     ///
-    /// Checked first: it is a guest_memfd (`anon_inode:[kvm-gmem]`), its
+    /// Checked first: `vm`'s KVM has guest_memfd at all (a VMM whose own
+    /// ioctl failed gets [`BackingError::NoGuestMemfd`](super::BackingError::NoGuestMemfd)
+    /// here, `ENOTTY`, and from [`GuestMemfd::create_error`]), it is a guest_memfd (`anon_inode:[kvm-gmem]`), its
     /// size follows the creation rules, and `flags` are ones `vm` accepts.
     /// The kernel checks at bind time that it is `vm`'s: another VM's file
     /// is refused there with `EINVAL`.
@@ -166,6 +168,9 @@ impl GuestMemfd {
     pub fn adopt(vm: &Vm, fd: OwnedFd, flags: GmemFlags) -> Result<GuestMemfd, AdoptError> {
         let kind = BackingKind::GuestMemfd;
         let (fd, size) = checked(fd, kind, |fd| {
+            if !vm.has_guest_memfd() {
+                return Err(AdoptReason::Backing(super::BackingError::NoGuestMemfd));
+            }
             let is = link(fd)?;
             if is != "anon_inode:[kvm-gmem]" {
                 return Err(AdoptReason::WrongKind {

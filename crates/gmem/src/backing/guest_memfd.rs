@@ -33,10 +33,7 @@ impl GuestMemfd {
     ///   unaligned or above `i64::MAX`;
     /// - [`BackingError::Syscall`] with the kernel's errno otherwise.
     pub fn create(vm: &Vm, size: u64, flags: GmemFlags) -> Result<GuestMemfd, BackingError> {
-        if !vm.has_guest_memfd() {
-            return Err(BackingError::NoGuestMemfd);
-        }
-        validate_create(size, flags, vm.supported_gmem_flags(), PAGE_SIZE)?;
+        GuestMemfd::check_create(vm, size, flags)?;
         let request = kvm_create_guest_memfd {
             size,
             flags: flags.bits(),
@@ -48,15 +45,7 @@ impl GuestMemfd {
             // SAFETY: on success the ioctl returned a new fd that nothing else
             // owns; it is owned from this expression on.
             .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
-            .map_err(|e| {
-                BackingError::syscall(
-                    format!(
-                        "KVM_CREATE_GUEST_MEMFD(size {size:#x}, flags {:#x})",
-                        flags.bits()
-                    ),
-                    std::io::Error::from_raw_os_error(e.errno()),
-                )
-            })?;
+            .map_err(|e| GuestMemfd::create_error(vm, &request, e))?;
         // The kernel installs the fd without O_CLOEXEC (spec §2); gmem's fds
         // do not leak into exec'd programs.
         rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
@@ -64,6 +53,56 @@ impl GuestMemfd {
         Ok(GuestMemfd {
             core: FileCore::new(fd, BackingKind::GuestMemfd, size, flags, Some(vm.id()))?,
         })
+    }
+
+    /// The rules `KVM_CREATE_GUEST_MEMFD` checks, in the kernel's order:
+    /// that the VM has guest_memfd at all, then flags, then size.
+    fn check_create(vm: &Vm, size: u64, flags: GmemFlags) -> Result<(), BackingError> {
+        if !vm.has_guest_memfd() {
+            return Err(BackingError::NoGuestMemfd);
+        }
+        validate_create(size, flags, vm.supported_gmem_flags(), PAGE_SIZE)
+    }
+
+    /// The typed error for a `KVM_CREATE_GUEST_MEMFD` that failed with
+    /// `err`, for a VMM that makes the ioctl itself and then adopts the fd
+    /// ([`GuestMemfd::adopt`]): on a kernel without guest_memfd the ioctl
+    /// answers a bare `ENOTTY`, and this names it
+    /// ([`BackingError::NoGuestMemfd`]); a bad size or flags gets the error
+    /// [`create`](Self::create) gives; anything else is
+    /// [`BackingError::Syscall`] with the kernel's errno.
+    ///
+    /// ```
+    /// use gmem::backing::GuestMemfd;
+    /// use gmem::{BackingError, Vm};
+    ///
+    /// let Ok(vm) = Vm::new() else { return }; // no /dev/kvm here
+    /// let request = kvm_bindings::kvm_create_guest_memfd { size: 2 << 20, flags: 0, reserved: [0; 6] };
+    /// if let Err(e) = vm.fd().create_guest_memfd(request) {
+    ///     let e = GuestMemfd::create_error(&vm, &request, e);
+    ///     assert!(!vm.has_guest_memfd() || !matches!(e, BackingError::NoGuestMemfd));
+    ///     println!("{e}"); // "this kernel's KVM has no guest_memfd ..." on such a host
+    /// }
+    /// ```
+    pub fn create_error(
+        vm: &Vm,
+        request: &kvm_create_guest_memfd,
+        err: kvm_ioctls::Error,
+    ) -> BackingError {
+        let flags = GmemFlags::from_bits_retain(request.flags);
+        if let Err(e) = GuestMemfd::check_create(vm, request.size, flags) {
+            return e;
+        }
+        if err.errno() == libc::ENOTTY {
+            return BackingError::NoGuestMemfd;
+        }
+        BackingError::syscall(
+            format!(
+                "KVM_CREATE_GUEST_MEMFD(size {:#x}, flags {:#x})",
+                request.size, request.flags
+            ),
+            std::io::Error::from_raw_os_error(err.errno()),
+        )
     }
 }
 

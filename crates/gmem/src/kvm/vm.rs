@@ -316,6 +316,29 @@ impl Vm {
             .get_or_init(|| inner.fd.check_extension(Cap::GuestMemfd))
     }
 
+    /// The backing a VMM should create this VM's memory on: guest-memfd
+    /// where this VM's KVM can create one the host can load a guest into
+    /// (`MMAP|INIT_SHARED`, Linux 6.18), the sealed memfd otherwise (kernels
+    /// before 6.8, KVMs built without guest_memfd, 6.8–6.17 without `MMAP`).
+    ///
+    /// ```
+    /// use gmem::{BackingKind, MemoryOptions, Vm, create_memory};
+    ///
+    /// let Ok(vm) = Vm::new() else { return Ok(()) }; // no /dev/kvm here
+    /// let kind = vm.preferred_backing();
+    /// let mem = create_memory(MemoryOptions::new(kind, 2 << 20), Some(&vm))?;
+    /// assert_eq!(mem.kind(), kind);
+    /// # Ok::<(), gmem::Error>(())
+    /// ```
+    pub fn preferred_backing(&self) -> BackingKind {
+        let both = (GmemFlags::MMAP | GmemFlags::INIT_SHARED).bits();
+        if self.has_guest_memfd() && self.supported_gmem_flags() & both == both {
+            BackingKind::GuestMemfd
+        } else {
+            BackingKind::Memfd
+        }
+    }
+
     /// `KVM_CAP_MEMORY_ATTRIBUTES` on the VM fd: the attributes
     /// `KVM_SET_MEMORY_ATTRIBUTES` accepts for this VM (bit 3 = PRIVATE; 0
     /// where the kernel has no memory attributes).
