@@ -9,6 +9,7 @@ use gmem::{
 
 use crate::{Need, Stop, skip};
 use gmem_testkit::pool::{self, PoolGuard};
+use gmem_testkit::{Need as HostNeed, host_lacks};
 
 /// Where a check runs.
 pub struct Env {
@@ -71,6 +72,21 @@ impl Env {
     /// Sets up `backing` with `flags`: a VM if KVM is here (required for
     /// guest-memfd), the pool lock and a few free pages for hugetlb.
     pub(crate) fn new(backing: BackingKind, flags: GmemFlags) -> Result<Env, Stop> {
+        // What the backing needs, and each flag under test on guest_memfd:
+        // a skip names exactly what this host lacks.
+        let mut needs = gmem_testkit::Need::of_backing(backing);
+        if backing == BackingKind::GuestMemfd {
+            needs.retain(|n| !matches!(n, HostNeed::GuestMemfdFlag(_)));
+            needs.extend(flags.iter().map(HostNeed::GuestMemfdFlag));
+        }
+        for need in needs {
+            if matches!(need, HostNeed::HugePages(_)) {
+                continue; // counted below, with the pages this check needs
+            }
+            if let Some(why) = host_lacks(need) {
+                skip!(Need::Host(need), "{why}");
+            }
+        }
         let _pool = if backing.is_hugetlb() {
             let guard = pool::lock(backing.page_size());
             let pages = if backing == BackingKind::Hugetlb1G {
@@ -79,26 +95,16 @@ impl Env {
                 4
             };
             if let Err(why) = pool::ensure_free(backing.page_size(), pages) {
-                skip!(Need::HugePages, "{backing}: {why}");
+                skip!(Need::Host(HostNeed::HugePages(backing)), "{backing}: {why}");
             }
             Some(guard)
         } else {
             None
         };
-        let vm = match Vm::new() {
-            Ok(vm) => Some(vm),
-            Err(e) if backing == BackingKind::GuestMemfd => {
-                skip!(Need::Kvm, "{backing} needs /dev/kvm: {e}")
-            }
-            Err(_) => None,
-        };
-        if backing == BackingKind::GuestMemfd && !vm.as_ref().is_some_and(Vm::has_guest_memfd) {
-            skip!(Need::Kvm, "this kernel's KVM has no guest_memfd");
-        }
         Ok(Env {
             backing,
             flags,
-            vm,
+            vm: Vm::new().ok(),
             _pool,
         })
     }
@@ -123,7 +129,11 @@ impl Env {
         if self.backing.is_hugetlb()
             && let Err(why) = pool::ensure_free(self.unit(), pages)
         {
-            skip!(Need::HugePages, "{}: {why}", self.backing);
+            skip!(
+                Need::Host(HostNeed::HugePages(self.backing)),
+                "{}: {why}",
+                self.backing
+            );
         }
         Ok(())
     }
@@ -136,7 +146,11 @@ impl Env {
     pub(crate) fn vm(&self) -> Result<&Vm, Stop> {
         match &self.vm {
             Some(vm) => Ok(vm),
-            None => skip!(Need::Kvm, "needs /dev/kvm"),
+            None => skip!(
+                Need::Host(HostNeed::Kvm),
+                "{}",
+                host_lacks(HostNeed::Kvm).unwrap_or_else(|| "needs /dev/kvm".into())
+            ),
         }
     }
 
@@ -144,7 +158,7 @@ impl Env {
     pub(crate) fn new_vm(&self) -> Result<Vm, Stop> {
         match Vm::new() {
             Ok(vm) => Ok(vm),
-            Err(e) => skip!(Need::Kvm, "needs /dev/kvm: {e}"),
+            Err(e) => skip!(Need::Host(HostNeed::Kvm), "needs /dev/kvm: {e}"),
         }
     }
 

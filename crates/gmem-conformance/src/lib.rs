@@ -25,18 +25,26 @@ use gmem::{BackingKind, GmemFlags};
 
 pub use env::Env;
 
-/// What a skipped check needed.
+/// Why a check skipped: something the host lacks (named as the test kit
+/// names it, so CI can refuse a skip for what the host has), or nothing at
+/// all when the check does not apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
-    /// `/dev/kvm` or guest_memfd support.
-    Kvm,
-    /// A KVM capability this host may legitimately lack (memory attributes,
-    /// protected VM types, pre-fault).
-    Capability,
-    /// Free huge pages.
-    HugePages,
+    /// Something this host lacks: KVM, guest_memfd or one of its flags,
+    /// memory attributes, another capability, huge pages.
+    Host(gmem_testkit::Need),
     /// Nothing: the check does not apply to this backing or flag set.
     NotApplicable,
+}
+
+impl Need {
+    /// The name the test log records: the host need's, or `n/a`.
+    pub fn name(&self) -> String {
+        match self {
+            Need::Host(need) => need.name(),
+            Need::NotApplicable => "n/a".to_owned(),
+        }
+    }
 }
 
 /// How a check ended.

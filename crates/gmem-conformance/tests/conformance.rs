@@ -2,16 +2,15 @@
 //! named after the check's catalogue number (`t05_mmap_supported::memfd`).
 //! Each runs the check with every flag set it applies to.
 //!
-//! A skipped check prints `skipped: <reason>` on stderr. Under
-//! `GMEM_REQUIRE_KVM=1` a skip for want of KVM fails the test; under
-//! `GMEM_REQUIRE_HUGETLB=hugetlb-2m[,hugetlb-1g]` so does a skip for want of
-//! those huge pages.
+//! A skipped check prints `skipped: <reason>` on stderr. A skip for want of
+//! something the environment requires the host to have (`GMEM_REQUIRE`, see
+//! `gmem_testkit::required`) fails the test.
 
 use std::io::Write;
 
 use gmem::BackingKind;
 use gmem_conformance::{Need, Outcome, check, flag_sets, label, run};
-use gmem_testkit::{Lack, required};
+use gmem_testkit::required;
 
 fn run_check(id: &str, backing: BackingKind) {
     let check = check(id).unwrap_or_else(|| panic!("no check {id}"));
@@ -22,15 +21,19 @@ fn run_check(id: &str, backing: BackingKind) {
         // Written to stderr directly, so that skips show without --nocapture.
         let _ = writeln!(std::io::stderr(), "{name}: {outcome}");
         match outcome {
-            Outcome::Pass => {}
+            Outcome::Pass => gmem_testkit::log::ran(&name, backing),
             Outcome::Fail(why) => failures.push(format!("{name}: {why}")),
-            Outcome::Skip(Need::Kvm, why) if required(Lack::Kvm) => {
-                failures.push(format!("{name}: skipped under GMEM_REQUIRE_KVM=1: {why}"));
+            Outcome::Skip(need, why) => {
+                gmem_testkit::log::skipped(&name, &need.name(), &why);
+                if let Need::Host(need) = need
+                    && required(need)
+                {
+                    failures.push(format!(
+                        "{name}: skipped for want of {}, which the environment requires this host to have: {why}",
+                        need.name()
+                    ));
+                }
             }
-            Outcome::Skip(Need::HugePages, why) if required(Lack::HugePages(backing)) => {
-                failures.push(format!("{name}: skipped under GMEM_REQUIRE_HUGETLB: {why}"));
-            }
-            Outcome::Skip(..) => {}
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

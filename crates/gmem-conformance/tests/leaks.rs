@@ -13,7 +13,7 @@
 use std::io::Write;
 
 use gmem::{BackingKind, FileRange, MemoryOptions, SlotRequest, Vm, create_memory};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
@@ -69,7 +69,7 @@ fn no_fd_or_memory_growth_over_many_vms_in_every_drop_order() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     for backing in BackingKind::ALL {
-        let Some(_pool) = hugepages_or_skip("leaks", backing, 2) else {
+        let Some(_pool) = on_backing("leaks", backing, 2) else {
             continue;
         };
         // Warm up: allocator caches, the first VM's one-time kernel work.

@@ -16,6 +16,7 @@ static LOCK_2M: Mutex<()> = Mutex::new(());
 static LOCK_1G: Mutex<()> = Mutex::new(());
 
 /// Held while a hugetlb check runs; serialises checks of one page size.
+#[derive(Debug)]
 pub struct PoolGuard {
     _lock: MutexGuard<'static, ()>,
 }

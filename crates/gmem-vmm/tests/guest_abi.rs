@@ -5,7 +5,7 @@
 //! project's hosts, about 1 µs per instruction).
 
 use gmem::{Attribute, BackingKind, Policy};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::abi::{
     ABI_VERSION, EFAULT, EINVAL, HC_MAP_GPA_RANGE, KVM_ENOSYS, MAP_GPA_RANGE_ENCRYPTED, PORT_ABI,
     PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE,
@@ -33,7 +33,7 @@ fn run_guest(
     if !kvm_or_skip(test) {
         return None;
     }
-    let _pool = hugepages_or_skip(test, backing, ram(backing) / backing.page_size())?;
+    let _pool = on_backing(test, backing, ram(backing) / backing.page_size())?;
     let config = MachineConfig {
         vcpus,
         policy,
@@ -377,7 +377,7 @@ fn the_demo_guest_runs_on_every_backing_and_policy() {
 
 #[test]
 fn host_writes_end_at_launch() {
-    if !kvm_or_skip("launch") {
+    if !kvm_or_skip("launch") || on_backing("launch", BackingKind::Memfd, 0).is_none() {
         return;
     }
     let mut machine = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();
@@ -411,7 +411,7 @@ fn bad_configs_and_payloads_are_refused() {
         no_vcpus.validate(),
         Err(VmmError::InvalidVcpus { .. })
     ));
-    if !kvm_or_skip("bad payloads") {
+    if !kvm_or_skip("bad payloads") || on_backing("bad payloads", BackingKind::Memfd, 0).is_none() {
         return;
     }
     let mut machine = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();

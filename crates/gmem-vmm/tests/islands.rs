@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gmem::{Attribute, BackingKind};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::abi::{HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_EXIT, PORT_HYPERCALL};
 use gmem_vmm::{Console, Machine, MachineConfig};
 use iced_x86::code_asm::*;
@@ -59,7 +59,7 @@ fn a_guest_fragmenting_all_its_ram_costs_the_vmm_no_address_space() {
         if !kvm_or_skip(test) {
             return;
         }
-        let Some(_pool) = hugepages_or_skip(test, backing, RAM / backing.page_size()) else {
+        let Some(_pool) = on_backing(test, backing, RAM / backing.page_size()) else {
             continue;
         };
         let mut machine = Machine::new(MachineConfig::new(backing, RAM)).unwrap();

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gmem::{BackingKind, Policy};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::abi::{EAGAIN, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_EXIT, PORT_HYPERCALL};
 use gmem_vmm::{Console, Machine, MachineConfig};
 use iced_x86::code_asm::*;
@@ -88,8 +88,7 @@ fn a_pinned_page_answers_eagain_until_the_device_releases_it() {
             if !kvm_or_skip(test) {
                 return;
             }
-            let Some(_pool) = hugepages_or_skip(test, backing, ram(backing) / backing.page_size())
-            else {
+            let Some(_pool) = on_backing(test, backing, ram(backing) / backing.page_size()) else {
                 continue;
             };
             let config = MachineConfig {

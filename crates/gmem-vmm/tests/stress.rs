@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use gmem::{Attribute, BackingKind, Policy};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::abi::{
     EAGAIN, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL,
 };
@@ -316,8 +316,7 @@ struct Counts {
 
 fn stress(backing: BackingKind, policy: Policy, steps: u64) {
     let test = format!("stress {backing} {policy}");
-    let Some(_pool) = hugepages_or_skip(&test, backing, RAM / backing.page_size().min(RAM) + 1)
-    else {
+    let Some(_pool) = on_backing(&test, backing, RAM / backing.page_size().min(RAM) + 1) else {
         return;
     };
     let ram = RAM.max(backing.page_size());

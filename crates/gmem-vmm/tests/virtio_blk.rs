@@ -4,7 +4,7 @@
 //! read-only disk (IOERR), an unknown request type (UNSUPP).
 
 use gmem::{Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, SlotRequest, Vm};
-use gmem_testkit::kvm_or_skip;
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::virtio::MmioTransport;
 use gmem_vmm::virtio::blk::VirtioBlk;
 
@@ -102,7 +102,7 @@ fn request(r: &mut Rig, kind: u32, sector: u64, data: &[u8], device_writes: bool
 
 #[test]
 fn statuses_follow_the_spec() {
-    if !kvm_or_skip("virtio-blk") {
+    if !kvm_or_skip("virtio-blk") || on_backing("virtio-blk", BackingKind::Memfd, 0).is_none() {
         return;
     }
     let path = std::env::temp_dir().join(format!("gmem-blk-{}.img", std::process::id()));

@@ -1,31 +1,26 @@
 //! Adoption by an existing VMM, through the public API only: its own VM fd,
 //! its own guest_memfd and memfd, slots it chose, and slots it created
-//! itself beside gmem's. Needs /dev/kvm (prints `skipped: <reason>`
-//! without it, a failure under `GMEM_REQUIRE_KVM=1`).
+//! itself beside gmem's. Needs /dev/kvm; the guest_memfd parts need
+//! guest_memfd, and run where the host has it (the test kit prints
+//! `skipped: <reason>` for what the host lacks, a failure where the
+//! environment requires it).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use gmem::backing::{GuestMemfd, SealedMemfd};
 use gmem::{
-    AdoptReason, Attribute, BackingKind, BindError, GateOptions, Gatekeeper, GmemFlags, KvmError,
-    MemslotFlags, Policy, RestrictedMemory, Slot, SlotRequest, Vm, VmType,
+    AdoptReason, Attribute, BackingError, BackingKind, BindError, GateOptions, Gatekeeper,
+    GmemFlags, KvmError, MemslotFlags, Policy, RestrictedMemory, Slot, SlotRequest, Vm, VmType,
 };
+use gmem_testkit::{Need, kvm_or_skip, needs, on_backing};
 use rustix::fs::{MemfdFlags, SealFlags};
 
 const MIB: u64 = 1 << 20;
 
-fn kvm(what: &str) -> Option<kvm_ioctls::Kvm> {
-    match kvm_ioctls::Kvm::new() {
-        Ok(k) => Some(k),
-        Err(e) if std::env::var("GMEM_REQUIRE_KVM").is_ok_and(|v| v == "1") => {
-            panic!("{what}: GMEM_REQUIRE_KVM=1 but /dev/kvm: {e}")
-        }
-        Err(e) => {
-            eprintln!("{what}: skipped: no /dev/kvm: {e}");
-            None
-        }
-    }
+/// The VMM's own `/dev/kvm`, where KVM is here.
+fn kvm(test: &str) -> Option<kvm_ioctls::Kvm> {
+    kvm_or_skip(test).then(|| kvm_ioctls::Kvm::new().expect("KVM was probed"))
 }
 
 /// A guest_memfd made by "the VMM" with its own ioctl.
@@ -58,36 +53,45 @@ const SEALS: SealFlags = SealFlags::GROW
 
 #[test]
 fn a_vmm_brings_its_vm_and_files_and_chooses_its_slots() {
-    let Some(kvm) = kvm("adoption") else {
+    let test = "adoption";
+    let Some(kvm) = kvm(test) else {
         return;
     };
     let vm = Vm::from_vm_fd(kvm.create_vm().unwrap(), VmType::Default).unwrap();
-    // Its guest_memfd and memfd, adopted after checks.
+    // Its memfd, and its guest_memfd where the kernel has one, adopted
+    // after checks, each in a slot it chose (9, 5) at its own GPA.
     let flags = GmemFlags::MMAP | GmemFlags::INIT_SHARED;
-    let gmem_fd = vmm_guest_memfd(&vm, 4 * MIB, flags.bits());
-    let gmem: Arc<dyn RestrictedMemory> = Arc::new(GuestMemfd::adopt(&vm, gmem_fd, flags).unwrap());
-    let memfd: Arc<dyn RestrictedMemory> =
-        Arc::new(SealedMemfd::adopt(vmm_memfd(4 * MIB, SEALS), flags, Some(&vm)).unwrap());
-    assert_eq!((gmem.size(), memfd.size()), (4 * MIB, 4 * MIB));
-    // Slots it chose: 5 and 9.
-    let a = vm
-        .bind(&gmem, SlotRequest::new(0, 0, 4 * MIB).in_slot(Slot(5)))
-        .unwrap();
-    let b = vm
-        .bind(
-            &memfd,
-            SlotRequest::new(1 << 30, 0, 4 * MIB).in_slot(Slot(9)),
-        )
-        .unwrap();
-    assert_eq!((a.slot(), b.slot()), (Slot(5), Slot(9)));
-    // Conversions round trip over both, content kept.
+    let mut files: Vec<(Arc<dyn RestrictedMemory>, Slot, u64)> = Vec::new();
+    if on_backing(test, BackingKind::Memfd, 0).is_some() {
+        let memfd = SealedMemfd::adopt(vmm_memfd(4 * MIB, SEALS), flags, Some(&vm)).unwrap();
+        files.push((Arc::new(memfd), Slot(9), 1 << 30));
+    }
+    if on_backing(test, BackingKind::GuestMemfd, 0).is_some() {
+        let fd = vmm_guest_memfd(&vm, 4 * MIB, flags.bits());
+        files.push((
+            Arc::new(GuestMemfd::adopt(&vm, fd, flags).unwrap()),
+            Slot(5),
+            0,
+        ));
+    }
+    let mut bindings = Vec::new();
+    for (mem, slot, gpa) in &files {
+        assert_eq!(mem.size(), 4 * MIB);
+        let b = vm
+            .bind(mem, SlotRequest::new(*gpa, 0, 4 * MIB).in_slot(*slot))
+            .unwrap();
+        assert_eq!(b.slot(), *slot);
+        bindings.push(b);
+    }
+    // Conversions round trip over each, content kept.
     let gate = Gatekeeper::new(
         &vm,
-        vec![a, b],
+        bindings,
         GateOptions::new(Attribute::Shared, Policy::InPlace),
     )
     .unwrap();
-    for gpa in [0x1000, (1 << 30) + 0x1000] {
+    for (_, _, base) in &files {
+        let gpa = base + 0x1000;
         gate.write(gpa, b"vmm data").unwrap();
         gate.convert(gpa, 0x1000, Attribute::Private).unwrap();
         gate.convert(gpa, 0x1000, Attribute::Shared).unwrap();
@@ -97,11 +101,92 @@ fn a_vmm_brings_its_vm_and_files_and_chooses_its_slots() {
     }
 }
 
+/// On a host whose KVM has no guest_memfd, every path to
+/// `KVM_CREATE_GUEST_MEMFD` names it (`BackingError::NoGuestMemfd`,
+/// `ENOTTY`), never a bare errno: creation, adoption after the VMM's own
+/// failed ioctl, and the error of that ioctl itself. Where the kernel has
+/// guest_memfd, the same calls succeed.
+#[test]
+fn no_guest_memfd_is_named_on_every_path() {
+    let Some(kvm) = kvm("no guest_memfd, named") else {
+        return;
+    };
+    let vm = Vm::from_vm_fd(kvm.create_vm().unwrap(), VmType::Default).unwrap();
+    let created = gmem::create_memory(
+        gmem::MemoryOptions::new(BackingKind::GuestMemfd, 2 * MIB),
+        Some(&vm),
+    );
+    let request = kvm_bindings::kvm_create_guest_memfd {
+        size: 2 * MIB,
+        flags: 0,
+        reserved: [0; 6],
+    };
+    let ioctl = vm.fd().create_guest_memfd(request);
+    if vm.has_guest_memfd() {
+        assert!(created.is_ok(), "{:?}", created.err());
+        assert!(ioctl.is_ok(), "{ioctl:?}");
+        // SAFETY: the ioctl returned a new fd that nothing else owns.
+        drop(unsafe { OwnedFd::from_raw_fd(ioctl.unwrap()) });
+        return;
+    }
+    let e = created.unwrap_err();
+    assert!(matches!(e, BackingError::NoGuestMemfd), "{e}");
+    assert_eq!(e.errno(), libc::ENOTTY);
+    assert!(e.to_string().contains("has no guest_memfd"), "{e}");
+    // The VMM's own ioctl: a bare ENOTTY, which gmem names.
+    let err = ioctl.unwrap_err();
+    assert_eq!(err.errno(), libc::ENOTTY);
+    let e = GuestMemfd::create_error(&vm, &request, err);
+    assert!(matches!(e, BackingError::NoGuestMemfd), "{e}");
+    // Adoption of whatever fd it has then: named too, the fd handed back.
+    let fd = vmm_memfd(2 * MIB, SEALS);
+    let raw = fd.as_raw_fd();
+    let e = GuestMemfd::adopt(&vm, fd, GmemFlags::empty()).unwrap_err();
+    assert!(
+        matches!(e.reason, AdoptReason::Backing(BackingError::NoGuestMemfd)),
+        "{e}"
+    );
+    assert_eq!(e.errno(), libc::ENOTTY);
+    assert_eq!(e.fd.as_raw_fd(), raw);
+    assert!(e.to_string().contains("has no guest_memfd"), "{e}");
+}
+
 #[test]
 fn wrong_fds_are_refused_and_handed_back() {
     let Some(kvm) = kvm("adoption refusals") else {
         return;
     };
+    let flags = GmemFlags::MMAP | GmemFlags::INIT_SHARED;
+    // Missing seals, named.
+    for seals in [SealFlags::empty(), SealFlags::GROW | SealFlags::SHRINK] {
+        let e = SealedMemfd::adopt(vmm_memfd(2 * MIB, seals), flags, None).unwrap_err();
+        assert!(matches!(e.reason, AdoptReason::MissingSeals { .. }), "{e}");
+        assert!(e.to_string().contains("F_SEAL_SEAL"), "{e}");
+    }
+    // A size that breaks the rules (sealed at 5000 bytes).
+    let e = SealedMemfd::adopt(vmm_memfd(5000, SEALS), flags, None).unwrap_err();
+    assert!(matches!(e.reason, AdoptReason::Size(_)), "{e}");
+    // A file that is not a VM.
+    let e = Vm::from_owned_fd(vmm_memfd(MIB, SEALS), VmType::Default).unwrap_err();
+    assert!(matches!(e, KvmError::NotAVm { .. }), "{e}");
+    // A real VM fd, as an OwnedFd (a dup of a VmFd's).
+    let vm_fd = kvm.create_vm().unwrap();
+    // SAFETY: the VmFd's fd is open for this borrow, which only dups it.
+    let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) }
+        .try_clone_to_owned()
+        .unwrap();
+    assert!(Vm::from_owned_fd(owned, VmType::Default).is_ok());
+}
+
+#[test]
+fn wrong_guest_memfds_are_refused_and_handed_back() {
+    let test = "guest_memfd adoption refusals";
+    let Some(kvm) = kvm(test) else {
+        return;
+    };
+    if on_backing(test, BackingKind::GuestMemfd, 0).is_none() {
+        return;
+    }
     let vm = Vm::from_vm_fd(kvm.create_vm().unwrap(), VmType::Default).unwrap();
     let flags = GmemFlags::MMAP | GmemFlags::INIT_SHARED;
     // A memfd is no guest_memfd; the fd comes back open.
@@ -115,19 +200,6 @@ fn wrong_fds_are_refused_and_handed_back() {
     // A guest_memfd is no memfd.
     let e = SealedMemfd::adopt(vmm_guest_memfd(&vm, 2 * MIB, 0), flags, None).unwrap_err();
     assert!(matches!(e.reason, AdoptReason::WrongKind { .. }), "{e}");
-    // Missing seals, named.
-    for seals in [SealFlags::empty(), SealFlags::GROW | SealFlags::SHRINK] {
-        let e = SealedMemfd::adopt(vmm_memfd(2 * MIB, seals), flags, None).unwrap_err();
-        assert!(
-            matches!(e.reason, AdoptReason::MissingSeals { need: 0x1e, .. })
-                || matches!(e.reason, AdoptReason::MissingSeals { .. }),
-            "{e}"
-        );
-        assert!(e.to_string().contains("F_SEAL_SEAL"), "{e}");
-    }
-    // A size that breaks the rules (sealed at 5000 bytes).
-    let e = SealedMemfd::adopt(vmm_memfd(5000, SEALS), flags, None).unwrap_err();
-    assert!(matches!(e.reason, AdoptReason::Size(_)), "{e}");
     // Flags the VM does not accept.
     let e = GuestMemfd::adopt(
         &vm,
@@ -150,16 +222,6 @@ fn wrong_fds_are_refused_and_handed_back() {
         .bind(&theirs, SlotRequest::new(0, 0, 2 * MIB))
         .unwrap_err();
     assert!(matches!(e, BindError::ForeignVm { .. }), "{e}");
-    // A file that is not a VM.
-    let e = Vm::from_owned_fd(vmm_memfd(MIB, SEALS), VmType::Default).unwrap_err();
-    assert!(matches!(e, KvmError::NotAVm { .. }), "{e}");
-    // A real VM fd, as an OwnedFd (a dup of a VmFd's).
-    let vm_fd = kvm.create_vm().unwrap();
-    // SAFETY: the VmFd's fd is open for this borrow, which only dups it.
-    let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) }
-        .try_clone_to_owned()
-        .unwrap();
-    assert!(Vm::from_owned_fd(owned, VmType::Default).is_ok());
 }
 
 #[test]
@@ -219,6 +281,21 @@ fn slots_the_vmm_created_itself_are_never_overwritten() {
         .unwrap();
     assert_eq!(ro.flags(), MemslotFlags::READONLY);
     drop(ro);
+    // The address spaces KVM has (2 with SMM on x86), and one past them.
+    let spaces = vm.address_spaces();
+    let e = vm
+        .bind(
+            &mem,
+            SlotRequest::new(0, 0, 2 * MIB).in_address_space(spaces),
+        )
+        .unwrap_err();
+    assert!(matches!(e, BindError::InvalidAddressSpace { .. }), "{e}");
+    if !needs(
+        "memslot flags on guest_memfd",
+        &Need::of_backing(BackingKind::GuestMemfd),
+    ) {
+        return;
+    }
     let g = gmem::create_memory(
         gmem::MemoryOptions::new(BackingKind::GuestMemfd, 2 * MIB),
         Some(&vm),
@@ -231,12 +308,6 @@ fn slots_the_vmm_created_itself_are_never_overwritten() {
         assert!(matches!(e, BindError::FlagsWithGuestMemfd { .. }), "{e}");
         assert_eq!(e.errno(), libc::EINVAL);
     }
-    // The address spaces KVM has (2 with SMM on x86), and one past them.
-    let spaces = vm.address_spaces();
-    let e = vm
-        .bind(&g, SlotRequest::new(0, 0, 2 * MIB).in_address_space(spaces))
-        .unwrap_err();
-    assert!(matches!(e, BindError::InvalidAddressSpace { .. }), "{e}");
     // The reservation lasts as long as the VMM's slot: it is dropped when
     // the VMM deletes the slot.
     drop(reservation);
@@ -247,11 +318,15 @@ fn slots_the_vmm_created_itself_are_never_overwritten() {
 /// 0x7ffffffffffff000 bytes costs no address space until bound.
 #[test]
 fn huge_sparse_files_cost_nothing_until_bound() {
-    let Some(_kvm) = kvm("huge files") else {
+    let test = "huge files";
+    let Some(_kvm) = kvm(test) else {
         return;
     };
     let vm = Vm::new().unwrap();
     for kind in [BackingKind::GuestMemfd, BackingKind::Memfd] {
+        if on_backing(test, kind, 0).is_none() {
+            continue;
+        }
         for size in [1u64 << 47, 1 << 62, 0x7fff_ffff_ffff_f000] {
             let mem = gmem::create_memory(gmem::MemoryOptions::new(kind, size), Some(&vm))
                 .unwrap_or_else(|e| panic!("{kind} of {size:#x}: {e}"));

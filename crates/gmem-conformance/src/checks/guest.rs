@@ -32,7 +32,7 @@ fn machine(env: &Env) -> Result<Machine, Stop> {
     };
     match Machine::new(config) {
         Ok(m) => Ok(m),
-        Err(VmmError::Kvm(e)) => skip!(Need::Kvm, "needs /dev/kvm: {e}"),
+        Err(VmmError::Kvm(e)) => skip!(Need::Host(gmem_testkit::Need::Kvm), "needs /dev/kvm: {e}"),
         Err(e) => Err(e.into()),
     }
 }

@@ -17,11 +17,15 @@ fn needs_private_memory(env: &Env, test: &str) -> Result<(), Stop> {
         .vm_types
         .iter()
         .any(|t| t.vm_type == VmType::SwProtected && t.error.is_none());
-    if caps.memory_attributes & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0
-        || !sw_protected
-    {
+    let attributes =
+        caps.memory_attributes & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0;
+    if !attributes || !sw_protected {
         skip!(
-            Need::Capability,
+            Need::Host(if attributes {
+                gmem_testkit::Need::Capability("sw-protected-vm")
+            } else {
+                gmem_testkit::Need::MemoryAttributes
+            }),
             "{test} needs KVM_X86_SW_PROTECTED_VM and KVM_CAP_MEMORY_ATTRIBUTES with PRIVATE; this host has VM types {:?} and memory attributes {:#x}",
             caps.vm_types
                 .iter()
@@ -52,7 +56,7 @@ pub(crate) fn t20_pre_fault(env: &Env) -> Result<(), Stop> {
     let caps = caps(env)?;
     if !caps.pre_fault_memory {
         skip!(
-            Need::Capability,
+            Need::Host(gmem_testkit::Need::Capability("pre-fault")),
             "pre_fault_memory needs KVM_CAP_PRE_FAULT_MEMORY, which this host reports as 0 (shadow paging)"
         );
     }

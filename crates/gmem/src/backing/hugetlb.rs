@@ -179,17 +179,23 @@ mod tests {
     use super::*;
     use crate::range::FileRange;
 
-    /// A shared hugetlb-2m file of two pages; `None` (and a skip line) where
-    /// the pool cannot give them.
-    fn two_shared_pages() -> Option<HugetlbMemfd> {
-        HugetlbMemfd::create(
+    /// A shared hugetlb-2m file of two pages, and the test kit's hold on
+    /// the pool; `None` (and the test kit's skip) where the pool cannot give
+    /// them.
+    fn two_shared_pages() -> Option<(HugetlbMemfd, gmem_testkit::OnBacking)> {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("hugetlb")
+            .to_owned();
+        let on = gmem_testkit::on_backing(&test, "hugetlb-2m".parse().ok()?, 2)?;
+        let mem = HugetlbMemfd::create(
             BackingKind::Hugetlb2M,
             4 << 20,
             GmemFlags::MMAP | GmemFlags::INIT_SHARED,
             None,
         )
-        .map_err(|e| println!("skipped: hugetlb-2m: {e}"))
-        .ok()
+        .unwrap();
+        Some((mem, on))
     }
 
     /// The lines of /proc/self/maps that map the file `fd`, by inode.
@@ -207,7 +213,7 @@ mod tests {
     #[test]
     fn reserved_at_creation_without_a_mapping() {
         let page = 2u64 << 20;
-        let Some(mem) = two_shared_pages() else {
+        let Some((mem, _on)) = two_shared_pages() else {
             return;
         };
         assert_eq!(maps_of(mem.core.fd()), 0, "no mapping after creation");
@@ -229,7 +235,7 @@ mod tests {
     #[test]
     fn population_survives_dropped_mappings() {
         let page = 2u64 << 20;
-        let Some(mem) = two_shared_pages() else {
+        let Some((mem, _on)) = two_shared_pages() else {
             return;
         };
         {

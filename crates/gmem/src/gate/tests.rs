@@ -1,6 +1,8 @@
 //! The gatekeeper under attack: every host path tries a private byte, and
-//! every conversion step fails in turn. Tests that need KVM print
-//! `skipped: <reason>` without it (a failure under `GMEM_REQUIRE_KVM=1`).
+//! every conversion step fails in turn. Each runs on every backing this host
+//! has; what it lacks (KVM, guest_memfd, huge pages) is skipped by the test
+//! kit's rule, which prints `skipped: <reason>` (a failure where the
+//! environment requires it).
 
 use std::sync::Arc;
 
@@ -13,23 +15,41 @@ use crate::gate::{attributes_request, kernel_attributes_supported};
 const P: u64 = PAGE_SIZE;
 const SECRET: &[u8] = b"SECRET: the guest's key";
 
-fn vm(what: &str) -> Option<Vm> {
-    match Vm::new() {
-        Ok(vm) => Some(vm),
-        Err(e) if std::env::var_os("GMEM_REQUIRE_KVM").is_some_and(|v| v == "1") => {
-            panic!("{what}: GMEM_REQUIRE_KVM=1 but KVM is unusable: {e}")
-        }
-        Err(e) => {
-            println!("skipped: {what} needs /dev/kvm: {e}");
-            None
-        }
-    }
+/// The running test's name: the harness names each test's thread after it.
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("gatekeeper test")
+        .to_owned()
+}
+
+/// A VM, if this host has KVM; the test kit prints the skip otherwise (a
+/// failure where the environment requires KVM).
+fn vm() -> Option<Vm> {
+    gmem_testkit::kvm_or_skip(&test_name()).then(|| Vm::new().expect("KVM was probed"))
+}
+
+/// The test kit's rule for running on `kind` with `pages` of its pages free:
+/// it checks what the backing needs (guest_memfd and its flags, huge
+/// pages), records the run, and prints the skip if the host lacks it. The
+/// test kit links the library's normal build, whose `BackingKind` is
+/// another type than this test build's, so the kind crosses by name.
+fn on(kind: BackingKind, pages: u64) -> Option<gmem_testkit::OnBacking> {
+    let kind = kind.name().parse().expect("the same backing names");
+    gmem_testkit::on_backing(&test_name(), kind, pages)
+}
+
+/// Whether this host has what `kind` needs, without recording a run.
+fn has(kind: BackingKind) -> bool {
+    let kind = kind.name().parse().expect("the same backing names");
+    gmem_testkit::needs(&test_name(), &gmem_testkit::Need::of_backing(kind))
 }
 
 struct Fixture {
     gate: Gatekeeper,
     memory: Arc<dyn RestrictedMemory>,
     vm: Vm,
+    _on: gmem_testkit::OnBacking,
 }
 
 fn fixture_with(
@@ -38,19 +58,20 @@ fn fixture_with(
     opts: GateOptions,
     kernel: Option<Arc<KernelModel>>,
 ) -> Option<Fixture> {
-    let vm = vm("the gatekeeper")?;
-    let memory = match create_memory(MemoryOptions::new(kind, size), Some(&vm)) {
-        Ok(m) => m,
-        Err(e) if kind.is_hugetlb() => {
-            println!("skipped: {kind}: {e}");
-            return None;
-        }
-        Err(e) => panic!("{kind}: {e}"),
-    };
+    let vm = vm()?;
+    // One page of slack: some tests bind a second file beside the first.
+    let on = on(kind, size.div_ceil(kind.page_size()) + 1)?;
+    let memory = create_memory(MemoryOptions::new(kind, size), Some(&vm))
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
     let binding = vm.bind(&memory, SlotRequest::new(0, 0, size)).unwrap();
     let kernel = kernel.map(|k| Box::new(k) as Box<dyn KernelAttributes>);
     let gate = Gatekeeper::with_kernel(&vm, vec![binding], opts, kernel).unwrap();
-    Some(Fixture { gate, memory, vm })
+    Some(Fixture {
+        gate,
+        memory,
+        vm,
+        _on: on,
+    })
 }
 
 fn fixture(kind: BackingKind, size: u64, opts: GateOptions) -> Option<Fixture> {
@@ -120,7 +141,9 @@ fn no_safe_path_reads_a_private_byte() {
         assert_eq!(e.errno(), libc::EBUSY);
         // Dropping the gatekeeper and building another over the same file,
         // starting "shared", still refuses the page the guest made private.
-        let Fixture { gate, memory, vm } = f;
+        let Fixture {
+            gate, memory, vm, ..
+        } = f;
         drop((gate, clone));
         let b = vm.bind(&memory, SlotRequest::new(0, 0, 4 << 20)).unwrap();
         let gate = Gatekeeper::new(&vm, vec![b], GateOptions::default()).unwrap();
@@ -182,7 +205,7 @@ fn pins_hold_off_private_conversions_and_discards() {
             4 << 20,
             GateOptions::new(Attribute::Shared, Policy::Discard),
         ) else {
-            return;
+            continue;
         };
         f.gate.write(0x3000, b"ring").unwrap();
         let pin = f.gate.pin(0x3000, 16).unwrap();
@@ -218,9 +241,15 @@ fn pins_hold_off_private_conversions_and_discards() {
 
 #[test]
 fn pins_are_checked_and_open_only_their_window() {
-    let Some(f) = fixture(BackingKind::GuestMemfd, 4 << 20, GateOptions::default()) else {
-        return;
-    };
+    for kind in KINDS {
+        let Some(f) = fixture(kind, 4 << 20, GateOptions::default()) else {
+            continue;
+        };
+        pins_open_only_their_window(&f);
+    }
+}
+
+fn pins_open_only_their_window(f: &Fixture) {
     assert!(matches!(f.gate.pin(0, 0), Err(GateError::EmptyPin { .. })));
     assert!(matches!(
         f.gate.pin(4 << 20, 1),
@@ -239,13 +268,15 @@ fn pins_are_checked_and_open_only_their_window() {
 
 #[test]
 fn the_view_budget_bounds_open_windows() {
-    let Some(f) = fixture(
-        BackingKind::GuestMemfd,
-        4 << 20,
-        GateOptions::default().with_view_budget(8),
-    ) else {
-        return;
-    };
+    for kind in KINDS {
+        let Some(f) = fixture(kind, 4 << 20, GateOptions::default().with_view_budget(8)) else {
+            continue;
+        };
+        the_view_budget_bounds(&f);
+    }
+}
+
+fn the_view_budget_bounds(f: &Fixture) {
     // Devices touch 200 separate pages, one at a time: the cache of open
     // windows stays within the budget.
     for i in 0..200 {
@@ -272,7 +303,7 @@ fn fragmentation_costs_the_view_nothing() {
     for kind in KINDS {
         let size = 1u64 << 30;
         let Some(f) = fixture(kind, size, GateOptions::default()) else {
-            return;
+            continue;
         };
         let before = view_vmas(&f.gate);
         // Every other page shared, the rest private: 131,072 islands.
@@ -437,19 +468,17 @@ fn the_kernel_attributes_follow_and_roll_back_exactly() {
 fn huge_pages_bound_in_part_convert_like_any_other() {
     let page = 2u64 << 20;
     for (offset, len) in [(1 << 20, page), (0, 1 << 20), (P, 2 * page - 2 * P)] {
-        let Some(vm) = vm("hugetlb bindings") else {
+        let Some(vm) = vm() else {
             return;
         };
-        let memory = match create_memory(
+        let Some(_on) = on(BackingKind::Hugetlb2M, 2) else {
+            return;
+        };
+        let memory = create_memory(
             MemoryOptions::new(BackingKind::Hugetlb2M, 2 * page),
             Some(&vm),
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                println!("skipped: hugetlb-2m: {e}");
-                return;
-            }
-        };
+        )
+        .unwrap();
         let binding = vm.bind(&memory, SlotRequest::new(0, offset, len)).unwrap();
         let gate = Gatekeeper::new(
             &vm,
@@ -576,7 +605,7 @@ mod device_memory {
 
     #[test]
     fn slices_across_regions_are_all_or_nothing() {
-        let Some(vm) = vm("two regions") else {
+        let Some(vm) = vm() else {
             return;
         };
         let size = 2u64 << 20;
@@ -604,10 +633,15 @@ mod device_memory {
 
     #[test]
     fn virtio_queue_runs_over_the_gatekeeper_and_is_refused_private_memory() {
-        let Some(f) = fixture(BackingKind::GuestMemfd, 2 << 20, GateOptions::default()) else {
-            return;
-        };
-        let gate = &f.gate;
+        for kind in KINDS {
+            let Some(f) = fixture(kind, 2 << 20, GateOptions::default()) else {
+                continue;
+            };
+            virtio_queue_over(&f.gate);
+        }
+    }
+
+    fn virtio_queue_over(gate: &Gatekeeper) {
         gate.write(BUF, b"request").unwrap();
         // Chain 0: a readable request and a writable reply.
         desc(gate, 0, BUF, 7, 1, 1); // NEXT
@@ -671,9 +705,12 @@ fn populated_bytes(m: &dyn RestrictedMemory) -> u64 {
 /// (cachestat, exact on both).
 #[test]
 fn a_two_backing_slot_keeps_one_copy_of_every_page() {
-    let Some(vm) = vm("two backings") else {
+    let Some(vm) = vm() else {
         return;
     };
+    if !has(BackingKind::GuestMemfd) {
+        return;
+    }
     let size = 4u64 << 20;
     let private = create_memory(
         MemoryOptions::new(BackingKind::GuestMemfd, size).with_flags(crate::GmemFlags::empty()),
