@@ -3,7 +3,7 @@
 //! state, `docs/guest-abi.md`).
 //!
 //! Everything here is written below [`PAYLOAD_FLOOR`], the part of guest RAM
-//! the VMM keeps for itself.
+//! the VMM keeps for itself; [`written`] says exactly which bytes of it.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
@@ -112,6 +112,29 @@ pub fn page_tables(ram_size: u64) -> Vec<(u64, u64)> {
     words
 }
 
+/// What the VMM writes into guest RAM before a payload loads: the GDT and
+/// the page-table pages of [`page_tables`] for `ram_size`, as merged ranges
+/// with their names. A payload segment may lie below [`PAYLOAD_FLOOR`] (the
+/// ELF headers `ld -Ttext=0x100000` puts at `0xff000`, for one) as long as
+/// it overlaps none of these.
+pub fn written(ram_size: u64) -> Vec<(std::ops::Range<u64>, &'static str)> {
+    let gdt_len = std::mem::size_of_val(&gdt()) as u64;
+    let mut out = vec![(GDT_ADDR..GDT_ADDR + gdt_len, "the GDT")];
+    let mut pages: Vec<u64> = page_tables(ram_size)
+        .iter()
+        .map(|(addr, _)| addr & !0xfff)
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    for page in pages {
+        match out.last_mut() {
+            Some((run, "the page tables")) if run.end == page => run.end = page + 0x1000,
+            _ => out.push((page..page + 0x1000, "the page tables")),
+        }
+    }
+    out
+}
+
 /// Special registers for 64-bit mode with paging through [`PML4_ADDR`].
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     let gdt = gdt();
@@ -188,5 +211,21 @@ mod tests {
         assert!(words.iter().all(|(a, _)| *a < PAYLOAD_FLOOR));
         let big = page_tables(MAX_RAM);
         assert!(big.iter().all(|(a, _)| *a < PAYLOAD_FLOOR));
+    }
+
+    #[test]
+    fn written_names_the_gdt_and_every_page_table_page() {
+        // 64 MiB: the PML4, the PDPT and one directory, then the device
+        // window's directory (the fourth GiB's) on its own.
+        let w = written(64 << 20);
+        assert_eq!(w[0], (0x500..0x538, "the GDT"));
+        assert_eq!(w[1], (0x1000..0x4000, "the page tables"));
+        assert_eq!(w[2], (0x6000..0x7000, "the page tables"));
+        assert_eq!(w.len(), 3);
+        // The ELF headers `ld -Ttext=0x100000` makes, at 0xff000, touch none.
+        assert!(w.iter().all(|(r, _)| r.end <= 0xff000));
+        // At the most RAM, the directories fill up to the payload floor.
+        let max = written(MAX_RAM);
+        assert_eq!(max.last().unwrap().0.end, PAYLOAD_FLOOR);
     }
 }

@@ -68,7 +68,7 @@ pub enum VmmError {
     Elf(#[from] crate::elf::ElfError),
     /// An ELF segment does not fit where payloads may go.
     #[error(
-        "ELF segment {index} at {addr:#x} of {len:#x} bytes does not fit: segments must lie in [{floor:#x}, {limit:#x}) (the boot structures are below, the vCPU stacks above)"
+        "ELF segment {index} at {addr:#x} of {len:#x} bytes does not fit: segments must lie in guest RAM below {limit:#x} (the vCPU stacks are above), and clear of the boot structures below {floor:#x}"
     )]
     SegmentOutsideRam {
         /// The program header index.
@@ -81,6 +81,28 @@ pub enum VmmError {
         floor: u64,
         /// One past the highest.
         limit: u64,
+    },
+    /// An ELF segment overlaps what the VMM writes below the payload floor.
+    #[error(
+        "ELF segment {index} at [{addr:#x}, {end:#x}) overlaps {what} at [{taken_start:#x}, {taken_end:#x}), which the VMM writes before the payload loads: link the payload at {floor:#x} or above (`ld -Ttext={floor:#x}` puts only the ELF headers below it, at {headers:#x}, which is fine; keep every segment clear of [{taken_start:#x}, {taken_end:#x}))",
+        end = addr + len,
+        headers = floor - 0x1000
+    )]
+    SegmentOverBootStructures {
+        /// The program header index.
+        index: usize,
+        /// Its address.
+        addr: u64,
+        /// Its size in memory.
+        len: u64,
+        /// What it overlaps: `the GDT` or `the page tables`.
+        what: &'static str,
+        /// The first byte of what it overlaps.
+        taken_start: u64,
+        /// One past the last.
+        taken_end: u64,
+        /// [`PAYLOAD_FLOOR`](crate::boot::PAYLOAD_FLOOR).
+        floor: u64,
     },
     /// The payload is empty.
     #[error("the payload is empty")]

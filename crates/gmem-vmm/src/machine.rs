@@ -129,8 +129,12 @@ impl Machine {
     ///
     /// # Errors
     /// [`VmmError::Elf`] for a malformed or unfit file, naming the segment;
-    /// [`VmmError::SegmentOutsideRam`] for a segment outside
-    /// `[PAYLOAD_FLOOR, payload_limit)` (below it are the boot structures);
+    /// [`VmmError::SegmentOutsideRam`] for a segment reaching past
+    /// `payload_limit` (the vCPU stacks);
+    /// [`VmmError::SegmentOverBootStructures`] for one overlapping the GDT or
+    /// the page tables ([`boot::written`]), naming both ranges (a segment
+    /// below `PAYLOAD_FLOOR` that overlaps neither loads: the ELF headers
+    /// `ld -Ttext=0x100000` puts at `0xff000`);
     /// [`VmmError::AlreadyLaunched`] on a second load. Nothing is written
     /// unless every segment fits.
     pub fn load_elf(&mut self, file: &[u8]) -> Result<u64, VmmError> {
@@ -138,16 +142,32 @@ impl Machine {
             return Err(VmmError::AlreadyLaunched);
         }
         let program = crate::elf::parse(file)?;
-        let limit = self.shared.config.payload_limit();
+        let config = &self.shared.config;
+        let limit = config.payload_limit();
+        let written = boot::written(config.mem_size);
         for s in &program.segments {
             let r = s.range();
-            if r.start < PAYLOAD_FLOOR || r.end > limit {
+            if r.end > limit {
                 return Err(VmmError::SegmentOutsideRam {
                     index: s.index,
                     addr: s.addr,
                     len: s.mem_size,
                     floor: PAYLOAD_FLOOR,
                     limit,
+                });
+            }
+            if let Some((taken, what)) = written
+                .iter()
+                .find(|(w, _)| w.start < r.end && r.start < w.end)
+            {
+                return Err(VmmError::SegmentOverBootStructures {
+                    index: s.index,
+                    addr: s.addr,
+                    len: s.mem_size,
+                    what,
+                    taken_start: taken.start,
+                    taken_end: taken.end,
+                    floor: PAYLOAD_FLOOR,
                 });
             }
         }

@@ -3,7 +3,7 @@
 //! inputs, each a clear error that writes nothing.
 
 use gmem::{BackingKind, Policy};
-use gmem_testkit::{hugepages_or_skip, kvm_or_skip};
+use gmem_testkit::{kvm_or_skip, on_backing};
 use gmem_vmm::{Console, Machine, MachineConfig, VmmError};
 
 fn ram(backing: BackingKind) -> u64 {
@@ -17,8 +17,7 @@ fn hello_runs_on_every_backing_and_policy() {
             if !kvm_or_skip("hello") {
                 return;
             }
-            let Some(_pool) =
-                hugepages_or_skip("hello", backing, ram(backing) / backing.page_size())
+            let Some(_pool) = on_backing("hello", backing, ram(backing) / backing.page_size())
             else {
                 continue;
             };
@@ -45,7 +44,7 @@ fn hello_runs_on_every_backing_and_policy() {
 
 #[test]
 fn elf_files_that_do_not_fit_are_refused_by_segment() {
-    if !kvm_or_skip("elf refusals") {
+    if !kvm_or_skip("elf refusals") || on_backing("elf refusals", BackingKind::Memfd, 0).is_none() {
         return;
     }
     let mut m = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();
@@ -70,10 +69,29 @@ fn elf_files_that_do_not_fit_are_refused_by_segment() {
     low[last_load + 24..last_load + 32].copy_from_slice(&0x1000u64.to_le_bytes());
     let e = m.load_elf(&low).unwrap_err();
     assert!(
-        matches!(e, VmmError::SegmentOutsideRam { addr: 0x1000, .. }),
+        matches!(
+            e,
+            VmmError::SegmentOverBootStructures {
+                addr: 0x1000,
+                what: "the page tables",
+                taken_start: 0x1000,
+                ..
+            }
+        ),
         "{e}"
     );
-    assert!(e.to_string().contains("segment"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("segment")
+            && msg.contains("[0x1000, 0x4000)")
+            && msg.contains("-Ttext=0x100000"),
+        "{msg}"
+    );
+    // Past the RAM payloads may use (the stacks are above).
+    let mut high = gmem_guests::HELLO.to_vec();
+    high[last_load + 24..last_load + 32].copy_from_slice(&(4u64 << 20).to_le_bytes());
+    let e = m.load_elf(&high).unwrap_err();
+    assert!(matches!(e, VmmError::SegmentOutsideRam { .. }), "{e}");
     // The machine is still unlaunched: a good file loads now.
     m.load_elf(gmem_guests::HELLO).unwrap();
     assert!(matches!(
@@ -124,8 +142,7 @@ fn the_virtio_demo_talks_through_virtio_console_and_blk() {
         if !kvm_or_skip("virtio demo") {
             return;
         }
-        let Some(_pool) =
-            hugepages_or_skip("virtio demo", backing, ram(backing) / backing.page_size())
+        let Some(_pool) = on_backing("virtio demo", backing, ram(backing) / backing.page_size())
         else {
             continue;
         };
@@ -177,8 +194,7 @@ fn disk_sum_matches_the_host_and_writes_its_result_back() {
     let want = fnv1a(&image[..image.len() - 512]);
     let path = disk("sum", &image);
     for backing in BackingKind::ALL {
-        let Some(_pool) =
-            hugepages_or_skip("disk-sum", backing, ram(backing) / backing.page_size())
+        let Some(_pool) = on_backing("disk-sum", backing, ram(backing) / backing.page_size())
         else {
             continue;
         };
@@ -206,8 +222,7 @@ fn the_attacker_is_refused_every_time_and_the_vm_lives() {
         if !kvm_or_skip("attacker") {
             return;
         }
-        let Some(_pool) =
-            hugepages_or_skip("attacker", backing, ram(backing) / backing.page_size())
+        let Some(_pool) = on_backing("attacker", backing, ram(backing) / backing.page_size())
         else {
             continue;
         };
@@ -242,4 +257,80 @@ fn the_attacker_is_refused_every_time_and_the_vm_lives() {
         assert!(blk.refusals.iter().all(|r| r.device == "virtio-blk"));
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// A payload linked the usual quick way, `ld -Ttext=0x100000 -e _start`: the
+/// linker puts the ELF headers in a read-only segment at 0xff000, below the
+/// payload floor and clear of the boot structures, and the payload runs as
+/// its flat twin does.
+#[test]
+fn elf_files_as_ld_links_them_run_like_their_flat_twins() {
+    use gmem_vmm::abi::{PORT_EXIT, PORT_SERIAL};
+    use iced_x86::code_asm::*;
+
+    let test = "ld -Ttext";
+    if !kvm_or_skip(test) || on_backing(test, BackingKind::Memfd, 0).is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gmem-ld-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(dx, u32::from(PORT_SERIAL)).unwrap();
+    for b in b"linked\n" {
+        a.mov(al, u32::from(*b)).unwrap();
+        a.out(dx, al).unwrap();
+    }
+    a.mov(eax, 42).unwrap();
+    a.out(u32::from(PORT_EXIT), eax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0x10_0000).unwrap();
+    let bytes: Vec<String> = code.iter().map(|b| format!("{b:#04x}")).collect();
+    let source = format!(
+        ".globl _start\n.text\n_start:\n.byte {}\n.data\n.quad 1\n",
+        bytes.join(",")
+    );
+    std::fs::write(dir.join("p.s"), source).unwrap();
+    let tool = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+    };
+    match tool("as", &["p.s", "-o", "p.o"]) {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("{test}: skipped: needs binutils' as and ld: {other:?}");
+            return;
+        }
+    }
+    let out = tool("ld", &["-Ttext=0x100000", "-e", "_start", "p.o", "-o", "p"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elf = std::fs::read(dir.join("p")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let program = gmem_vmm::elf::parse(&elf).unwrap();
+    assert!(
+        program.segments.iter().any(|s| s.addr < 0x10_0000),
+        "ld put no segment below 0x100000: {:?}",
+        program.segments.iter().map(|s| s.addr).collect::<Vec<_>>()
+    );
+    let mut m = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();
+    m.load_elf(&elf).unwrap();
+    let (console, out) = Console::buffer();
+    let linked = (
+        m.run_to_end(&console).unwrap().status,
+        out.lock().unwrap().clone(),
+    );
+    let mut m = Machine::new(MachineConfig::new(BackingKind::Memfd, 4 << 20)).unwrap();
+    m.load(&code, 0x10_0000, 0x10_0000).unwrap();
+    let (console, out) = Console::buffer();
+    let flat = (
+        m.run_to_end(&console).unwrap().status,
+        out.lock().unwrap().clone(),
+    );
+    assert_eq!(linked, flat);
+    assert_eq!(linked, (42, b"linked\n".to_vec()));
 }
