@@ -81,8 +81,19 @@ pub enum AdoptReason {
         /// The seals gmem needs (`F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL`).
         need: u32,
     },
-    /// Flags the file cannot have on this VM.
+    /// Flags the file cannot have on this VM, a kernel without guest_memfd,
+    /// or a file gmem owns already ([`BackingError::AlreadyOwned`](super::BackingError::AlreadyOwned),
+    /// `EBUSY`: one file has one owner, whatever fd it comes through).
     Backing(super::BackingError),
+    /// The guest_memfd was created with other flags than the ones given
+    /// (found by probing: a file adopted as `INIT_SHARED` that is not would
+    /// make every host copy take the kernel's `SIGBUS`).
+    FlagsDisagree {
+        /// The flags given.
+        given: u64,
+        /// The flags the file has.
+        found: u64,
+    },
     /// A system call failed while checking.
     Syscall {
         /// The call.
@@ -102,6 +113,10 @@ impl fmt::Display for AdoptReason {
             AdoptReason::MissingSeals { have, need } => write!(
                 f,
                 "its seals are {have:#x}; gmem needs {need:#x} (F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL) so that its size cannot change"
+            ),
+            AdoptReason::FlagsDisagree { given, found } => write!(
+                f,
+                "it was given as flags {given:#x}, but the file has {found:#x} (MMAP = 0x1, INIT_SHARED = 0x2): pass the flags it was created with"
             ),
             AdoptReason::Syscall { op, source } => write!(f, "{op} failed: {source}"),
         }
@@ -139,7 +154,10 @@ fn checked<T>(
     }
 }
 
-/// Takes a checked fd over: maps it for KVM (a failure hands it back).
+/// Takes a checked fd over: registers its inode (a file gmem owns already
+/// is refused: one file has one owner), marks it close-on-exec (an exec'd
+/// child must not inherit a way to `pread` private pages), and reserves a
+/// hugetlb file's pages. A failure hands the fd back.
 fn take(
     fd: OwnedFd,
     kind: BackingKind,
@@ -147,6 +165,16 @@ fn take(
     flags: GmemFlags,
     owner: Option<crate::kvm::VmId>,
 ) -> Result<FileCore, AdoptError> {
+    if let Err(e) = rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC) {
+        return Err(AdoptError::new(
+            fd,
+            kind,
+            AdoptReason::Syscall {
+                op: "fcntl(F_SETFD, FD_CLOEXEC)",
+                source: e.into(),
+            },
+        ));
+    }
     FileCore::try_new(fd, kind, size, flags, owner)
         .map_err(|(fd, e)| AdoptError::new(fd, kind, AdoptReason::Backing(e)))
 }
@@ -155,6 +183,10 @@ impl GuestMemfd {
     /// Adopts a guest_memfd that the VMM created on `vm` itself, with
     /// `flags` (the kernel does not reveal a file's flags: pass what it was
     /// created with).
+    ///
+    /// The file is probed for its flags (it is mapped, and its first page
+    /// faulted in where it is shared; a hole stays a hole), and adoption is
+    /// refused if they are not `flags`.
     ///
     /// Checked first: `vm`'s KVM has guest_memfd at all (a VMM whose own
     /// ioctl failed gets [`BackingError::NoGuestMemfd`](super::BackingError::NoGuestMemfd)
@@ -181,10 +213,85 @@ impl GuestMemfd {
             let size = size_of(fd)?;
             validate_create(size, flags, vm.supported_gmem_flags(), kind.page_size())
                 .map_err(AdoptReason::Size)?;
+            let found = guest_memfd_flags(fd)?;
+            if found != flags {
+                return Err(AdoptReason::FlagsDisagree {
+                    given: flags.bits(),
+                    found: found.bits(),
+                });
+            }
             Ok(size)
         })?;
         take(fd, kind, size, flags, Some(vm.id())).map(GuestMemfd::from_core)
     }
+}
+
+/// The creation flags of the guest_memfd `fd`, found by trying what they
+/// allow (the kernel reveals them no other way): `MMAP` if it can be
+/// mapped (`mmap` answers `ENODEV` otherwise); `INIT_SHARED` if its first
+/// page can be faulted in through that mapping (`MADV_POPULATE_READ`
+/// answers `EFAULT` where a touch would raise `SIGBUS`). A page the probe
+/// faults in that was a hole is punched again, so the file is left as it
+/// was found.
+fn guest_memfd_flags(fd: BorrowedFd<'_>) -> Result<GmemFlags, AdoptReason> {
+    use rustix::mm::{Advice, MapFlags, ProtFlags};
+    let page = crate::range::PAGE_SIZE as usize;
+    // SAFETY: a new read-only mapping at an address the kernel chooses;
+    // nothing is replaced, and it is unmapped below.
+    let map = match unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            page,
+            ProtFlags::READ,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    } {
+        Ok(ptr) => ptr,
+        Err(rustix::io::Errno::NODEV) => return Ok(GmemFlags::empty()),
+        Err(e) => {
+            return Err(AdoptReason::Syscall {
+                op: "mmap of the guest_memfd's first page (probing MMAP)",
+                source: e.into(),
+            });
+        }
+    };
+    let was_populated =
+        super::file::all_cached(fd, 0, page as u64).map_err(|e| AdoptReason::Syscall {
+            op: "cachestat (probing INIT_SHARED)",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    // SAFETY: the range is exactly the mapping made above; POPULATE_READ
+    // only faults pages in (reporting EFAULT instead of raising SIGBUS) and
+    // changes no content.
+    let populate = unsafe { rustix::mm::madvise(map, page, Advice::LinuxPopulateRead) };
+    // SAFETY: unmapping exactly the mapping made above, which nothing else
+    // refers to.
+    let _ = unsafe { rustix::mm::munmap(map, page) };
+    let shared = match populate {
+        Ok(()) => true,
+        Err(rustix::io::Errno::FAULT) => false,
+        Err(e) => {
+            return Err(AdoptReason::Syscall {
+                op: "madvise(MADV_POPULATE_READ) of the guest_memfd's first page (probing INIT_SHARED)",
+                source: e.into(),
+            });
+        }
+    };
+    if shared && was_populated == Some(false) {
+        let _ = rustix::fs::fallocate(
+            fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            page as u64,
+        );
+    }
+    Ok(if shared {
+        GmemFlags::MMAP | GmemFlags::INIT_SHARED
+    } else {
+        GmemFlags::MMAP
+    })
 }
 
 /// The checks a memfd offered for adoption must pass: `expected` is what

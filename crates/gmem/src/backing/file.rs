@@ -2,7 +2,8 @@
 //! file belongs to, the bindings' mappings, and the `fallocate` calls.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rustix::fs::FallocateFlags;
 use rustix::mm::Advice;
@@ -18,6 +19,9 @@ use crate::range_set::RangeSet;
 #[derive(Debug)]
 pub struct FileCore {
     pub(crate) fd: OwnedFd,
+    /// The file's inode in the process-wide registry: one owner per file.
+    /// Declared after `fd`, so the inode is released once the fd is closed.
+    _registration: super::registry::Registration,
     pub(crate) kind: BackingKind,
     pub(crate) size: u64,
     pub(crate) flags: GmemFlags,
@@ -29,8 +33,39 @@ pub struct FileCore {
     allocated: Mutex<RangeSet>,
     /// File offsets that were private when the last gatekeeper over them was
     /// dropped: the next gatekeeper starts them private, whatever its
-    /// initial attribute, so that dropping a gatekeeper never shares a page.
-    pub(crate) retained_private: Mutex<RangeSet>,
+    /// initial attribute, so that dropping a gatekeeper never shares a page;
+    /// and when the file itself goes, they are punched, so that no other
+    /// holder of the inode (an fd the VMM kept) reads them.
+    retained_private: Mutex<RangeSet>,
+    /// How many regions of live gatekeepers hold this file: while any does,
+    /// its content changes only through them.
+    gated: AtomicUsize,
+    /// Whole huge pages (hugetlb) that were punched and whose reservation
+    /// could not be restored (the pool was drained meanwhile): a host access
+    /// there must first reserve them again, or be refused, never `SIGBUS`.
+    unreserved: Mutex<RangeSet>,
+    /// Whether `unreserved` is non-empty (the host access paths' fast check).
+    any_unreserved: AtomicBool,
+}
+
+impl Drop for FileCore {
+    fn drop(&mut self) {
+        // Pages a gatekeeper left private never outlive gmem's ownership of
+        // the file: whoever else holds the inode reads zeroes there.
+        let retained = std::mem::take(
+            self.retained_private
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for run in retained.iter() {
+            let _ = rustix::fs::fallocate(
+                &self.fd,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                run.start,
+                run.end - run.start,
+            );
+        }
+    }
 }
 
 impl FileCore {
@@ -61,6 +96,10 @@ impl FileCore {
         // (`host_window`), so an unbound file costs no address space, any
         // size the kernel accepts is accepted, and a punch of an unbound
         // range walks no mapping.
+        let registration = match super::registry::register(fd.as_fd()) {
+            Ok(r) => r,
+            Err(e) => return Err((fd, e)),
+        };
         if kind.is_hugetlb()
             && let Err(e) = Mapping::shared(fd.as_fd(), size)
         {
@@ -68,6 +107,7 @@ impl FileCore {
         }
         let core = FileCore {
             fd,
+            _registration: registration,
             kind,
             size,
             flags,
@@ -75,6 +115,9 @@ impl FileCore {
             host_maps: Arc::new(MappingRegistry::new(kind.is_hugetlb())),
             allocated: Mutex::default(),
             retained_private: Mutex::default(),
+            gated: AtomicUsize::new(0),
+            unreserved: Mutex::default(),
+            any_unreserved: AtomicBool::new(false),
         };
         if let Some(vm) = owner {
             let _ = core.owner.set(vm);
@@ -131,6 +174,98 @@ impl FileCore {
         })
     }
 
+    /// The offsets a dropped gatekeeper left private. A poisoned lock (a
+    /// panic while it was held) may hide an update, so it reads as "every
+    /// offset private": a page is never shared by mistake.
+    pub(crate) fn retained_private(&self) -> MutexGuard<'_, RangeSet> {
+        match self.retained_private.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                guard.insert(0..self.size);
+                self.retained_private.clear_poison();
+                guard
+            }
+        }
+    }
+
+    /// A region of a gatekeeper now holds the file (until [`ungate`](Self::ungate)).
+    pub(crate) fn gate(&self) {
+        self.gated.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A region of a gatekeeper let the file go.
+    pub(crate) fn ungate(&self) {
+        self.gated.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The punch of [`RestrictedMemory::punch_hole`](super::RestrictedMemory::punch_hole):
+    /// refused while a gatekeeper holds the file, and over offsets a dropped
+    /// gatekeeper left private.
+    pub(crate) fn punch_ungated(&self, range: FileRange) -> Result<PunchReport, BackingError> {
+        let (offset, len) = (range.offset(), range.len());
+        if self.gated.load(Ordering::Acquire) > 0 {
+            return Err(BackingError::Gated {
+                op: "punch_hole",
+                offset,
+                len,
+            });
+        }
+        if let Some(run) = self
+            .retained_private()
+            .overlapping(offset..range.end())
+            .next()
+        {
+            return Err(BackingError::PrivatePages {
+                op: "punch_hole",
+                offset,
+                len,
+                private: run.start.max(offset),
+            });
+        }
+        self.punch(range)
+    }
+
+    /// Makes sure every huge page of `[offset, offset + len)` has its page or
+    /// a reservation, reserving again what a punch could not (hugetlb; a
+    /// no-op elsewhere and whenever nothing is missing).
+    ///
+    /// # Errors
+    /// [`BackingError::Unreserved`] (`ENOMEM`) if the pool still has no page
+    /// for part of the range.
+    pub(crate) fn ensure_reserved(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        if !self.any_unreserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut unreserved = self.unreserved.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset.saturating_add(len);
+        let missing: Vec<_> = unreserved.overlapping(offset..end).collect();
+        for run in missing {
+            if self.reserve(run.start, run.end - run.start).is_err() {
+                let page_size_kib = self.kind.page_size() >> 10;
+                return Err(BackingError::Unreserved {
+                    offset: run.start,
+                    len: run.end - run.start,
+                    page_size_kib,
+                    free: super::HugePagePool::read(self.kind.page_size())
+                        .map_or(0, |p| p.available()),
+                });
+            }
+            unreserved.remove(run);
+        }
+        self.any_unreserved
+            .store(unreserved.run_count() > 0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reserves the huge pages of `[offset, offset + len)` (whole pages) in
+    /// the inode's reserve map: a shared mapping of them reserves them, and
+    /// the reservation outlives the mapping (only a punch or the file's end
+    /// releases it), as at creation.
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        Mapping::new(self.fd(), offset, len, rustix::mm::ProtFlags::empty()).map(drop)
+    }
+
     pub(crate) fn claim(&self, vm: VmId) -> Result<(), VmId> {
         let owner = *self.owner.get_or_init(|| vm);
         if owner == vm { Ok(()) } else { Err(owner) }
@@ -182,6 +317,20 @@ impl FileCore {
         let split = range.split_by_page(self.kind.page_size());
         allocated.remove(split.whole.0..split.whole.1);
         self.host_maps.forget(split.whole.0..split.whole.1);
+        if self.kind.is_hugetlb() && split.whole.1 > split.whole.0 {
+            // The punch released the pages' reservation with them: reserve
+            // them again at once, so that another file (another VM, another
+            // tenant) cannot drain the pool under this one and a later
+            // fault here find no page (SIGBUS). If the pool is already
+            // empty, remember the range: host accesses reserve it first, or
+            // are refused.
+            let (start, end) = split.whole;
+            if self.reserve(start, end - start).is_err() {
+                let mut unreserved = self.unreserved.lock().unwrap_or_else(|e| e.into_inner());
+                unreserved.insert(start..end);
+                self.any_unreserved.store(true, Ordering::Release);
+            }
+        }
         Ok(PunchReport {
             bytes_freed: split.whole_bytes(),
             bytes_zeroed: split.partial_bytes(),
@@ -343,6 +492,16 @@ fn cachestat(fd: BorrowedFd<'_>, off: u64, len: u64) -> Result<Option<u64>, Back
             err,
         )),
     }
+}
+
+/// Whether all of `[off, off + len)` is in the file's page cache:
+/// `Ok(None)` where cachestat is unavailable.
+pub(crate) fn all_cached(
+    fd: BorrowedFd<'_>,
+    off: u64,
+    len: u64,
+) -> Result<Option<bool>, BackingError> {
+    Ok(cachestat(fd, off, len)?.map(|pages| pages * 4096 >= len))
 }
 
 /// The file's page-cache pages as runs, found by bisecting with cachestat:

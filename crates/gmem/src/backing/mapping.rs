@@ -117,6 +117,38 @@ impl Mapping {
         unsafe { rustix::mm::mprotect(self.addr.as_ptr().add(start).cast(), len, prot) }
     }
 
+    /// Maps `fd` from `offset` afresh over this mapping's own range,
+    /// `PROT_NONE` (`MAP_FIXED`): one VMA again, whatever `mprotect` split it
+    /// into. hugetlb mappings never merge back after a split; this is how a
+    /// view of them shrinks again. The caller re-applies its advice.
+    pub(crate) fn remap_none(&self, fd: BorrowedFd<'_>, offset: u64) -> Result<(), BackingError> {
+        // SAFETY: MAP_FIXED replaces exactly this value's own mapping, which
+        // it owns and keeps the same address and length of; no Rust reference
+        // points into it (copies are raw and volatile), and the caller
+        // guarantees no pin hands out pointers into it meanwhile.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                self.addr.as_ptr().cast(),
+                self.len,
+                ProtFlags::empty(),
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
+                offset,
+            )
+        }
+        .map_err(|e| {
+            BackingError::syscall(
+                format!(
+                    "mmap(MAP_FIXED, {:#x} bytes at offset {offset:#x})",
+                    self.len
+                ),
+                e,
+            )
+        })?;
+        debug_assert_eq!(ptr.cast::<u8>(), self.addr.as_ptr());
+        Ok(())
+    }
+
     /// Keeps the mapping's pages out of swap as they are faulted in
     /// (`mlock2(MLOCK_ONFAULT)`).
     pub(crate) fn lock_on_fault(&self) -> Result<(), BackingError> {

@@ -26,6 +26,7 @@ pub mod guest_memfd;
 pub mod hugetlb;
 pub(crate) mod mapping;
 mod memfd;
+pub(crate) mod registry;
 pub mod sealed_memfd;
 
 use std::fmt;
@@ -225,6 +226,57 @@ pub enum BackingError {
         /// Bytes the kernel counts (`st_blocks`).
         populated: u64,
     },
+    /// The file is a gmem file already: one file has one owner.
+    #[error(
+        "the file (device {dev:#x}, inode {ino}) is a gmem file of this process already: one file has one owner (share its Arc<dyn RestrictedMemory> instead of adopting it again)"
+    )]
+    AlreadyOwned {
+        /// `st_dev`.
+        dev: u64,
+        /// `st_ino`.
+        ino: u64,
+    },
+    /// A gatekeeper holds the file: its content changes through it.
+    #[error(
+        "{op} of [{offset:#x}, +{len:#x}) refused: a gatekeeper holds this file, and discards go through it (Gatekeeper::discard), which checks pins and private pages"
+    )]
+    Gated {
+        /// The operation.
+        op: &'static str,
+        /// The file offset.
+        offset: u64,
+        /// The length.
+        len: u64,
+    },
+    /// The range holds pages a gatekeeper left private.
+    #[error(
+        "{op} of [{offset:#x}, +{len:#x}) refused: file offset {private:#x} was private when the last gatekeeper over it was dropped, and only a gatekeeper may change private memory"
+    )]
+    PrivatePages {
+        /// The operation.
+        op: &'static str,
+        /// The file offset.
+        offset: u64,
+        /// The length.
+        len: u64,
+        /// The first retained private offset.
+        private: u64,
+    },
+    /// A discarded huge page could not be reserved again: the pool was
+    /// drained meanwhile, and a host access would find no page to fault in.
+    #[error(
+        "[{offset:#x}, +{len:#x}) of the {page_size_kib} KiB hugetlb file has no huge page reserved: it was discarded and the pool has no free page to reserve again ({free} free); free huge pages or raise the pool"
+    )]
+    Unreserved {
+        /// The file offset.
+        offset: u64,
+        /// The length.
+        len: u64,
+        /// The huge page size in KiB.
+        page_size_kib: u64,
+        /// Free pages in the pool now.
+        free: u64,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Syscall {
@@ -247,6 +299,10 @@ impl BackingError {
             BackingError::NoGuestMemfd => libc::ENOTTY,
             BackingError::HugePagesExhausted { .. } => libc::ENOMEM,
             BackingError::MappingNotAllowed { .. } => libc::ENODEV,
+            BackingError::AlreadyOwned { .. }
+            | BackingError::Gated { .. }
+            | BackingError::PrivatePages { .. } => libc::EBUSY,
+            BackingError::Unreserved { .. } => libc::ENOMEM,
             BackingError::Unsupported { .. } | BackingError::Unlocatable { .. } => libc::EOPNOTSUPP,
             BackingError::Syscall { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -362,12 +418,21 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     /// Like the kernel's punch it has no size check: the part past the end is
     /// ignored. Every binding of the range is invalidated, so the guest reads
     /// zeroes next time, and so does the host. On hugetlb backings the parts of
-    /// the range that do not cover a whole huge page are zeroed in place.
+    /// the range that do not cover a whole huge page are zeroed in place, and
+    /// the huge pages freed are reserved for the file again, so that no
+    /// later fault finds the pool drained.
+    ///
+    /// Only a file no gatekeeper holds may be punched here: a gatekeeper's
+    /// file is discarded through [`Gatekeeper::discard`](crate::Gatekeeper::discard),
+    /// which refuses pinned ranges and keeps its subscribers told.
     ///
     /// # Errors
+    /// [`BackingError::Gated`] (`EBUSY`) while a gatekeeper holds the file;
+    /// [`BackingError::PrivatePages`] (`EBUSY`) for a range a dropped
+    /// gatekeeper left private (only a gatekeeper changes private memory);
     /// [`BackingError::Syscall`] with the kernel's errno.
     fn punch_hole(&self, range: FileRange) -> Result<PunchReport, BackingError> {
-        self.core().punch(range)
+        self.core().punch_ungated(range)
     }
 
     /// The populated ranges of the file, in order, merged.
