@@ -97,6 +97,18 @@ pub enum KvmError {
         /// What `/proc/self/fd` says it is.
         is: String,
     },
+    /// An fd offered as a VM is a VM gmem has already, of another type.
+    #[error(
+        "the fd is {vm}, which gmem has as a {known} VM, not {given}: one kernel VM has one gmem handle (kcmp(2) says the fds are the same open file)"
+    )]
+    TypeMismatch {
+        /// The VM gmem has.
+        vm: VmId,
+        /// Its type.
+        known: &'static str,
+        /// The type given now.
+        given: &'static str,
+    },
     /// `KVM_CREATE_VM` failed.
     #[error("KVM_CREATE_VM for VM type {vm_type} failed")]
     CreateVm {
@@ -113,7 +125,7 @@ impl KvmError {
     pub fn errno(&self) -> i32 {
         match self {
             KvmError::Open(e) | KvmError::CreateVm { source: e, .. } => e.errno(),
-            KvmError::NotAVm { .. } => libc::EINVAL,
+            KvmError::NotAVm { .. } | KvmError::TypeMismatch { .. } => libc::EINVAL,
         }
     }
 }
@@ -122,6 +134,10 @@ pub(crate) struct VmInner {
     pub(crate) id: VmId,
     pub(crate) fd: VmFd,
     pub(crate) vm_type: VmType,
+    /// Where its capabilities are cached: per type for VMs gmem created (the
+    /// type is certain), per VM for adopted ones (the type is the caller's
+    /// word, and a wrong one must not poison other VMs of that type).
+    caps: CapsCache,
     pub(crate) slots: Mutex<SlotTable>,
     /// Whether a gatekeeper owns this VM's memory now.
     pub(crate) gated: std::sync::atomic::AtomicBool,
@@ -167,9 +183,18 @@ const NO_CAPS: VmCaps = VmCaps {
 /// Per VM type, in `VmType::raw` order.
 static CAPS: [VmCaps; 6] = [NO_CAPS; 6];
 
+/// A VM's capability cache: its type's (process-wide), or its own.
+enum CapsCache {
+    Type(&'static VmCaps),
+    Own(Box<VmCaps>),
+}
+
 impl VmInner {
-    fn caps(&self) -> &'static VmCaps {
-        &CAPS[self.vm_type.raw() as usize]
+    fn caps(&self) -> &VmCaps {
+        match &self.caps {
+            CapsCache::Type(caps) => caps,
+            CapsCache::Own(caps) => caps,
+        }
     }
 
     fn cap(&self, nr: u32) -> u64 {
@@ -222,14 +247,20 @@ impl Vm {
             vm_type: vm_type.name(),
             source,
         })?;
-        Ok(Vm::wrap(kvm, fd, vm_type))
+        let caps = CapsCache::Type(&CAPS[vm_type.raw() as usize]);
+        Ok(register_vm(Vm::wrap(kvm, fd, vm_type, caps)))
     }
 
     /// Adopts a VM the VMM created itself (its own `KVM_CREATE_VM`) of
     /// `vm_type` (the kernel does not reveal a VM's type: pass the one it
-    /// was created with). gmem then binds memory into it beside the VMM's
+    /// was created with; its capabilities are then read from this VM alone,
+    /// never from a cache other VMs share). gmem then binds memory into it beside the VMM's
     /// own memslots; declare those with [`Vm::reserve_slot`], so that an id
     /// or GPA clash is refused instead of overwriting them.
+    ///
+    /// An fd of a VM gmem has already (a `dup` of a [`Vm`]'s fd) gives that
+    /// same [`Vm`] back (the fd given is closed): one kernel VM has one gmem
+    /// handle, one slot table and one gatekeeper.
     ///
     /// ```
     /// use gmem::{Vm, VmType};
@@ -243,10 +274,28 @@ impl Vm {
     ///
     /// # Errors
     /// [`KvmError::Open`] if `/dev/kvm` (for the system capabilities) cannot
-    /// be opened.
+    /// be opened; [`KvmError::TypeMismatch`] for a VM gmem has with another
+    /// type.
     pub fn from_vm_fd(fd: VmFd, vm_type: VmType) -> Result<Vm, KvmError> {
+        if let Some(vm) = known_vm(fd.as_raw_fd()) {
+            return vm.same_type(vm_type);
+        }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
-        Ok(Vm::wrap(kvm, fd, vm_type))
+        let caps = CapsCache::Own(Box::new(NO_CAPS));
+        Ok(register_vm(Vm::wrap(kvm, fd, vm_type, caps)))
+    }
+
+    /// This VM, if it has `vm_type`; the error otherwise.
+    fn same_type(self, vm_type: VmType) -> Result<Vm, KvmError> {
+        if self.vm_type() == vm_type {
+            Ok(self)
+        } else {
+            Err(KvmError::TypeMismatch {
+                vm: self.id(),
+                known: self.vm_type().name(),
+                given: vm_type.name(),
+            })
+        }
     }
 
     /// Adopts a VM fd held as an [`OwnedFd`], checking first that it is a
@@ -262,6 +311,9 @@ impl Vm {
         if link != "anon_inode:kvm-vm" {
             return Err(KvmError::NotAVm { is: link });
         }
+        if let Some(vm) = known_vm(fd.as_raw_fd()) {
+            return vm.same_type(vm_type);
+        }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         // The vCPU mmap size is what create_vmfd_from_rawfd asks first; if it
         // fails there, the fd would leak, so ask here while the fd is owned.
@@ -271,15 +323,17 @@ impl Vm {
         // above); the VmFd owns it from here on.
         let vm_fd =
             unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }.map_err(KvmError::Open)?;
-        Ok(Vm::wrap(kvm, vm_fd, vm_type))
+        let caps = CapsCache::Own(Box::new(NO_CAPS));
+        Ok(register_vm(Vm::wrap(kvm, vm_fd, vm_type, caps)))
     }
 
-    fn wrap(kvm: Kvm, fd: VmFd, vm_type: VmType) -> Vm {
+    fn wrap(kvm: Kvm, fd: VmFd, vm_type: VmType, caps: CapsCache) -> Vm {
         Vm {
             inner: Arc::new(VmInner {
                 id: VmId::next(),
                 fd,
                 vm_type,
+                caps,
                 slots: Mutex::new(SlotTable::default()),
                 gated: Default::default(),
                 kvm,
@@ -401,6 +455,49 @@ impl Vm {
     pub fn kvm(&self) -> &Kvm {
         &self.inner.kvm
     }
+}
+
+/// Every live VM of this process, so that an fd of a VM gmem has already (a
+/// `dup` of its fd, handed back by a VMM) is recognised as that VM: one
+/// kernel VM has one gmem handle, one slot table and one gatekeeper.
+static VMS: Mutex<Vec<Weak<VmInner>>> = Mutex::new(Vec::new());
+
+fn vms() -> std::sync::MutexGuard<'static, Vec<Weak<VmInner>>> {
+    // Only pushes and retains: consistent even after a panic elsewhere.
+    VMS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records `vm` among the live VMs (and forgets the dead ones).
+fn register_vm(vm: Vm) -> Vm {
+    let mut all = vms();
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(&vm.inner));
+    vm
+}
+
+/// The live gmem VM whose fd is the same open file as `fd`, if any.
+fn known_vm(fd: std::os::fd::RawFd) -> Option<Vm> {
+    let all = vms();
+    all.iter()
+        .filter_map(Weak::upgrade)
+        .find(|inner| same_open_file(fd, inner.fd.as_raw_fd()))
+        .map(|inner| Vm { inner })
+}
+
+/// `KCMP_FILE` (`<linux/kcmp.h>`; the libc crate lacks the constant).
+const KCMP_FILE: libc::c_int = 0;
+
+/// Whether fds `a` and `b` of this process are the same open file
+/// (`kcmp(2)` with `KCMP_FILE`: every KVM VM fd is the one anonymous inode
+/// `kvm-vm`, so only the open file tells two VMs apart). A kernel without
+/// kcmp (no `CONFIG_KCMP`) cannot tell: the fds count as different, and
+/// the threat model says so.
+fn same_open_file(a: std::os::fd::RawFd, b: std::os::fd::RawFd) -> bool {
+    let pid = std::process::id() as libc::pid_t;
+    // SAFETY: kcmp only compares two fd table entries of this process; it
+    // reads no memory of ours and changes nothing.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    rc == 0
 }
 
 /// How many times `KVM_CREATE_VM` is tried while it fails with `EINTR`.
