@@ -145,6 +145,19 @@ pub enum ConvertError {
         #[source]
         source: BackingError,
     },
+    /// The launch phase is over: launch happens once, before any
+    /// conversion.
+    #[error(
+        "the gatekeeper has left its launch phase (a launch, a conversion or a discard ended it): launch happens once, before any conversion"
+    )]
+    AlreadyLaunched,
+    /// The gatekeeper is poisoned and refuses every change.
+    #[error("the conversion was refused")]
+    Poisoned {
+        /// Why ([`GateError::Poisoned`]).
+        #[source]
+        source: GateError,
+    },
     /// `KVM_SET_MEMORY_ATTRIBUTES` failed; KVM's attributes were restored.
     #[error("KVM_SET_MEMORY_ATTRIBUTES on [{gpa:#x}, +{len:#x}) failed")]
     Kernel {
@@ -163,7 +176,7 @@ impl ConvertError {
     pub fn errno(&self) -> i32 {
         match self {
             ConvertError::Pinned { .. } => libc::EAGAIN,
-            ConvertError::View { source, .. } => source.errno(),
+            ConvertError::View { source, .. } | ConvertError::Poisoned { source } => source.errno(),
             ConvertError::Backing { source, .. } => source.errno(),
             ConvertError::Kernel { source, .. } => source.errno(),
             _ => libc::EINVAL,

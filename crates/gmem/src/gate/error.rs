@@ -65,21 +65,87 @@ pub enum GateError {
         /// The region's length.
         region_len: u64,
     },
-    /// Pins hold more windows open than the view budget allows.
+    /// The view would cost more map entries than the gatekeeper's budget,
+    /// with every unpinned window closed.
     #[error(
-        "pinning [{gpa:#x}, +{len:#x}) needs a view window, but pins hold {pinned} of the budget of {budget} open (vm.max_map_count is {max_map_count}); release pins or raise GateOptions::view_budget"
+        "pinning [{gpa:#x}, +{len:#x}) needs a view window, but the views cost {vmas} map entries of a budget of {budget} with every unpinned window closed ({pinned} pins live); release pins or raise GateOptions::view_budget"
     )]
     ViewBudget {
         /// The start of the pin.
         gpa: u64,
         /// Its length.
         len: u64,
-        /// Windows that pins hold open.
-        pinned: usize,
-        /// The budget.
+        /// The map entries the views cost now.
+        vmas: usize,
+        /// The most they may cost.
         budget: usize,
-        /// The process's map count limit.
+        /// Live pins.
+        pinned: usize,
+    },
+    /// The process's live gatekeepers hold its whole view budget.
+    #[error(
+        "a new gatekeeper needs {wanted} map entries for its views, but the live gatekeepers of this process hold {reserved} of its budget of {limit} (half of vm.max_map_count, {max_map_count}); drop a VM, lower GateOptions::view_budget, or raise the budget (gmem::gate::set_process_view_budget) with vm.max_map_count"
+    )]
+    ProcessViewBudget {
+        /// What this gatekeeper asked for.
+        wanted: usize,
+        /// What the live gatekeepers hold.
+        reserved: usize,
+        /// The process-wide limit.
+        limit: usize,
+        /// `vm.max_map_count`.
         max_map_count: u64,
+    },
+    /// The gatekeeper holds as many live pins as it may.
+    #[error(
+        "pinning [{gpa:#x}, +{len:#x}) refused: {live} pins are live, the most GateOptions::max_pins allows is {max}; a device is holding pins it should have released (Gatekeeper::pins lists them)"
+    )]
+    TooManyPins {
+        /// The start of the pin.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Live pins.
+        live: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A device request would pin more than its `DeviceMemory` allows.
+    #[error(
+        "a device request's access to [{gpa:#x}, +{len:#x}) refused: it holds {pins} pins of {pinned_bytes:#x} bytes, and may hold at most {max_pins} pins of {max_bytes:#x} bytes"
+    )]
+    RequestBound {
+        /// The start of the access.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Bytes the request holds pinned.
+        pinned_bytes: u64,
+        /// The most it may.
+        max_bytes: u64,
+        /// Pins it holds.
+        pins: usize,
+        /// The most it may.
+        max_pins: usize,
+    },
+    /// A discarded huge page could not be reserved again, so a host access
+    /// would find no page to fault in.
+    #[error("guest range [{gpa:#x}, +{len:#x}) has no huge page to fault in")]
+    NoHugePage {
+        /// The start of the access.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The backing's error ([`BackingError::Unreserved`]).
+        #[source]
+        source: BackingError,
+    },
+    /// The gatekeeper refuses everything: its records and the kernel's
+    /// state may disagree.
+    #[error("the gatekeeper refuses every host access: {reason}")]
+    Poisoned {
+        /// What happened.
+        reason: String,
     },
     /// The file cannot be shared with the host in place.
     #[error(
@@ -134,8 +200,8 @@ pub enum GateError {
         /// The slot's GPA.
         gpa: u64,
     },
-    /// The view budget is zero.
-    #[error("view_budget is 0; the view needs at least one window")]
+    /// A budget or bound is zero.
+    #[error("view_budget and max_pins must be at least 1 (and a process view budget too)")]
     ZeroBudget,
     /// A view mapping could not be made.
     #[error("mapping the host view of the file bound at GPA {gpa:#x}")]
@@ -182,7 +248,12 @@ impl GateError {
             | GateError::NoBindings
             | GateError::InPlaceOnTwoBackings { .. }
             | GateError::ZeroBudget => libc::EINVAL,
-            GateError::ViewBudget { .. } => libc::ENOMEM,
+            GateError::ViewBudget { .. }
+            | GateError::ProcessViewBudget { .. }
+            | GateError::TooManyPins { .. }
+            | GateError::RequestBound { .. } => libc::ENOMEM,
+            GateError::NoHugePage { source, .. } => source.errno(),
+            GateError::Poisoned { .. } => libc::EIO,
             GateError::NotShareable { .. } => libc::EOPNOTSUPP,
             GateError::Overlap { .. } => libc::EEXIST,
             GateError::AlreadyGated { .. } => libc::EBUSY,

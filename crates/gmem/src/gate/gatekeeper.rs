@@ -1,80 +1,105 @@
-//! [`Gatekeeper`]: the state, the conversions, the copies, the pins and the
-//! view's windows. See the module docs of [`crate::gate`].
+//! [`Gatekeeper`]: the state, its lifecycle, the queries, the copies and the
+//! pins. The conversions are in `conversion.rs`, the view's windows in
+//! `windows.rs` (both `impl Gatekeeper`); see the module docs of
+//! [`crate::gate`].
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::error::GateError;
 use super::event::MemoryEvent;
-use super::kernel::{self, KernelAttributes, VmAttributes, kernel_attributes_supported};
+use super::kernel::{KernelAttributes, VmAttributes, kernel_attributes_supported};
 use super::options::GateOptions;
 use super::pin::{Pin, PinHolder};
+use super::pins::{PinInfo, PinTable};
 use super::region::Region;
+use super::view::{Reservation, ViewState};
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::mapping::{copy_from_guest, copy_to_guest};
-use crate::backing::{BackingError, PunchReport, RestrictedMemory};
 use crate::convert::{ConversionStats, ConvertError, ConvertReport, Policy, validate_range};
 use crate::kvm::Vm;
 use crate::kvm::vm::Binding;
-use crate::range::{FileRange, PAGE_SIZE};
-use crate::range_set::RangeSet;
+use crate::range::PAGE_SIZE;
+
+/// Where a gatekeeper is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Created: the VMM loads the guest (host writes to shared memory);
+    /// [`Gatekeeper::launch`] may run, once.
+    Loading,
+    /// Launched, or converted: the guest's. `launch` is refused.
+    Running,
+}
 
 /// What the state lock guards.
-#[derive(Debug, Default)]
-struct State {
-    attrs: AttributeMap,
-    /// Open view windows, in GPA, whole backing pages inside one region each.
-    open: RangeSet,
-    /// Live pins by id.
-    pins: BTreeMap<u64, Range<u64>>,
-    next_pin: u64,
-    stats: ConversionStats,
-    /// Where events go; closed receivers are dropped on the next event.
-    subscribers: Vec<Sender<MemoryEvent>>,
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) attrs: AttributeMap,
+    pub(super) phase: Phase,
+    /// Each region's view windows, by region index.
+    pub(super) views: Vec<ViewState>,
+    pub(super) pins: PinTable,
+    pub(super) stats: ConversionStats,
+    /// Where events go; a closed or full one is dropped on the next event.
+    pub(super) subscribers: Vec<SyncSender<MemoryEvent>>,
+    /// Why the gatekeeper refuses everything, if it does: its records and
+    /// the page tables (or KVM's attributes) may disagree.
+    pub(super) poisoned: Option<String>,
 }
 
 impl State {
-    fn notify(&mut self, events: impl Iterator<Item = MemoryEvent>) {
+    pub(super) fn notify(&mut self, events: impl Iterator<Item = MemoryEvent>) {
         if self.subscribers.is_empty() {
             return;
         }
         for event in events {
-            self.subscribers.retain(|s| s.send(event.clone()).is_ok());
+            // A subscriber that fell a whole queue behind is cut off (its
+            // receiver sees the channel close once drained) rather than
+            // growing the VMM's memory without bound.
+            self.subscribers.retain(|s| {
+                !matches!(
+                    s.try_send(event.clone()),
+                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
+                )
+            });
         }
     }
 
-    fn pinned(&self, range: &Range<u64>) -> Option<Range<u64>> {
-        self.pins
-            .values()
-            .find(|p| p.start < range.end && range.start < p.end)
-            .cloned()
+    /// The VMAs the views cost beyond one each.
+    pub(super) fn extra_vmas(&self) -> usize {
+        self.views.iter().map(|v| v.vmas() - 1).sum()
     }
 }
 
 /// Failure injection for the all-or-nothing tests.
 #[cfg(test)]
 #[derive(Debug, Default)]
-struct Faults {
+pub(super) struct Faults {
     /// Fail the next mprotect that closes a window.
-    close: bool,
+    pub(super) close: bool,
+    /// Fail the next mprotect that reopens a window (a failed rollback).
+    pub(super) reopen: bool,
     /// Fail the next punch.
-    punch: bool,
+    pub(super) punch: bool,
 }
 
 pub(crate) struct GateInner {
-    state: RwLock<State>,
-    policy: Policy,
-    budget: usize,
-    kernel: Option<Box<dyn KernelAttributes>>,
-    vm: Vm,
+    pub(super) state: RwLock<State>,
+    pub(super) policy: Policy,
+    /// The VMAs the views may add beyond one each.
+    pub(super) budget: usize,
+    pub(super) max_pins: usize,
+    pub(super) kernel: Option<Box<dyn KernelAttributes>>,
+    pub(super) vm: Vm,
     #[cfg(test)]
-    faults: std::sync::Mutex<Faults>,
+    pub(super) faults: std::sync::Mutex<Faults>,
     // Last: dropped after `Drop::drop` has read the state.
-    regions: Vec<Region>,
+    pub(super) regions: Vec<Region>,
+    /// This gatekeeper's share of the process-wide view budget.
+    _reservation: Reservation,
 }
 
 impl fmt::Debug for GateInner {
@@ -96,14 +121,15 @@ impl fmt::Debug for GateInner {
 
 impl Drop for GateInner {
     fn drop(&mut self) {
+        let poisoned = self.state.is_poisoned();
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for r in &self.regions {
-            let mut retained = r
-                .memory
-                .core()
-                .retained_private
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut retained = r.memory.core().retained_private();
+            if poisoned || state.poisoned.is_some() {
+                // The map may be wrong: every page stays private.
+                retained.insert(r.offset..r.offset + r.len);
+                continue;
+            }
             retained.remove(r.offset..r.offset + r.len);
             for run in state.attrs.private_runs_in(r.gpa..r.end()) {
                 retained.insert(r.file_off(run.start)..r.file_off(run.end));
@@ -133,10 +159,12 @@ impl Drop for GateInner {
 /// assert_eq!(gate.convert(0x2000, 0x1000, Attribute::Private).unwrap_err().errno(), libc::EAGAIN);
 /// drop(pin);
 /// gate.convert(0x2000, 0x1000, Attribute::Private)?;
+/// // The launch phase ended with the first conversion: launch is refused now.
+/// assert!(gate.launch(Attribute::Private).is_err());
 /// # Ok::<(), gmem::Error>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct Gatekeeper(Arc<GateInner>);
+pub struct Gatekeeper(pub(super) Arc<GateInner>);
 
 impl Gatekeeper {
     /// Takes `bindings` of `vm` and becomes the one way host code reaches
@@ -146,13 +174,20 @@ impl Gatekeeper {
     /// this kernel only gmem can keep private pages out of reach). Pages
     /// start as `opts.initial`, except those a previous gatekeeper left
     /// private. Where the VM has kernel memory attributes, they are set to
-    /// match.
+    /// match. The gatekeeper starts in its launch phase: the VMM writes the
+    /// guest into shared memory, then [`launch`](Self::launch)es.
+    ///
+    /// Its views' map entries are reserved from the process-wide budget now
+    /// (one per region and [`GateOptions::view_budget`]), so that a VM that
+    /// cannot have them is refused here, not starved later.
     ///
     /// # Errors
     /// [`GateError::NoBindings`], [`GateError::ZeroBudget`],
     /// [`GateError::ForeignBinding`], [`GateError::Overlap`],
     /// [`GateError::NotShareable`] (`EOPNOTSUPP`),
     /// [`GateError::AlreadyGated`] (`EBUSY`) if the VM has a gatekeeper;
+    /// [`GateError::ProcessViewBudget`] (`ENOMEM`) if the process's live
+    /// gatekeepers hold the budget;
     /// [`GateError::Map`] if a view cannot be mapped;
     /// [`GateError::Kernel`] if KVM refuses the initial attributes. The
     /// bindings are dropped (their slots deleted) on error.
@@ -166,7 +201,7 @@ impl Gatekeeper {
         Gatekeeper::with_kernel(vm, bindings, opts, kernel)
     }
 
-    fn with_kernel(
+    pub(super) fn with_kernel(
         vm: &Vm,
         bindings: Vec<Binding>,
         opts: GateOptions,
@@ -175,9 +210,10 @@ impl Gatekeeper {
         if bindings.is_empty() {
             return Err(GateError::NoBindings);
         }
-        if opts.view_budget == 0 {
+        if opts.view_budget == 0 || opts.max_pins == 0 {
             return Err(GateError::ZeroBudget);
         }
+        let reservation = Reservation::take(bindings.len().saturating_add(opts.view_budget))?;
         let mut regions = Vec::with_capacity(bindings.len());
         for b in bindings {
             regions.push(Region::new(vm, b)?);
@@ -202,30 +238,32 @@ impl Gatekeeper {
         let mut attrs = AttributeMap::new();
         for r in &regions {
             attrs.set(r.gpa..r.end(), opts.initial);
-            let retained = r
-                .memory
-                .core()
-                .retained_private
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let retained = r.memory.core().retained_private().clone();
             for run in retained.overlapping(r.offset..r.offset + r.len) {
                 let (s, e) = (run.start.max(r.offset), run.end.min(r.offset + r.len));
                 attrs.set(r.to_gpa(s)..r.to_gpa(e), Attribute::Private);
             }
         }
+        let views = regions.iter().map(Region::view_state).collect();
         let gate = Gatekeeper(Arc::new(GateInner {
             state: RwLock::new(State {
                 attrs,
-                ..State::default()
+                phase: Phase::Loading,
+                views,
+                pins: PinTable::default(),
+                stats: ConversionStats::default(),
+                subscribers: Vec::new(),
+                poisoned: None,
             }),
             policy: opts.policy,
             budget: opts.view_budget,
+            max_pins: opts.max_pins,
             kernel,
             vm: vm.clone(),
             #[cfg(test)]
             faults: Default::default(),
             regions,
+            _reservation: reservation,
         }));
         if let Some(kernel) = &gate.0.kernel {
             let st = gate.read_state();
@@ -259,6 +297,21 @@ impl Gatekeeper {
     /// Whether KVM's memory attributes are kept in step too.
     pub fn uses_kernel_attributes(&self) -> bool {
         self.0.kernel.is_some()
+    }
+
+    /// Whether the launch phase is over ([`launch`](Self::launch) ran, or a
+    /// conversion or discard did).
+    pub fn is_launched(&self) -> bool {
+        self.read_state().phase == Phase::Running
+    }
+
+    /// Why the gatekeeper refuses every access and conversion, if it does:
+    /// a view update or a restore of KVM's attributes failed in a way that
+    /// left gmem's records and the kernel's state possibly apart. The guest
+    /// keeps its memory; the host reaches none of it.
+    pub fn poisoned(&self) -> Option<String> {
+        let st = self.read_state();
+        self.live(&st).err().map(|e| e.to_string())
     }
 
     /// The bound guest ranges, in GPA order.
@@ -321,10 +374,19 @@ impl Gatekeeper {
     }
 
     /// Subscribes to what happens to guest memory: every run that changes
-    /// sides and every discard, sent once the change is complete, in order.
-    /// The channel is unbounded; drop the receiver to unsubscribe.
+    /// sides and every discard, sent once the change is complete, in order,
+    /// into a queue of [`DEFAULT_EVENT_QUEUE`] events. A subscriber that
+    /// falls a whole queue behind is dropped: its receiver sees the channel
+    /// close once it has drained it, and knows it lost events. Drop the
+    /// receiver to unsubscribe.
     pub fn subscribe(&self) -> Receiver<MemoryEvent> {
-        let (tx, rx) = channel();
+        self.subscribe_with_capacity(DEFAULT_EVENT_QUEUE)
+    }
+
+    /// As [`subscribe`](Self::subscribe), with a queue of `capacity` events
+    /// (at least 1).
+    pub fn subscribe_with_capacity(&self, capacity: usize) -> Receiver<MemoryEvent> {
+        let (tx, rx) = sync_channel(capacity.max(1));
         self.write_state().subscribers.push(tx);
         rx
     }
@@ -342,7 +404,24 @@ impl Gatekeeper {
     /// How many windows of the view are open, and how many pins are live.
     pub fn view_windows(&self) -> (usize, usize) {
         let st = self.read_state();
-        (st.open.run_count(), st.pins.len())
+        let open = st.views.iter().map(|v| v.open().run_count()).sum();
+        (open, st.pins.len())
+    }
+
+    /// The map entries (VMAs) the views cost now, as the kernel counts them,
+    /// and the most they may cost (one per region plus
+    /// [`GateOptions::view_budget`]).
+    pub fn view_vmas(&self) -> (usize, usize) {
+        let st = self.read_state();
+        let regions = self.0.regions.len();
+        (regions + st.extra_vmas(), regions + self.0.budget)
+    }
+
+    /// The live pins: who holds which range, and for how long, so that a VMM
+    /// can find a device that holds memory too long (a pin cannot be
+    /// revoked: its holder may be using its pointer).
+    pub fn pins(&self) -> Vec<PinInfo> {
+        self.read_state().pins.list()
     }
 
     /// The view's address of `gpa`, for code that must show what a stray
@@ -358,18 +437,21 @@ impl Gatekeeper {
     /// # Errors
     /// [`GateError::OutsideMemory`] unless all of it is guest memory;
     /// [`GateError::Private`], naming the first private GPA, if any of it is
-    /// private (both `EFAULT`). Nothing is copied then.
+    /// private (both `EFAULT`); [`GateError::NoHugePage`] (`ENOMEM`) where a
+    /// discarded huge page could not be reserved again;
+    /// [`GateError::Poisoned`] (`EIO`). Nothing is copied then.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GateError> {
         let st = self.read_state();
         let len = buf.len() as u64;
-        self.check_shared(&st, gpa, len)?;
+        self.check_access(&st, gpa, len)?;
         let mut done = 0;
         self.for_each_part(gpa, len, |r, part| {
             let n = (part.end - part.start) as usize;
             // SAFETY: the part lies inside the region's file mapping, which
             // the region keeps alive and which is readable (the file is
-            // MMAP|INIT_SHARED); it is all shared, and the read lock keeps a
-            // conversion off it for the copy; `buf` is a separate buffer.
+            // MMAP|INIT_SHARED); it is all shared and (hugetlb) backed or
+            // reserved, and the read lock keeps a conversion off it for the
+            // copy; `buf` is a separate buffer.
             unsafe { copy_from_guest(&mut buf[done..done + n], r.file_ptr(part.start)) };
             done += n;
         });
@@ -383,12 +465,13 @@ impl Gatekeeper {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), GateError> {
         let st = self.read_state();
         let len = data.len() as u64;
-        self.check_shared(&st, gpa, len)?;
+        self.check_access(&st, gpa, len)?;
         let mut done = 0;
         self.for_each_part(gpa, len, |r, part| {
             let n = (part.end - part.start) as usize;
             // SAFETY: as in `read`: inside a live, writable file mapping, all
-            // shared, held by the read lock; `data` is a separate buffer.
+            // shared and backed, held by the read lock; `data` is a separate
+            // buffer.
             unsafe { copy_to_guest(r.file_ptr(part.start), &data[done..done + n]) };
             done += n;
         });
@@ -401,10 +484,11 @@ impl Gatekeeper {
     /// As [`read`](Self::read); nothing is written then.
     pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<(), GateError> {
         let st = self.read_state();
-        self.check_shared(&st, gpa, len)?;
+        self.check_access(&st, gpa, len)?;
         self.for_each_part(gpa, len, |r, part| {
             // SAFETY: as in `write`: inside a live, writable file mapping,
-            // all shared, held by the read lock.
+            // all shared and backed, held by the read lock. The fill writes
+            // raw bytes through the pointer, never through a reference.
             unsafe {
                 std::ptr::write_bytes(
                     r.file_ptr(part.start),
@@ -423,18 +507,21 @@ impl Gatekeeper {
     /// # Errors
     /// [`GateError::EmptyPin`]; [`GateError::OutsideMemory`],
     /// [`GateError::Private`] (`EFAULT`); [`GateError::CrossesRegion`],
-    /// [`GateError::PartialHugePage`] (`EINVAL`); [`GateError::ViewBudget`]
-    /// (`ENOMEM`) if pins already hold the whole budget open;
-    /// [`GateError::Protect`] if `mprotect` fails. Nothing changes then.
+    /// [`GateError::PartialHugePage`] (`EINVAL`); [`GateError::TooManyPins`]
+    /// and [`GateError::ViewBudget`] (`ENOMEM`) if pins already hold the
+    /// gatekeeper's pin bound or view budget; [`GateError::NoHugePage`]
+    /// (`ENOMEM`); [`GateError::Protect`] if `mprotect` fails;
+    /// [`GateError::Poisoned`] (`EIO`). Nothing changes then.
     pub fn pin(&self, gpa: u64, len: u64) -> Result<Pin, GateError> {
         if len == 0 {
             return Err(GateError::EmptyPin { gpa });
         }
         let mut st = self.write_state();
-        let end = self.check_shared(&st, gpa, len)?;
-        let r = &self.0.regions[self
+        let end = self.check_access(&st, gpa, len)?;
+        let ri = self
             .region_index(gpa)
-            .ok_or(GateError::OutsideMemory { gpa, len })?];
+            .ok_or(GateError::OutsideMemory { gpa, len })?;
+        let r = &self.0.regions[ri];
         if end > r.end() {
             return Err(GateError::CrossesRegion {
                 gpa,
@@ -450,16 +537,22 @@ impl Gatekeeper {
             region_gpa: r.gpa,
             region_len: r.len,
         })?;
-        self.open(&mut st, r, window, gpa, len)?;
-        let id = st.next_pin;
-        st.next_pin += 1;
-        st.pins.insert(id, gpa..end);
+        if st.pins.len() >= self.0.max_pins {
+            return Err(GateError::TooManyPins {
+                gpa,
+                len,
+                live: st.pins.len(),
+                max: self.0.max_pins,
+            });
+        }
+        self.open(&mut st, ri, window, gpa, len)?;
+        let id = st.pins.add(gpa..end);
         let holder: Arc<dyn PinHolder> = Arc::clone(&self.0) as Arc<dyn PinHolder>;
         Ok(Pin::new(holder, id, gpa, len, r.view_ptr(gpa)))
     }
 
     /// Converts `[gpa, gpa + len)` to `to`, all or nothing, under the
-    /// policy.
+    /// policy. A successful conversion ends the launch phase.
     ///
     /// Steps, under the state's write lock: to private, the view windows
     /// over the range close first; then KVM's attributes (where the kernel
@@ -468,51 +561,91 @@ impl Gatekeeper {
     /// undone. If a step fails, the steps before it are undone: the view
     /// reopened, KVM's attributes restored run by run. A punch cannot be
     /// undone: if the punch itself fails part-way, the range keeps its old
-    /// attribute and the error says which bytes were already discarded.
+    /// attribute and the error says which bytes were already discarded. If
+    /// an undo itself fails, the gatekeeper is poisoned
+    /// ([`poisoned`](Self::poisoned)) rather than left inconsistent.
     ///
     /// # Errors
     /// `EINVAL` for a bad range ([`ConvertError::Empty`],
     /// [`ConvertError::Unaligned`], [`ConvertError::Overflow`],
     /// [`ConvertError::OutsideMemory`]), before anything changes;
     /// [`ConvertError::Pinned`] (`EAGAIN`) if a device holds any of it and it
-    /// is to become private; the kernel's errno if a step fails.
+    /// is to become private; [`ConvertError::Poisoned`] (`EIO`); the kernel's
+    /// errno if a step fails.
     pub fn convert(
         &self,
         gpa: u64,
         len: u64,
         to: Attribute,
     ) -> Result<ConvertReport, ConvertError> {
-        self.convert_with(gpa, len, to, self.0.policy, true)
+        let range = validate_range(gpa, len)?;
+        let mut st = self.write_state();
+        self.covered(gpa, len)
+            .map_err(|_| ConvertError::OutsideMemory { gpa, len })?;
+        let report = self.convert_ranges(&mut st, &[range], to, self.0.policy, gpa, len)?;
+        self.count(&mut st, &report);
+        st.phase = Phase::Running;
+        Ok(report)
     }
 
-    /// Ends the launch: every region becomes `initial`, keeping its content
-    /// whatever the policy (the VMM wrote the boot structures and payload
-    /// into shared memory; this is where SEV-SNP's launch update would
-    /// encrypt them in place). Not counted in [`stats`](Self::stats).
+    /// Ends the launch phase: every shared page becomes `initial`, keeping
+    /// its content whatever the policy (the VMM wrote the boot structures
+    /// and payload into shared memory; this is where SEV-SNP's launch update
+    /// would encrypt them in place). A page that is private stays private:
+    /// launch never shares a page (only the guest's conversions do, under
+    /// the policy), so pages a previous gatekeeper left private stay out of
+    /// the host's reach. All or nothing across regions; not counted in
+    /// [`stats`](Self::stats).
+    ///
+    /// Launch happens once, in the launch phase: after a launch, or after a
+    /// conversion or discard ended that phase, it is refused.
     ///
     /// # Errors
-    /// As [`convert`](Self::convert).
+    /// [`ConvertError::AlreadyLaunched`] (`EINVAL`) outside the launch
+    /// phase; as [`convert`](Self::convert) otherwise (a pin anywhere in
+    /// memory refuses a launch to private with `EAGAIN`, and nothing
+    /// changes).
     pub fn launch(&self, initial: Attribute) -> Result<(), ConvertError> {
-        for r in &self.0.regions {
-            self.convert_with(r.gpa, r.len, initial, Policy::InPlace, false)?;
+        let mut st = self.write_state();
+        if st.phase != Phase::Loading {
+            return Err(ConvertError::AlreadyLaunched);
         }
+        if initial == Attribute::Private {
+            let all: Vec<Range<u64>> = self.regions().collect();
+            let (gpa, end) = (all[0].start, all[all.len() - 1].end);
+            self.convert_ranges(
+                &mut st,
+                &all,
+                Attribute::Private,
+                Policy::InPlace,
+                gpa,
+                end - gpa,
+            )?;
+        } else {
+            self.live(&st)
+                .map_err(|source| ConvertError::Poisoned { source })?;
+        }
+        st.phase = Phase::Running;
         Ok(())
     }
 
     /// Discards `[gpa, gpa + len)` whatever its attribute (free page
     /// reporting): the guest reads zeroes there afterwards. Whole backing
-    /// pages are freed; parts of huge pages are zeroed in place.
+    /// pages are freed; parts of huge pages are zeroed in place. A
+    /// successful discard ends the launch phase.
     ///
     /// # Errors
     /// As [`convert`](Self::convert) for a bad range; [`ConvertError::Pinned`]
     /// (`EAGAIN`) if a device holds any of it; the backing's errno if a punch
     /// fails.
-    pub fn discard(&self, gpa: u64, len: u64) -> Result<PunchReport, ConvertError> {
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<crate::PunchReport, ConvertError> {
         let range = validate_range(gpa, len)?;
         let mut st = self.write_state();
         self.covered(gpa, len)
             .map_err(|_| ConvertError::OutsideMemory { gpa, len })?;
-        if let Some(pin) = st.pinned(&range) {
+        self.live(&st)
+            .map_err(|source| ConvertError::Poisoned { source })?;
+        if let Some(pin) = st.pins.first_pinned(&range) {
             return Err(ConvertError::Pinned { gpa, len, pin });
         }
         let report = self
@@ -527,6 +660,7 @@ impl Gatekeeper {
         st.stats.discards += 1;
         st.stats.bytes_freed += report.bytes_freed;
         st.stats.bytes_zeroed += report.bytes_zeroed;
+        st.phase = Phase::Running;
         Ok(report)
     }
 
@@ -546,253 +680,21 @@ impl Gatekeeper {
         self.convert(range.start, range.end - range.start, to)
     }
 
-    fn convert_with(
-        &self,
-        gpa: u64,
-        len: u64,
-        to: Attribute,
-        policy: Policy,
-        count: bool,
-    ) -> Result<ConvertReport, ConvertError> {
-        let range = validate_range(gpa, len)?;
-        let mut st = self.write_state();
-        self.covered(gpa, len)
-            .map_err(|_| ConvertError::OutsideMemory { gpa, len })?;
-        if to == Attribute::Private
-            && let Some(pin) = st.pinned(&range)
-        {
-            return Err(ConvertError::Pinned { gpa, len, pin });
-        }
-        let before: Vec<Range<u64>> = st.attrs.private_runs_in(range.clone()).collect();
-        let changing = match to {
-            Attribute::Shared => before.clone(),
-            Attribute::Private => gaps(&range, &before),
-        };
-        let changed_bytes: u64 = changing.iter().map(|r| r.end - r.start).sum();
-        // 1. To private: close the view over what changes.
-        let closed = match to {
-            Attribute::Private => self
-                .close_over(&mut st, &changing)
-                .map_err(|source| ConvertError::View { gpa, len, source })?,
-            Attribute::Shared => Vec::new(),
-        };
-        // 2. KVM's attributes.
-        if let Some(kernel) = &self.0.kernel
-            && let Err(source) = kernel.set(&range, to)
-        {
-            kernel::restore(kernel.as_ref(), &range, &before);
-            self.reopen(&mut st, &closed);
-            return Err(ConvertError::Kernel { gpa, len, source });
-        }
-        // 3. gmem's map.
-        st.attrs.set(range.clone(), to);
-        // 4. The punch, last.
-        let mut punched = PunchReport::default();
-        if policy == Policy::Discard && !changing.is_empty() {
-            match self.punch(&changing, Some(to)) {
-                Ok(report) => punched = report,
-                Err((source, done)) => {
-                    st.attrs.set(range.clone(), Attribute::Shared);
-                    for run in &before {
-                        st.attrs.set(run.clone(), Attribute::Private);
-                    }
-                    if let Some(kernel) = &self.0.kernel {
-                        kernel::restore(kernel.as_ref(), &range, &before);
-                    }
-                    self.reopen(&mut st, &closed);
-                    return Err(ConvertError::Backing {
-                        gpa,
-                        len,
-                        discarded: done,
-                        source,
-                    });
-                }
+    /// Counts a conversion in the stats.
+    fn count(&self, st: &mut State, report: &ConvertReport) {
+        let stats = &mut st.stats;
+        match report.to {
+            Attribute::Private => {
+                stats.to_private += 1;
+                stats.pages_to_private += report.changed_bytes / PAGE_SIZE;
+            }
+            Attribute::Shared => {
+                stats.to_shared += 1;
+                stats.pages_to_shared += report.changed_bytes / PAGE_SIZE;
             }
         }
-        st.notify(changing.iter().map(|range| MemoryEvent::Converted {
-            range: range.clone(),
-            to,
-        }));
-        let report = ConvertReport {
-            to,
-            changed_bytes,
-            punched,
-        };
-        if count {
-            let stats = &mut st.stats;
-            match to {
-                Attribute::Private => {
-                    stats.to_private += 1;
-                    stats.pages_to_private += changed_bytes / PAGE_SIZE;
-                }
-                Attribute::Shared => {
-                    stats.to_shared += 1;
-                    stats.pages_to_shared += changed_bytes / PAGE_SIZE;
-                }
-            }
-            stats.bytes_freed += punched.bytes_freed;
-            stats.bytes_zeroed += punched.bytes_zeroed;
-        }
-        Ok(report)
-    }
-
-    /// Punches `ranges` (guest memory) in the files whose pages `to` leaves
-    /// unused (both sides of a two-backing slot if `to` is `None`, an
-    /// explicit discard). On failure, the backing's error and the bytes
-    /// already punched.
-    fn punch(
-        &self,
-        ranges: &[Range<u64>],
-        to: Option<Attribute>,
-    ) -> Result<PunchReport, (BackingError, u64)> {
-        let mut report = PunchReport::default();
-        let mut result = Ok(());
-        for range in ranges {
-            self.for_each_part(range.start, range.end - range.start, |r, part| {
-                if result.is_err() {
-                    return;
-                }
-                #[cfg(test)]
-                if std::mem::take(&mut self.0.faults.lock().unwrap().punch) {
-                    result = Err(BackingError::syscall(
-                        "fallocate(PUNCH_HOLE) (injected)",
-                        rustix::io::Errno::INTR,
-                    ));
-                    return;
-                }
-                let files: Vec<&Arc<dyn RestrictedMemory>> = match to {
-                    Some(to) => vec![r.unused_side(to)],
-                    None => std::iter::once(&r.memory)
-                        .chain(r.private.as_ref())
-                        .collect(),
-                };
-                for file in files {
-                    let range = FileRange::new(r.file_off(part.start), part.end - part.start)
-                        .map_err(BackingError::from);
-                    match range.and_then(|f| file.punch_hole(f)) {
-                        Ok(done) => report += done,
-                        Err(e) => {
-                            result = Err(e);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-        result
-            .map(|()| report)
-            .map_err(|e| (e, report.bytes_freed + report.bytes_zeroed))
-    }
-
-    /// Opens `window` (whole backing pages in `r`) in the view, evicting
-    /// unpinned windows first if the budget would be exceeded.
-    fn open(
-        &self,
-        st: &mut State,
-        r: &Region,
-        window: Range<u64>,
-        gpa: u64,
-        len: u64,
-    ) -> Result<(), GateError> {
-        if st.open.contains(window.clone()) {
-            return Ok(());
-        }
-        if st.open.run_count() >= self.0.budget {
-            self.evict(st)?;
-            if st.open.run_count() >= self.0.budget {
-                return Err(GateError::ViewBudget {
-                    gpa,
-                    len,
-                    pinned: st.open.run_count(),
-                    budget: self.0.budget,
-                    max_map_count: max_map_count(),
-                });
-            }
-        }
-        let missing = gaps(
-            &window,
-            &st.open.overlapping(window.clone()).collect::<Vec<_>>(),
-        );
-        for (i, m) in missing.iter().enumerate() {
-            if let Err(e) = r.protect(m, true) {
-                for done in &missing[..i] {
-                    let _ = r.protect(done, false);
-                }
-                return Err(e);
-            }
-        }
-        st.open.insert(window);
-        Ok(())
-    }
-
-    /// Closes every open window that no pin holds.
-    fn evict(&self, st: &mut State) -> Result<(), GateError> {
-        let open: Vec<Range<u64>> = st.open.iter().collect();
-        let closed = self.close_over(st, &open)?;
-        drop(closed);
-        Ok(())
-    }
-
-    /// Closes the open windows over the backing pages that `ranges` touch,
-    /// except pages a pin holds. Returns what it closed, for
-    /// [`reopen`](Self::reopen); on failure it has reopened what it closed.
-    fn close_over(
-        &self,
-        st: &mut State,
-        ranges: &[Range<u64>],
-    ) -> Result<Vec<Range<u64>>, GateError> {
-        let mut targets = RangeSet::new();
-        for range in ranges {
-            self.for_each_part(range.start, range.end - range.start, |r, part| {
-                let w = r.window_clipped(&part);
-                for open in st.open.overlapping(w.clone()) {
-                    targets.insert(open.start.max(w.start)..open.end.min(w.end));
-                }
-            });
-        }
-        for pin in st.pins.values() {
-            self.for_each_part(pin.start, pin.end - pin.start, |r, part| {
-                targets.remove(r.window_clipped(&part));
-            });
-        }
-        let targets = targets.to_vec();
-        for (i, t) in targets.iter().enumerate() {
-            let r = &self.0.regions[self.region_index(t.start).unwrap_or(0)];
-            #[cfg(test)]
-            let injected = std::mem::take(&mut self.0.faults.lock().unwrap().close);
-            #[cfg(not(test))]
-            let injected = false;
-            let result = if injected {
-                Err(GateError::Protect {
-                    gpa: t.start,
-                    len: t.end - t.start,
-                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
-                })
-            } else {
-                r.protect(t, false)
-            };
-            if let Err(e) = result {
-                for done in &targets[..i] {
-                    let r = &self.0.regions[self.region_index(done.start).unwrap_or(0)];
-                    let _ = r.protect(done, true);
-                }
-                return Err(e);
-            }
-        }
-        for t in &targets {
-            st.open.remove(t.clone());
-        }
-        Ok(targets)
-    }
-
-    /// Reopens windows [`close_over`](Self::close_over) closed (error path).
-    fn reopen(&self, st: &mut State, closed: &[Range<u64>]) {
-        for c in closed {
-            let r = &self.0.regions[self.region_index(c.start).unwrap_or(0)];
-            if r.protect(c, true).is_ok() {
-                st.open.insert(c.clone());
-            }
-        }
+        stats.bytes_freed += report.punched.bytes_freed;
+        stats.bytes_zeroed += report.punched.bytes_zeroed;
     }
 
     /// The bound range holding `gpa` (a binary search).
@@ -803,14 +705,14 @@ impl Gatekeeper {
     }
 
     /// The index of the region holding `gpa`.
-    fn region_index(&self, gpa: u64) -> Option<usize> {
+    pub(super) fn region_index(&self, gpa: u64) -> Option<usize> {
         let regions = &self.0.regions;
         let i = regions.partition_point(|r| r.end() <= gpa);
         (i < regions.len() && regions[i].gpa <= gpa).then_some(i)
     }
 
     /// Checks that `[gpa, gpa + len)` is all bound memory; returns its end.
-    fn covered(&self, gpa: u64, len: u64) -> Result<u64, GateError> {
+    pub(super) fn covered(&self, gpa: u64, len: u64) -> Result<u64, GateError> {
         let outside = GateError::OutsideMemory { gpa, len };
         let end = gpa
             .checked_add(len)
@@ -831,18 +733,46 @@ impl Gatekeeper {
         Ok(end)
     }
 
-    /// Checks that `[gpa, gpa + len)` is bound and shared; returns its end.
-    fn check_shared(&self, st: &State, gpa: u64, len: u64) -> Result<u64, GateError> {
+    /// Refuses everything once the gatekeeper is poisoned (or a panic
+    /// poisoned its lock).
+    pub(super) fn live(&self, st: &State) -> Result<(), GateError> {
+        if let Some(reason) = &st.poisoned {
+            return Err(GateError::Poisoned {
+                reason: reason.clone(),
+            });
+        }
+        if self.0.state.is_poisoned() {
+            return Err(GateError::Poisoned {
+                reason: "a panic while the gatekeeper's state lock was held".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that `[gpa, gpa + len)` may be touched by the host: the
+    /// gatekeeper is live, it is bound and shared, and (hugetlb) every huge
+    /// page of it has its page or a reservation. Returns its end.
+    fn check_access(&self, st: &State, gpa: u64, len: u64) -> Result<u64, GateError> {
+        self.live(st)?;
         let end = self.covered(gpa, len)?;
         if let Some(private) = st.attrs.first_private(gpa..end) {
             return Err(GateError::Private { gpa, len, private });
         }
-        Ok(end)
+        let mut result = Ok(());
+        self.for_each_part(gpa, len, |r, part| {
+            if result.is_ok() && r.granule != PAGE_SIZE {
+                let off = r.file_off(part.start);
+                if let Err(source) = r.memory.core().ensure_reserved(off, part.end - part.start) {
+                    result = Err(GateError::NoHugePage { gpa, len, source });
+                }
+            }
+        });
+        result.map(|()| end)
     }
 
     /// Calls `f` with each region part of `[gpa, gpa + len)`, which must be
     /// [`covered`](Self::covered).
-    fn for_each_part(&self, gpa: u64, len: u64, mut f: impl FnMut(&Region, Range<u64>)) {
+    pub(super) fn for_each_part(&self, gpa: u64, len: u64, mut f: impl FnMut(&Region, Range<u64>)) {
         let end = gpa.saturating_add(len);
         let Some(mut i) = self.region_index(gpa) else {
             return;
@@ -860,14 +790,20 @@ impl Gatekeeper {
         }
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+    /// The state, for reading. A poisoned lock still gives it (queries
+    /// answer), but [`live`](Self::live) refuses every access then.
+    pub(super) fn read_state(&self) -> RwLockReadGuard<'_, State> {
         self.0.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+    /// The state, for writing; see [`read_state`](Self::read_state).
+    pub(super) fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.0.state.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// How many events a subscriber's queue holds by default.
+pub const DEFAULT_EVENT_QUEUE: usize = 4096;
 
 impl PinHolder for GateInner {
     /// Drops pin `id`. A backing page of the pin's window that holds private
@@ -876,12 +812,13 @@ impl PinHolder for GateInner {
     fn release(self: Arc<Self>, id: u64) {
         let gate = Gatekeeper(self);
         let mut st = gate.write_state();
-        let Some(range) = st.pins.remove(&id) else {
+        let Some(range) = st.pins.remove(id) else {
             return;
         };
-        let Some(r) = gate.region_index(range.start).map(|i| &gate.0.regions[i]) else {
+        let Some(ri) = gate.region_index(range.start) else {
             return;
         };
+        let r = &gate.0.regions[ri];
         if r.granule == PAGE_SIZE {
             return;
         }
@@ -895,14 +832,23 @@ impl PinHolder for GateInner {
             }
             page = next;
         }
-        // Best effort: a window left open past its pin stays under the
-        // safe API's check, and the next conversion over it retries.
-        let _ = gate.close_over(&mut st, &mixed);
+        if !mixed.is_empty() && gate.close_over(&mut st, &mixed).is_err() {
+            // A window over private bytes could not be closed: poisoned
+            // already by close_over's failed restore, or still open and
+            // listed open, which the next conversion retries; a stray
+            // pointer could reach it meanwhile, so refuse everything.
+            if st.poisoned.is_none() {
+                st.poisoned = Some(format!(
+                    "a huge page window over private bytes at [{:#x}, {:#x}) could not be closed",
+                    window.start, window.end
+                ));
+            }
+        }
     }
 }
 
 /// The parts of `range` not covered by `runs` (sorted, inside `range`).
-fn gaps(range: &Range<u64>, runs: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(super) fn gaps(range: &Range<u64>, runs: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     let mut pos = range.start;
     for run in runs {
@@ -916,14 +862,6 @@ fn gaps(range: &Range<u64>, runs: &[Range<u64>]) -> Vec<Range<u64>> {
         out.push(pos..range.end);
     }
     out
-}
-
-/// `vm.max_map_count`, for error messages (0 if unreadable).
-fn max_map_count() -> u64 {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

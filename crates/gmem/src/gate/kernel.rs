@@ -66,13 +66,21 @@ impl KernelAttributes for VmAttributes {
 }
 
 /// Puts KVM's attributes of `range` back to exactly `before` (its private
-/// runs before a failed conversion). Best effort: it runs on an error path,
-/// and the first error is the one reported.
-pub(crate) fn restore(kernel: &dyn KernelAttributes, range: &Range<u64>, before: &[Range<u64>]) {
-    let _ = kernel.set(range, Attribute::Shared);
+/// runs before a failed conversion). It tries every step; the first error,
+/// if any, is returned, and the caller must then treat KVM's attributes as
+/// unknown (the gatekeeper poisons itself).
+pub(crate) fn restore(
+    kernel: &dyn KernelAttributes,
+    range: &Range<u64>,
+    before: &[Range<u64>],
+) -> Result<(), kvm_ioctls::Error> {
+    let mut first = kernel.set(range, Attribute::Shared).err();
     for run in before {
-        let _ = kernel.set(run, Attribute::Private);
+        if let Err(e) = kernel.set(run, Attribute::Private) {
+            first.get_or_insert(e);
+        }
     }
+    first.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

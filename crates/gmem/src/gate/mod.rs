@@ -62,21 +62,27 @@
 //! unpins take the write lock, so a copy sees the state before or after a
 //! conversion, never a mix.
 
+mod conversion;
 mod error;
 mod event;
 mod gatekeeper;
 mod kernel;
 mod options;
 mod pin;
+mod pins;
 mod region;
+mod view;
 #[cfg(feature = "vm-memory")]
 mod vm_memory;
+mod windows;
 
 pub use error::GateError;
 pub use event::MemoryEvent;
-pub use gatekeeper::Gatekeeper;
+pub use gatekeeper::{DEFAULT_EVENT_QUEUE, Gatekeeper};
 pub use kernel::{attributes_request, kernel_attributes_supported};
-pub use options::{DEFAULT_VIEW_BUDGET, GateOptions, view_mechanism};
+pub use options::{DEFAULT_MAX_PINS, DEFAULT_VIEW_BUDGET, GateOptions, view_mechanism};
 pub use pin::Pin;
+pub use pins::PinInfo;
+pub use view::{process_view_budget, set_process_view_budget};
 #[cfg(feature = "vm-memory")]
 pub use vm_memory::DeviceMemory;

@@ -6,9 +6,17 @@ use crate::backing::BackingKind;
 use crate::convert::Policy;
 use crate::range::PAGE_SIZE;
 
-/// The default budget of open view windows per gatekeeper. Each window costs
-/// at most two VMAs; `vm.max_map_count` is 65,530 by default.
-pub const DEFAULT_VIEW_BUDGET: usize = 4096;
+/// The default budget of a gatekeeper's view: the map entries (VMAs) its
+/// views may add beyond one each. An isolated window costs two on shmem
+/// and guest_memfd; on hugetlb every boundary ever made costs one until the
+/// view is mapped afresh. Each gatekeeper reserves this much of the
+/// process-wide budget ([`process_view_budget`](super::process_view_budget),
+/// half of `vm.max_map_count`) when it is created: 127 gatekeepers fit in
+/// one process by default.
+pub const DEFAULT_VIEW_BUDGET: usize = 256;
+
+/// The default bound on a gatekeeper's live pins.
+pub const DEFAULT_MAX_PINS: usize = 16384;
 
 /// How the gatekeeper's host view works on `kind`, for `gmem probe`.
 pub fn view_mechanism(kind: BackingKind) -> String {
@@ -17,8 +25,13 @@ pub fn view_mechanism(kind: BackingKind) -> String {
         p if p >= 1 << 30 => "1 GiB",
         _ => "2 MiB",
     };
+    let merge = if kind.is_hugetlb() {
+        "split VMAs stay split until the view is mapped afresh with no pin held"
+    } else {
+        "closed windows merge back"
+    };
     format!(
-        "PROT_NONE; mprotect windows of {unit} opened by device pins (at most {DEFAULT_VIEW_BUDGET} by default); conversions change no page table unless a window is open"
+        "PROT_NONE; mprotect windows of {unit} opened by device pins, at most {DEFAULT_VIEW_BUDGET} extra VMAs per VM by default, reserved from a process-wide budget of half vm.max_map_count ({merge}); conversions change no page table unless a window is open"
     )
 }
 
@@ -31,8 +44,14 @@ pub struct GateOptions {
     pub initial: Attribute,
     /// What a conversion does to the content.
     pub policy: Policy,
-    /// The most open view windows (see the module docs); at least 1.
+    /// The map entries (VMAs) the views may add beyond one per region (see
+    /// the module docs); at least 1. Reserved from the process-wide budget
+    /// at creation.
     pub view_budget: usize,
+    /// The most live pins; at least 1. A pin cannot be revoked (its holder
+    /// may be using its pointer), so the bound is what keeps a device that
+    /// forgets its pins from growing the gatekeeper's records.
+    pub max_pins: usize,
 }
 
 impl GateOptions {
@@ -42,7 +61,13 @@ impl GateOptions {
             initial,
             policy,
             view_budget: DEFAULT_VIEW_BUDGET,
+            max_pins: DEFAULT_MAX_PINS,
         }
+    }
+
+    /// The same options with another bound on live pins.
+    pub fn with_max_pins(self, max_pins: usize) -> Self {
+        GateOptions { max_pins, ..self }
     }
 
     /// The same options with another view budget.

@@ -63,17 +63,46 @@ impl Region {
         self.host.wrapping_add((gpa - self.gpa) as usize)
     }
 
-    /// The file a punch of pages becoming `to` frees: the side that becomes
-    /// unused on a two-backing slot (the guest_memfd going shared, the
-    /// shared file going private), the one file otherwise.
+    /// The file a punch of pages becoming `to` frees: the one file of a
+    /// one-file slot. On a two-backing slot, where KVM routes private
+    /// accesses to the guest_memfd (`kernel_routes_private`: the VM has
+    /// memory attributes), the side that becomes unused (the guest_memfd
+    /// going shared, the shared file going private). Where it does not, KVM
+    /// runs the guest from the shared file whatever the attribute, so that
+    /// file holds the guest's private bytes too, and is the one punched
+    /// either way: punching the unused guest_memfd would leave the old
+    /// private content readable once the pages are shared.
     pub(super) fn unused_side(
         &self,
         to: crate::attributes::Attribute,
+        kernel_routes_private: bool,
     ) -> &Arc<dyn RestrictedMemory> {
         match (&self.private, to) {
-            (Some(private), crate::attributes::Attribute::Shared) => private,
+            (Some(private), crate::attributes::Attribute::Shared) if kernel_routes_private => {
+                private
+            }
             _ => &self.memory,
         }
+    }
+
+    /// The view's window cache, closed: its bounds in GPA (whole backing
+    /// pages), sticky on hugetlb.
+    pub(super) fn view_state(&self) -> super::view::ViewState {
+        let start = self.view.start();
+        let end = start + self.view().len() as u64;
+        let lo = self.gpa.saturating_sub(self.offset - start);
+        let hi = self.gpa.saturating_add(end - self.offset);
+        super::view::ViewState::new(lo, hi, self.memory.kind().is_hugetlb())
+    }
+
+    /// Maps the view afresh, `PROT_NONE`, over its own address range: one
+    /// VMA again (a hugetlb view split by `mprotect` never merges back). The
+    /// caller holds the state lock and has checked that no pin is held in
+    /// the region.
+    pub(super) fn remap_view(&self) -> Result<(), crate::backing::BackingError> {
+        let core = self.memory.core();
+        self.view().remap_none(core.fd(), self.view.start())?;
+        crate::backing::file::guard(self.view(), self.memory.kind())
     }
 
     /// The view's mapping (from the file offset `view.start()`).
@@ -127,6 +156,12 @@ impl Region {
     }
 }
 
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.memory.core().ungate();
+    }
+}
+
 impl Region {
     /// Builds the region of `binding`, checking it belongs to `vm` and may be
     /// shared with the host, and maps its view `PROT_NONE`.
@@ -157,6 +192,9 @@ impl Region {
         let view = core
             .map_pages(offset, len, ProtFlags::empty())
             .map_err(|source| GateError::Map { gpa, source })?;
+        // From here on the file's content changes only through the
+        // gatekeeper (until the region is dropped).
+        core.gate();
         Ok(Region {
             view,
             gpa,
