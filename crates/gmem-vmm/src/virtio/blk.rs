@@ -16,13 +16,24 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{F_ACCESS_PLATFORM, F_VERSION_1, QueueFault, VirtioDevice};
+use super::{
+    F_ACCESS_PLATFORM, F_VERSION_1, QueueFault, RequestFns, Requests, VirtioDevice, serve_queue,
+    whole_chain,
+};
 
 /// The sector size virtio-blk counts in.
 pub const SECTOR: u64 = 512;
+
+/// What a served request answers: its status, where the status byte is,
+/// and the bytes written before it.
+struct Answer {
+    status: u8,
+    status_at: u64,
+    written: u32,
+}
 
 /// The block device.
 pub struct VirtioBlk {
@@ -52,16 +63,29 @@ impl VirtioBlk {
         })
     }
 
-    /// Answers one request; the bytes written to the guest.
-    fn request(
+    /// Serves one request: checks the chain whole ([`whole_chain`]), then
+    /// reads and writes its buffers; the status to answer, where the status
+    /// byte is, and the bytes written before it.
+    fn serve_chain(
         &mut self,
         chain: DescriptorChain<&DeviceMemory>,
         mem: &DeviceMemory,
-    ) -> Result<u32, QueueFault> {
+    ) -> Result<Answer, QueueFault> {
+        let descs = whole_chain(&chain)?;
         // The status byte: the last byte of the last descriptor, which must
-        // be device-writable.
-        let status_at = match chain.clone().last() {
-            Some(d) if d.is_write_only() && d.len() > 0 => d.addr().0 + u64::from(d.len()) - 1,
+        // be device-writable (checked arithmetic: the address is the guest's).
+        let status_at = match descs.last() {
+            Some(d) if d.is_write_only() && d.len() > 0 => d
+                .addr()
+                .0
+                .checked_add(u64::from(d.len()) - 1)
+                .ok_or_else(|| {
+                    QueueFault(format!(
+                        "the status descriptor at {:#x} of {:#x} bytes wraps around",
+                        d.addr().0,
+                        d.len()
+                    ))
+                })?,
             _ => return Err(QueueFault("a request with no writable status byte".into())),
         };
         let (status, written) = match (chain.clone().reader(mem), chain.writer(mem)) {
@@ -75,8 +99,8 @@ impl VirtioBlk {
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
-            // A header or a buffer in private memory: refused, read or
-            // written not at all.
+            // A header or a buffer in private memory, or more than a request
+            // may pin: refused, read or written not at all.
             _ => (VIRTIO_BLK_S_IOERR, 0),
         };
         self.statuses[match status {
@@ -84,9 +108,11 @@ impl VirtioBlk {
             VIRTIO_BLK_S_IOERR => 1,
             _ => 2,
         }] += 1;
-        mem.write_obj(status as u8, GuestAddress(status_at))
-            .map_err(|e| QueueFault(format!("the status byte at {status_at:#x}: {e}")))?;
-        Ok((written + 1) as u32)
+        Ok(Answer {
+            status: status as u8,
+            status_at,
+            written: written as u32,
+        })
     }
 
     fn serve(
@@ -185,21 +211,24 @@ impl VirtioDevice for VirtioBlk {
         &mut self,
         _index: usize,
         queue: &mut Queue,
-        mem: &DeviceMemory,
+        requests: &mut Requests<'_>,
     ) -> Result<bool, QueueFault> {
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| QueueFault(format!("requestq: {e}")))?
-            .collect();
-        let mut used = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let len = self.request(chain, mem)?;
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| QueueFault(format!("requestq: {e}")))?;
-            used = true;
-        }
-        Ok(used)
+        serve_queue(
+            self,
+            queue,
+            requests,
+            "requestq",
+            RequestFns {
+                want: |_| true,
+                serve: VirtioBlk::serve_chain,
+                answer: |_, a: Answer, mem| {
+                    mem.write_obj(a.status, GuestAddress(a.status_at))
+                        .map_err(|e| {
+                            QueueFault(format!("the status byte at {:#x}: {e}", a.status_at))
+                        })?;
+                    Ok(a.written + 1)
+                },
+            },
+        )
     }
 }

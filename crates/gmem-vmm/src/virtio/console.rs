@@ -5,11 +5,13 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 
-use gmem::DeviceMemory;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 
-use super::{F_ACCESS_PLATFORM, F_VERSION_1, QueueFault, VirtioDevice};
+use super::{
+    F_ACCESS_PLATFORM, F_VERSION_1, QueueFault, RequestFns, Requests, VirtioDevice, serve_queue,
+    whole_chain,
+};
 use crate::console::Console;
 
 const RX: usize = 0;
@@ -33,56 +35,71 @@ impl VirtioConsole {
         }
     }
 
-    fn transmit(&mut self, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, QueueFault> {
-        let mut used = false;
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| QueueFault(format!("transmitq: {e}")))?
-            .collect();
-        for chain in chains {
-            let head = chain.head_index();
-            match chain.reader(mem) {
-                Ok(mut reader) => {
+    /// transmitq: what the guest sends goes to the console. virtio-console
+    /// has no status to answer with: a buffer the device may not read (or a
+    /// chain cut short) leaves the device needing a reset.
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        requests: &mut Requests<'_>,
+    ) -> Result<bool, QueueFault> {
+        serve_queue(
+            self,
+            queue,
+            requests,
+            "transmitq",
+            RequestFns {
+                want: |_| true,
+                serve: |this: &mut VirtioConsole, chain, mem| {
+                    whole_chain(&chain)?;
+                    let mut reader = chain
+                        .reader(mem)
+                        .map_err(|e| QueueFault(format!("transmitq: {e}")))?;
                     let mut bytes = Vec::new();
-                    if reader.read_to_end(&mut bytes).is_err() {
-                        return Err(QueueFault("transmitq: a buffer could not be read".into()));
-                    }
-                    self.transmitted += bytes.len() as u64;
-                    self.out.write(&bytes);
-                }
-                // virtio-console has no status to answer with: the buffer
-                // is returned unread, and the device needs a reset.
-                Err(e) => return Err(QueueFault(format!("transmitq: {e}"))),
-            }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| QueueFault(format!("transmitq: {e}")))?;
-            used = true;
-        }
-        Ok(used)
+                    reader
+                        .read_to_end(&mut bytes)
+                        .map_err(|_| QueueFault("transmitq: a buffer could not be read".into()))?;
+                    this.transmitted += bytes.len() as u64;
+                    this.out.write(&bytes);
+                    Ok(())
+                },
+                answer: |_, (), _| Ok(0),
+            },
+        )
     }
 
-    fn receive(&mut self, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, QueueFault> {
-        let mut used = false;
-        while !self.input.is_empty() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut writer = chain
-                .writer(mem)
-                .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
-            let n = writer.available_bytes().min(self.input.len());
-            let bytes: Vec<u8> = self.input.drain(..n).collect();
-            writer
-                .write_all(&bytes)
-                .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
-            queue
-                .add_used(mem, head, n as u32)
-                .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
-            used = true;
-        }
-        Ok(used)
+    /// receiveq: the input given at creation, as far as the guest's buffers
+    /// take it.
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        requests: &mut Requests<'_>,
+    ) -> Result<bool, QueueFault> {
+        serve_queue(
+            self,
+            queue,
+            requests,
+            "receiveq",
+            RequestFns {
+                want: |this: &VirtioConsole| !this.input.is_empty(),
+                serve: |this: &mut VirtioConsole, chain, mem| {
+                    whole_chain(&chain)?;
+                    let mut writer = chain
+                        .writer(mem)
+                        .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
+                    let n = writer.available_bytes().min(this.input.len());
+                    let (a, b) = this.input.as_slices();
+                    let (a, b) = (&a[..n.min(a.len())], &b[..n - n.min(a.len())]);
+                    writer
+                        .write_all(a)
+                        .and_then(|()| writer.write_all(b))
+                        .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
+                    this.input.drain(..n);
+                    Ok(n as u32)
+                },
+                answer: |_, n, _| Ok(n),
+            },
+        )
     }
 }
 
@@ -111,11 +128,11 @@ impl VirtioDevice for VirtioConsole {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &DeviceMemory,
+        requests: &mut Requests<'_>,
     ) -> Result<bool, QueueFault> {
         match index {
-            TX => self.transmit(queue, mem),
-            RX => self.receive(queue, mem),
+            TX => self.transmit(queue, requests),
+            RX => self.receive(queue, requests),
             _ => Ok(false),
         }
     }

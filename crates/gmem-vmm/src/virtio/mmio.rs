@@ -9,7 +9,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 
-use super::{F_VERSION_1, Refusal, VirtioDevice};
+use super::{F_VERSION_1, Refusal, Requests, VirtioDevice};
 
 /// Where the device windows start: outside RAM (machines with devices keep
 /// their RAM below it), mapped uncached by the boot page tables.
@@ -25,10 +25,22 @@ pub const VENDOR: u32 = 0x4d45_4d47;
 /// The most refusals one device records (later ones are counted only).
 const MAX_REFUSALS: usize = 64;
 
+/// Queue settings a driver wrote that the spec forbids, by bit: the queue
+/// may not become ready while any is set (a later valid write of the same
+/// setting clears it).
+mod bad {
+    pub const SIZE: u8 = 1;
+    pub const DESC: u8 = 2;
+    pub const AVAIL: u8 = 4;
+    pub const USED: u8 = 8;
+}
+
 /// One device behind its registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     queues: Vec<Queue>,
+    /// Per queue: which of its settings were written invalid ([`bad`]).
+    bad: Vec<u8>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -48,6 +60,7 @@ impl MmioTransport {
             .map(|&max| Queue::new(max).unwrap_or_else(|_| Queue::new(1).expect("size 1 is valid")))
             .collect();
         MmioTransport {
+            bad: vec![0; device.queue_max_sizes().len()],
             device,
             queues,
             status: 0,
@@ -84,16 +97,20 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
-    /// A read of `data.len()` bytes at `offset` in the window.
+    /// A read of `data.len()` bytes at `offset` in the window. Registers
+    /// are 32-bit: a read of any other width (1, 2, 8 bytes) reads zeroes,
+    /// as the guest ABI says.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        let value = if data.len() != 4 {
-            0
-        } else {
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let value = {
             match offset as u32 {
                 VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
                 VIRTIO_MMIO_VERSION => 2,
@@ -112,7 +129,7 @@ impl MmioTransport {
                 _ => 0,
             }
         };
-        data.copy_from_slice(&value.to_le_bytes()[..data.len().min(4)]);
+        data.copy_from_slice(&value.to_le_bytes());
     }
 
     /// A write of `data` at `offset` in the window; notifications run the
@@ -143,33 +160,20 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             VIRTIO_MMIO_QUEUE_NUM if setting_up => {
-                if let Some(q) = self.queue_mut() {
-                    q.set_size(value as u16);
-                }
+                // virtio 1.x §4.2.2.2: a power of two, 1..=QueueNumMax; the
+                // register is 32-bit, so 0x10008 is no size of 8.
+                let ok = self.queue_mut().is_some_and(|q| {
+                    u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok())
+                });
+                self.mark(bad::SIZE, ok);
             }
-            VIRTIO_MMIO_QUEUE_READY => {
-                if let Some(q) = self.queue_mut() {
-                    q.set_ready(value == 1);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_DESC_LOW if setting_up => {
-                self.set_address(|q, v| q.set_desc_table_address(Some(v), None), value)
-            }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH if setting_up => {
-                self.set_address(|q, v| q.set_desc_table_address(None, Some(v)), value)
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW if setting_up => {
-                self.set_address(|q, v| q.set_avail_ring_address(Some(v), None), value)
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setting_up => {
-                self.set_address(|q, v| q.set_avail_ring_address(None, Some(v)), value)
-            }
-            VIRTIO_MMIO_QUEUE_USED_LOW if setting_up => {
-                self.set_address(|q, v| q.set_used_ring_address(Some(v), None), value)
-            }
-            VIRTIO_MMIO_QUEUE_USED_HIGH if setting_up => {
-                self.set_address(|q, v| q.set_used_ring_address(None, Some(v)), value)
-            }
+            VIRTIO_MMIO_QUEUE_READY => self.set_queue_ready(value, gate),
+            VIRTIO_MMIO_QUEUE_DESC_LOW if setting_up => self.set_address(bad::DESC, value, false),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if setting_up => self.set_address(bad::DESC, value, true),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if setting_up => self.set_address(bad::AVAIL, value, false),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setting_up => self.set_address(bad::AVAIL, value, true),
+            VIRTIO_MMIO_QUEUE_USED_LOW if setting_up => self.set_address(bad::USED, value, false),
+            VIRTIO_MMIO_QUEUE_USED_HIGH if setting_up => self.set_address(bad::USED, value, true),
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value as usize, gate),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => self.set_status(value),
@@ -177,9 +181,82 @@ impl MmioTransport {
         }
     }
 
-    fn set_address(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
-        if let Some(q) = self.queue_mut() {
-            set(q, value);
+    /// Records whether the selected queue's setting `bit` was written valid.
+    fn mark(&mut self, bit: u8, ok: bool) {
+        if let Some(b) = self.bad.get_mut(self.queue_sel as usize) {
+            if ok {
+                *b &= !bit;
+            } else {
+                *b |= bit;
+            }
+        }
+    }
+
+    /// Writes half (`high` or low) of the selected queue's ring address
+    /// `which` ([`bad::DESC`], [`bad::AVAIL`], [`bad::USED`]), checked by
+    /// virtio-queue's alignment rules (`try_set_*`, never the setters that
+    /// only log a bad value and keep the old one).
+    fn set_address(&mut self, which: u8, value: u32, high: bool) {
+        let Some(q) = self.queue_mut() else {
+            return;
+        };
+        let old = match which {
+            bad::DESC => q.desc_table(),
+            bad::AVAIL => q.avail_ring(),
+            _ => q.used_ring(),
+        };
+        let addr = if high {
+            (old & 0xffff_ffff) | (u64::from(value) << 32)
+        } else {
+            (old & !0xffff_ffff) | u64::from(value)
+        };
+        let addr = vm_memory::GuestAddress(addr);
+        let ok = match which {
+            bad::DESC => q.try_set_desc_table_address(addr),
+            bad::AVAIL => q.try_set_avail_ring_address(addr),
+            _ => q.try_set_used_ring_address(addr),
+        }
+        .is_ok();
+        self.mark(which, ok);
+    }
+
+    /// `QueueReady`: 1 makes the selected queue ready only if every setting
+    /// was valid and its rings lie in shared guest memory (virtio-queue's
+    /// `is_valid`); otherwise the queue stays not ready and the device needs
+    /// a reset (the guest ABI: a ring in private memory is a device error),
+    /// and a ring the device was refused counts as a refusal. 0 disables it.
+    fn set_queue_ready(&mut self, value: u32, gate: &Gatekeeper) {
+        let sel = self.queue_sel as usize;
+        let settings_ok = self.bad.get(sel).is_some_and(|b| *b == 0);
+        let Some(q) = self.queues.get_mut(sel) else {
+            return;
+        };
+        if value != 1 {
+            q.set_ready(false);
+            return;
+        }
+        q.set_ready(true);
+        let mem = DeviceMemory::new(gate);
+        if settings_ok && q.is_valid(&mem) {
+            return;
+        }
+        q.set_ready(false);
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        self.record(&mem.refusals(), mem.refusal_count());
+    }
+
+    /// Counts `total` refusals, of which `recorded` are the first ranges.
+    fn record(&mut self, recorded: &[(u64, u64)], total: u64) {
+        self.refusals_total += total;
+        for &(gpa, len) in recorded {
+            if self.refusals.len() < MAX_REFUSALS {
+                self.refusals.push(Refusal {
+                    device: self.device.name(),
+                    gpa,
+                    len,
+                });
+            }
         }
     }
 
@@ -199,6 +276,16 @@ impl MmioTransport {
                 value &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
+        // DRIVER_OK only after FEATURES_OK (virtio 1.x §3.1.1): a driver
+        // that skips the negotiation gets a device that needs a reset, and
+        // no request is served.
+        if value & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            && value & VIRTIO_CONFIG_S_FEATURES_OK == 0
+        {
+            value &= !VIRTIO_CONFIG_S_DRIVER_OK;
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        }
         // NEEDS_RESET is the device's to set.
         self.status =
             value & !VIRTIO_CONFIG_S_NEEDS_RESET | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
@@ -209,6 +296,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+        self.bad.fill(0);
         self.device.reset();
         self.status = 0;
         self.driver_features = 0;
@@ -230,19 +318,11 @@ impl MmioTransport {
         if !queue.ready() {
             return;
         }
-        // One request's pins, released when it is done.
-        let mem = DeviceMemory::new(gate);
-        let result = self.device.process(index, queue, &mem);
-        for (gpa, len) in mem.refusals() {
-            self.refusals_total += 1;
-            if self.refusals.len() < MAX_REFUSALS {
-                self.refusals.push(Refusal {
-                    device: self.device.name(),
-                    gpa,
-                    len,
-                });
-            }
-        }
+        // Each request gets its own memory, whose pins go when it is done.
+        let mut requests = Requests::new(gate);
+        let result = self.device.process(index, queue, &mut requests);
+        let (recorded, total) = requests.refusals();
+        self.record(&recorded.to_vec(), total);
         match result {
             Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
             Ok(false) => {}
@@ -281,7 +361,7 @@ mod tests {
             &mut self,
             _: usize,
             _: &mut Queue,
-            _: &DeviceMemory,
+            _: &mut Requests<'_>,
         ) -> Result<bool, QueueFault> {
             Ok(false)
         }

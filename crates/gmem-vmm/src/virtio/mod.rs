@@ -11,8 +11,9 @@ pub mod blk;
 pub mod console;
 pub mod mmio;
 
-use gmem::DeviceMemory;
-use virtio_queue::Queue;
+use gmem::{DeviceMemory, Gatekeeper};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue};
 
 pub use mmio::{MAX_DEVICES, MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
@@ -38,6 +39,180 @@ pub struct Refusal {
     pub len: u64,
 }
 
+/// The most descriptors one request may have: a chain longer than this is
+/// a device error, whatever the queue size or indirect table allows (an
+/// indirect table may hold 65,535 descriptors, each of which the device
+/// would read and pin).
+pub const MAX_CHAIN_DESCRIPTORS: usize = 1024;
+
+/// Guest memory for one notification's requests: each request gets its own
+/// [`DeviceMemory`] ([`memory`](Self::memory)), whose pins are released
+/// when the request is done ([`done`](Self::done)), so that a request costs
+/// its VMM only what it holds while it is served; refusals are collected
+/// for the transport to count.
+pub struct Requests<'g> {
+    gate: &'g Gatekeeper,
+    refusals: Vec<(u64, u64)>,
+    refusals_total: u64,
+}
+
+impl<'g> Requests<'g> {
+    /// Requests over `gate`'s memory.
+    pub fn new(gate: &'g Gatekeeper) -> Requests<'g> {
+        Requests {
+            gate,
+            refusals: Vec::new(),
+            refusals_total: 0,
+        }
+    }
+
+    /// Memory for one request (a descriptor chain), with `DeviceMemory`'s
+    /// default bounds.
+    pub fn memory(&self) -> DeviceMemory {
+        DeviceMemory::new(self.gate)
+    }
+
+    /// Ends a request: its pins are released, its refusals recorded.
+    pub fn done(&mut self, mem: DeviceMemory) {
+        self.refusals_total += mem.refusal_count();
+        for r in mem.refusals() {
+            if self.refusals.len() < MAX_REFUSALS_PER_NOTIFY {
+                self.refusals.push(r);
+            }
+        }
+    }
+
+    /// The refusals recorded (the first of them) and how many there were.
+    pub fn refusals(&self) -> (&[(u64, u64)], u64) {
+        (&self.refusals, self.refusals_total)
+    }
+}
+
+/// How many refusals one notification records the ranges of.
+const MAX_REFUSALS_PER_NOTIFY: usize = 64;
+
+/// The descriptors of `chain`, if it is whole: a chain virtio-queue ended
+/// early (a descriptor it could not read, a bad `next`, an indirect table it
+/// refused, more than 2^32 bytes, a loop) ends with a descriptor that still
+/// says `NEXT`, or with none at all; one longer than
+/// [`MAX_CHAIN_DESCRIPTORS`] is refused too. A device must not serve a cut
+/// chain as if whole (its last descriptor is not the status byte).
+///
+/// # Errors
+/// [`QueueFault`] naming the head and why.
+pub fn whole_chain<M>(chain: &DescriptorChain<M>) -> Result<Vec<Descriptor>, QueueFault>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let head = chain.head_index();
+    let mut descs = Vec::new();
+    for d in chain.clone() {
+        if descs.len() == MAX_CHAIN_DESCRIPTORS {
+            return Err(QueueFault(format!(
+                "the chain at head {head} has more than {MAX_CHAIN_DESCRIPTORS} descriptors"
+            )));
+        }
+        descs.push(d);
+    }
+    match descs.last() {
+        None => Err(QueueFault(format!(
+            "the chain at head {head} has no descriptor the device may read"
+        ))),
+        Some(last) if last.has_next() => Err(QueueFault(format!(
+            "the chain at head {head} was cut short after {} descriptors (a descriptor or table it names is not readable shared memory, or it is malformed)",
+            descs.len()
+        ))),
+        Some(_) => Ok(descs),
+    }
+}
+
+/// One request's part of a device: `serve` reads and writes the chain's
+/// buffers (through memory the chain borrows) and says what to answer;
+/// `answer` completes it once the buffers' pins are released (a status byte,
+/// say) and returns the length for the used ring.
+pub struct RequestFns<S, T> {
+    /// Whether to take another chain (a receive queue with nothing to give
+    /// stops).
+    pub want: fn(&S) -> bool,
+    /// Serves one chain.
+    pub serve: fn(&mut S, DescriptorChain<&DeviceMemory>, &DeviceMemory) -> Result<T, QueueFault>,
+    /// Completes it, with the chain's pins released.
+    pub answer: fn(&mut S, T, &mut DeviceMemory) -> Result<u32, QueueFault>,
+}
+
+/// Serves the chains of `queue` one at a time, each with its own memory
+/// from `requests`, released when it is done: at most the chains the avail
+/// index showed when the notification came (a queue's worth; more is the
+/// driver's error), so that a guest adding chains as fast as the device
+/// takes them cannot keep its VMM in one notification forever. Whether any
+/// was used.
+///
+/// # Errors
+/// [`QueueFault`] (`what` names the queue) for rings the device cannot
+/// use, and whatever `fns` return.
+pub fn serve_queue<S, T>(
+    state: &mut S,
+    queue: &mut Queue,
+    requests: &mut Requests<'_>,
+    what: &str,
+    fns: RequestFns<S, T>,
+) -> Result<bool, QueueFault> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let pending = {
+        let mem = requests.memory();
+        let avail = queue.avail_idx(&mem, std::sync::atomic::Ordering::Acquire);
+        requests.done(mem);
+        let avail = avail.map_err(|e| QueueFault(format!("{what}: {e}")))?;
+        let pending = avail.0.wrapping_sub(queue.next_avail());
+        if pending > queue.size() {
+            return Err(QueueFault(format!(
+                "{what}: the avail index is {pending} chains ahead of the device, more than the queue's {}",
+                queue.size()
+            )));
+        }
+        pending
+    };
+    let mut used = false;
+    for _ in 0..pending {
+        if !(fns.want)(state) {
+            break;
+        }
+        let mut mem = requests.memory();
+        let served = match queue.iter(&mem) {
+            Err(e) => Err(QueueFault(format!("{what}: {e}"))),
+            Ok(mut avail) => match avail.next() {
+                None => Ok(None),
+                Some(chain) => {
+                    let head = chain.head_index();
+                    (fns.serve)(state, chain, &mem).map(|t| Some((head, t)))
+                }
+            },
+        };
+        let (head, served) = match served {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                requests.done(mem);
+                break;
+            }
+            Err(e) => {
+                requests.done(mem);
+                return Err(e);
+            }
+        };
+        mem.release();
+        let answered = (fns.answer)(state, served, &mut mem).and_then(|len| {
+            queue
+                .add_used(&mem, head, len)
+                .map_err(|e| QueueFault(format!("{what}: {e}")))
+        });
+        requests.done(mem);
+        answered?;
+        used = true;
+    }
+    Ok(used)
+}
+
 /// A virtio device model; the transport owns its queues and registers.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`VIRTIO_ID_*`).
@@ -51,16 +226,17 @@ pub trait VirtioDevice: Send {
     /// Reads its configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Handles a notification of queue `index`: takes the chains the driver
-    /// made available and answers them; whether any was used.
+    /// made available and answers them, each with its own memory from
+    /// `requests`; whether any was used.
     ///
     /// # Errors
     /// [`QueueFault`] when the queue itself cannot be used (its rings in
-    /// private memory, a chain with no room for the status).
+    /// private memory, a chain cut short or with no room for the status).
     fn process(
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &DeviceMemory,
+        requests: &mut Requests<'_>,
     ) -> Result<bool, QueueFault>;
     /// Forgets what the driver set up (a reset).
     fn reset(&mut self) {}
