@@ -2,7 +2,7 @@
 //! guest sees the host's writes and the host the guest's (T13), and a punch
 //! invalidates the guest's view so it reads zeroes (G8).
 
-use gmem::{BackingKind, FileRange, GmemFlags, PAGE_SIZE};
+use gmem::{BackingKind, GmemFlags, PAGE_SIZE};
 use gmem_vmm::{Exit, Machine, MachineConfig, VmmError};
 use iced_x86::code_asm::{CodeAssembler, al, byte_ptr, rbx, rcx};
 
@@ -102,7 +102,9 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
         "the guest does not see the host's byte"
     );
     // A 4 KiB punch: freed on 4 KiB backings, zeroed in place on hugetlb.
-    let report = m.memory().punch_hole(FileRange::new(DATA, PAGE_SIZE)?)?;
+    // RAM is bound at GPA 0 from file offset 0: the GPA is the offset. A
+    // gated file is discarded through its gatekeeper.
+    let report = m.gate().discard(DATA, PAGE_SIZE)?;
     ensure!(
         report.bytes_freed + report.bytes_zeroed == PAGE_SIZE,
         "punch report {report:?}"
@@ -121,7 +123,7 @@ pub(crate) fn g8_punch_invalidates(env: &Env) -> Result<(), Stop> {
     let unit = env.unit();
     let page = DATA / unit * unit;
     if page >= code_end {
-        let report = m.memory().punch_hole(FileRange::new(page, unit)?)?;
+        let report = m.gate().discard(page, unit)?;
         ensure!(
             report.bytes_freed == unit,
             "whole-page punch report {report:?}"
