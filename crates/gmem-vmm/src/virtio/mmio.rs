@@ -322,7 +322,7 @@ impl MmioTransport {
         let mut requests = Requests::new(gate);
         let result = self.device.process(index, queue, &mut requests);
         let (recorded, total) = requests.refusals();
-        self.record(&recorded.to_vec(), total);
+        self.record(recorded, total);
         match result {
             Ok(true) => self.interrupt_status |= VIRTIO_MMIO_INT_VRING,
             Ok(false) => {}

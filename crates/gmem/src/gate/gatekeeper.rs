@@ -78,10 +78,11 @@ impl State {
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(super) struct Faults {
-    /// Fail the next mprotect that closes a window.
-    pub(super) close: bool,
-    /// Fail the next mprotect that reopens a window (a failed rollback).
-    pub(super) reopen: bool,
+    /// Fail the next this many mprotects that close a window.
+    pub(super) close: u32,
+    /// Fail the next this many mprotects that open a window (a failed
+    /// rollback, when a close failed first).
+    pub(super) reopen: u32,
     /// Fail the next punch.
     pub(super) punch: bool,
 }

@@ -104,15 +104,17 @@ pub(crate) mod model {
     struct ModelState {
         map: AttributeMap,
         calls: usize,
-        /// Fail the call with this number (0-based), having changed the
-        /// first page of its range.
-        fail_at: Option<usize>,
+        /// Fail the calls with these numbers (0-based), each having
+        /// changed the first page of its range.
+        fail_at: Vec<usize>,
     }
 
     impl KernelModel {
+        /// Fails the `n`th call from now (0: the next).
         pub(crate) fn fail_call(&self, n: usize) {
             let mut st = self.state.lock().unwrap();
-            st.fail_at = Some(st.calls + n);
+            let call = st.calls + n;
+            st.fail_at.push(call);
         }
 
         pub(crate) fn map(&self) -> AttributeMap {
@@ -129,8 +131,8 @@ pub(crate) mod model {
             let mut st = self.state.lock().unwrap();
             let call = st.calls;
             st.calls += 1;
-            if st.fail_at == Some(call) {
-                st.fail_at = None;
+            if let Some(i) = st.fail_at.iter().position(|&c| c == call) {
+                st.fail_at.swap_remove(i);
                 // A partial update: the first page changed, then ENOMEM.
                 let first = range.start..(range.start + 4096).min(range.end);
                 st.map.set(first, to);

@@ -338,7 +338,7 @@ fn a_failed_view_update_changes_nothing() {
         };
         f.gate.write(0x1000, b"keep").unwrap();
         drop(f.gate.pin(0x1000, 4).unwrap()); // its window stays open
-        f.gate.0.faults.lock().unwrap().close = true;
+        f.gate.0.faults.lock().unwrap().close = 1;
         let e = f.gate.convert(0, 0x4000, Attribute::Private).unwrap_err();
         assert!(
             matches!(
@@ -359,6 +359,74 @@ fn a_failed_view_update_changes_nothing() {
         assert_eq!(&b, b"keep", "{policy}: content");
         assert_eq!(f.gate.stats(), ConversionStats::default());
     }
+}
+
+/// A failed `mprotect` whose undo fails too leaves the records and the page
+/// tables possibly apart: the gatekeeper poisons itself and refuses every
+/// host access, and a gatekeeper built after it starts every page private.
+#[test]
+fn a_failed_rollback_poisons_the_gatekeeper() {
+    let Some(f) = fixture(BackingKind::Memfd, 2 << 20, GateOptions::default()) else {
+        return;
+    };
+    f.gate.write(0x1000, b"keep").unwrap();
+    drop(f.gate.pin(0x1000, 4).unwrap()); // its window stays open
+    // The close fails, the undo's reopen fails, and closing it for certain
+    // fails too.
+    {
+        let mut faults = f.gate.0.faults.lock().unwrap();
+        faults.close = 2;
+        faults.reopen = 1;
+    }
+    f.gate.convert(0, 0x4000, Attribute::Private).unwrap_err();
+    let why = f.gate.poisoned().expect("poisoned");
+    assert!(why.contains("unknown state"), "{why}");
+    let mut b = [0u8; 4];
+    let e = f.gate.read(0x1000, &mut b).unwrap_err();
+    assert!(matches!(e, GateError::Poisoned { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(matches!(
+        f.gate.pin(0x1000, 4),
+        Err(GateError::Poisoned { .. })
+    ));
+    let e = f.gate.convert(0, 0x1000, Attribute::Shared).unwrap_err();
+    assert!(matches!(e, ConvertError::Poisoned { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    // A gatekeeper over the same file after it starts all of it private.
+    let Fixture {
+        gate, memory, vm, ..
+    } = f;
+    drop(gate);
+    let b = vm.bind(&memory, SlotRequest::new(0, 0, 2 << 20)).unwrap();
+    let gate = Gatekeeper::new(&vm, vec![b], GateOptions::default()).unwrap();
+    assert_eq!(gate.private_runs(), vec![0..2 << 20]);
+}
+
+/// KVM refusing to restore its attributes after a failed conversion leaves
+/// KVM and gmem possibly apart: poisoned, never silently.
+#[test]
+fn a_failed_kernel_restore_poisons_the_gatekeeper() {
+    let model = Arc::new(KernelModel::default());
+    let Some(f) = fixture_with(
+        BackingKind::Memfd,
+        2 << 20,
+        GateOptions::new(Attribute::Shared, Policy::InPlace),
+        Some(Arc::clone(&model)),
+    ) else {
+        return;
+    };
+    // The conversion's call fails, then the restore's first call.
+    model.fail_call(0);
+    model.fail_call(1);
+    let e = f.gate.convert(0, 0x4000, Attribute::Private).unwrap_err();
+    assert!(matches!(e, ConvertError::Kernel { .. }), "{e}");
+    let why = f.gate.poisoned().expect("poisoned");
+    assert!(why.contains("KVM_SET_MEMORY_ATTRIBUTES"), "{why}");
+    let mut b = [0u8; 4];
+    assert!(matches!(
+        f.gate.read(0x8000, &mut b),
+        Err(GateError::Poisoned { .. })
+    ));
 }
 
 #[test]
@@ -562,6 +630,94 @@ mod device_memory {
         q.set_used_ring_address(Some(USED as u32), Some(0));
         q.set_ready(true);
         q
+    }
+
+    /// Where a range is not all bound memory, `DeviceMemory` answers as
+    /// vm-memory's `GuestMemoryMmap` of the same layout does, call for call:
+    /// a range running into a hole copies the part that exists, a start
+    /// outside memory is an iterator whose first item is the error, an
+    /// overflowing range ends at the hole after memory; and every such
+    /// refusal is counted.
+    #[test]
+    fn holes_and_overflows_behave_as_in_vm_memory() {
+        let Some(f) = fixture(BackingKind::Memfd, 2 << 20, GateOptions::default()) else {
+            return;
+        };
+        let size = 2u64 << 20;
+        let plain =
+            ::vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+                .unwrap();
+        f.gate.fill(0, size, 0x11).unwrap();
+        plain
+            .write_slice(&vec![0x11; size as usize], GuestAddress(0))
+            .unwrap();
+        let mem = DeviceMemory::new(&f.gate);
+        for (addr, len) in [
+            (size - 8, 16usize), // into the hole after memory
+            (size, 8),           // in the hole
+            (size + P, 8),       // further in
+            (u64::MAX - 3, 8),   // wrapping around 2^64
+            (0, 16),             // plain memory: the same too
+        ] {
+            let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+            let got = mem.read(&mut a, GuestAddress(addr));
+            let want = plain.read(&mut b, GuestAddress(addr));
+            assert_eq!(
+                format!("{:?}", got.as_ref().map_err(|e| e.to_string())),
+                format!("{:?}", want.as_ref().map_err(|e| e.to_string())),
+                "read at {addr:#x}+{len}"
+            );
+            assert_eq!(a, b, "bytes at {addr:#x}");
+            let got = mem
+                .read_slice(&mut a, GuestAddress(addr))
+                .map_err(|e| e.to_string());
+            let want = plain
+                .read_slice(&mut b, GuestAddress(addr))
+                .map_err(|e| e.to_string());
+            assert_eq!(got, want, "read_slice at {addr:#x}+{len}");
+            let got: Vec<Result<usize, String>> = mem
+                .get_slices(GuestAddress(addr), len, Permissions::Read)
+                .map(|it| {
+                    it.map(|s| s.map(|s| s.len()).map_err(|e| e.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let want: Vec<Result<usize, String>> = plain
+                .get_slices(GuestAddress(addr), len, Permissions::Read)
+                .map(|it| {
+                    it.map(|s| s.map(|s| s.len()).map_err(|e| e.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(got, want, "get_slices at {addr:#x}+{len}");
+        }
+        // Four ranges reached past memory, each refused three times (read,
+        // read_slice, get_slices); all counted.
+        assert_eq!(mem.refusal_count(), 12);
+    }
+
+    /// A request pins each page once however often it reads it, and no more
+    /// than its bound: past it, refused and counted, and the request's pins
+    /// go when it does.
+    #[test]
+    fn a_request_pins_each_page_once_and_within_its_bound() {
+        let Some(f) = fixture(BackingKind::Memfd, 2 << 20, GateOptions::default()) else {
+            return;
+        };
+        let mem = DeviceMemory::with_limits(&f.gate, 4 * P, 64);
+        for i in 0..1000u64 {
+            let _: u64 = mem.read_obj(GuestAddress(DESC + (i % 256) * 16)).unwrap();
+        }
+        assert_eq!((mem.pinned(), mem.pinned_bytes()), (1, P), "one page, once");
+        let mut big = vec![0u8; 8 * P as usize];
+        let e = mem
+            .read_slice(&mut big, GuestAddress(0x8_0000))
+            .unwrap_err();
+        assert!(e.to_string().contains("may hold at most"), "{e}");
+        assert_eq!(mem.refusal_count(), 1);
+        assert_eq!(mem.pinned(), 1, "nothing of the refused range stays pinned");
+        drop(mem);
+        assert_eq!(f.gate.view_windows().1, 0);
     }
 
     #[test]

@@ -232,18 +232,23 @@ mod tests {
 
     const P: u64 = 4096;
 
+    /// The VMAs `v` would cost with `r` opened too.
+    fn after(v: &ViewState, r: Range<u64>) -> usize {
+        v.vmas_after(std::slice::from_ref(&r))
+    }
+
     #[test]
     fn shmem_views_cost_a_vma_per_run_of_equal_protection() {
         let mut v = ViewState::new(0, 16 * P, false);
         assert_eq!(v.vmas(), 1);
-        assert_eq!(v.vmas_after(&[4 * P..5 * P]), 3);
+        assert_eq!(after(&v, 4 * P..5 * P), 3);
         v.opened(4 * P..5 * P);
         assert_eq!(v.vmas(), 3);
         // At the view's start: two runs, two VMAs more only once.
-        assert_eq!(v.vmas_after(&[0..P]), 4);
+        assert_eq!(after(&v, 0..P), 4);
         v.opened(0..P);
         // Touching an open window merges with it.
-        assert_eq!(v.vmas_after(&[5 * P..6 * P]), 4);
+        assert_eq!(after(&v, 5 * P..6 * P), 4);
         v.closed(0..P);
         v.closed(4 * P..5 * P);
         assert_eq!(v.vmas(), 1, "merged back");
@@ -255,12 +260,12 @@ mod tests {
     fn hugetlb_views_keep_every_split_until_compacted() {
         let h = 2 << 20;
         let mut v = ViewState::new(0, 8 * h, true);
-        assert_eq!(v.vmas_after(&[2 * h..3 * h]), 3);
+        assert_eq!(after(&v, 2 * h..3 * h), 3);
         v.opened(2 * h..3 * h);
         v.closed(2 * h..3 * h);
         assert_eq!(v.vmas(), 3, "hugetlb does not merge back");
-        assert_eq!(v.vmas_after(&[2 * h..3 * h]), 3, "no new boundary");
-        assert_eq!(v.vmas_after(&[3 * h..4 * h]), 4);
+        assert_eq!(after(&v, 2 * h..3 * h), 3, "no new boundary");
+        assert_eq!(after(&v, 3 * h..4 * h), 4);
         assert!(v.can_compact());
         v.compacted();
         assert_eq!(v.vmas(), 1);

@@ -211,11 +211,13 @@ impl Gatekeeper {
         #[cfg(test)]
         {
             let mut faults = self.0.faults.lock().unwrap();
-            let injected = if open {
-                std::mem::take(&mut faults.reopen)
+            let count = if open {
+                &mut faults.reopen
             } else {
-                std::mem::take(&mut faults.close)
+                &mut faults.close
             };
+            let injected = *count > 0;
+            *count = count.saturating_sub(1);
             if injected {
                 return Err(GateError::Protect {
                     gpa: w.start,
