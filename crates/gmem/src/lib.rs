@@ -62,6 +62,7 @@ pub mod kvm;
 pub mod probe;
 pub mod range;
 pub mod range_set;
+pub mod snapshot;
 
 pub use attributes::{Attribute, AttributeMap};
 pub use backing::{

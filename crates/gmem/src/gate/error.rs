@@ -110,6 +110,34 @@ pub enum GateError {
         /// The bound.
         max: usize,
     },
+    /// A snapshot or restore while pins are live: a device could write
+    /// through them meanwhile.
+    #[error(
+        "{live} pins are live (the first holds [{gpa:#x}, +{len:#x})): a snapshot or restore needs every device request finished"
+    )]
+    Pinned {
+        /// Live pins.
+        live: usize,
+        /// The first pin's GPA.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A snapshot of a two-backing slot, whose private side (a guest_memfd
+    /// without `MMAP`) the host cannot read.
+    #[error(
+        "the slot at GPA {gpa:#x} has two backings: its private side cannot be read by the host, so it cannot be snapshotted"
+    )]
+    TwoBackings {
+        /// The slot's GPA.
+        gpa: u64,
+    },
+    /// A restore onto a gatekeeper that cannot take one.
+    #[error("cannot restore into this gatekeeper: {why}")]
+    NotRestorable {
+        /// Why.
+        why: &'static str,
+    },
     /// A device request would pin more than its `DeviceMemory` allows.
     #[error(
         "a device request's access to [{gpa:#x}, +{len:#x}) refused: it holds {pins} pins of {pinned_bytes:#x} bytes, and may hold at most {max_pins} pins of {max_bytes:#x} bytes"
@@ -254,6 +282,9 @@ impl GateError {
             | GateError::RequestBound { .. } => libc::ENOMEM,
             GateError::NoHugePage { source, .. } => source.errno(),
             GateError::Poisoned { .. } => libc::EIO,
+            GateError::Pinned { .. } => libc::EAGAIN,
+            GateError::TwoBackings { .. } => libc::EOPNOTSUPP,
+            GateError::NotRestorable { .. } => libc::EINVAL,
             GateError::NotShareable { .. } => libc::EOPNOTSUPP,
             GateError::Overlap { .. } => libc::EEXIST,
             GateError::AlreadyGated { .. } => libc::EBUSY,

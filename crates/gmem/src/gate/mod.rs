@@ -65,6 +65,7 @@
 mod conversion;
 mod error;
 mod event;
+pub(crate) mod frozen;
 mod gatekeeper;
 mod kernel;
 mod options;

@@ -1,0 +1,269 @@
+//! The snapshot stream's bytes: the header (layout, attribute map, policy)
+//! and the records, each with its CRC-32C; `docs/snapshot-format.md` is
+//! the same in prose. Pure encoding and decoding: no system call.
+
+use std::io::{Read, Write};
+use std::ops::Range;
+
+use super::SnapshotError;
+use super::restore::RestoreError;
+use crate::backing::BackingKind;
+use crate::gate::frozen::RegionLayout;
+
+/// The file's first 8 bytes.
+pub const MAGIC: &[u8; 8] = b"GMEMSNAP";
+/// The format version this gmem writes and reads.
+pub const VERSION: u32 = 1;
+/// The most plaintext bytes one record carries: what a snapshot or restore
+/// holds in memory at once.
+pub const CHUNK: usize = 1 << 20;
+/// A record's header: kind, 3 bytes zero, length, GPA.
+pub(crate) const RECORD_HEADER: usize = 16;
+/// The AEAD tag of a sealed record.
+pub(crate) const TAG: usize = 16;
+/// The most regions a snapshot may describe (a reader allocates no more).
+pub(crate) const MAX_REGIONS: u32 = 4096;
+/// The most private runs a snapshot may describe: 16 Mi runs (256 MiB of
+/// map), bounded further by the layout's pages.
+pub(crate) const MAX_RUNS: u32 = 1 << 24;
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Shared pages, in clear.
+    Shared = 1,
+    /// Private pages, sealed (ciphertext and tag).
+    Sealed = 2,
+    /// The end: the record count and the bytes of data.
+    End = 0xff,
+}
+
+/// What the private pages became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PolicyCode {
+    Refuse = 0,
+    Seal = 1,
+    Omit = 2,
+}
+
+/// The header, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) policy: PolicyCode,
+    pub(crate) id: [u8; 16],
+    pub(crate) regions: Vec<RegionLayout>,
+    pub(crate) private: Vec<Range<u64>>,
+}
+
+fn kind_code(k: BackingKind) -> u8 {
+    match k {
+        BackingKind::GuestMemfd => 0,
+        BackingKind::Memfd => 1,
+        BackingKind::Hugetlb2M => 2,
+        BackingKind::Hugetlb1G => 3,
+    }
+}
+
+fn kind_of(c: u8) -> Option<BackingKind> {
+    Some(match c {
+        0 => BackingKind::GuestMemfd,
+        1 => BackingKind::Memfd,
+        2 => BackingKind::Hugetlb2M,
+        3 => BackingKind::Hugetlb1G,
+        _ => return None,
+    })
+}
+
+impl Header {
+    /// The header's bytes, its CRC-32C last.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(48 + 40 * self.regions.len() + 16 * self.private.len());
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&[self.policy as u8, 0, 0, 0]);
+        b.extend_from_slice(&self.id);
+        b.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(self.private.len() as u32).to_le_bytes());
+        for r in &self.regions {
+            b.extend_from_slice(&r.gpa.to_le_bytes());
+            b.extend_from_slice(&r.len.to_le_bytes());
+            b.extend_from_slice(&r.offset.to_le_bytes());
+            b.extend_from_slice(&r.kind.page_size().to_le_bytes());
+            b.extend_from_slice(&[kind_code(r.kind), 0, 0, 0]);
+            b.extend_from_slice(&(r.flags as u32).to_le_bytes());
+        }
+        for run in &self.private {
+            b.extend_from_slice(&run.start.to_le_bytes());
+            b.extend_from_slice(&run.end.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Reads and checks a header; its bytes too (a sealed snapshot
+    /// authenticates them).
+    pub(crate) fn decode(r: &mut impl Read) -> Result<(Header, Vec<u8>), RestoreError> {
+        let mut fixed = [0u8; 40];
+        read_exact(r, &mut fixed[..8], 0)?;
+        if &fixed[..8] != MAGIC {
+            return Err(RestoreError::NotASnapshot);
+        }
+        read_exact(r, &mut fixed[8..], 8)?;
+        let version = u32::from_le_bytes(fixed[8..12].try_into().unwrap_or_default());
+        if version != VERSION {
+            return Err(RestoreError::Version { found: version });
+        }
+        let policy = match fixed[12] {
+            0 => PolicyCode::Refuse,
+            1 => PolicyCode::Seal,
+            2 => PolicyCode::Omit,
+            other => return Err(corrupt(12, format!("unknown private-page policy {other}"))),
+        };
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&fixed[16..32]);
+        let nregions = u32::from_le_bytes(fixed[32..36].try_into().unwrap_or_default());
+        let nruns = u32::from_le_bytes(fixed[36..40].try_into().unwrap_or_default());
+        if nregions == 0 || nregions > MAX_REGIONS {
+            return Err(corrupt(
+                32,
+                format!("{nregions} regions (1 to {MAX_REGIONS})"),
+            ));
+        }
+        if nruns > MAX_RUNS {
+            return Err(corrupt(
+                36,
+                format!("{nruns} private runs (at most {MAX_RUNS})"),
+            ));
+        }
+        let mut bytes = fixed.to_vec();
+        let mut regions = Vec::with_capacity(nregions as usize);
+        for i in 0..nregions as usize {
+            let mut e = [0u8; 40];
+            read_exact(r, &mut e, bytes.len() as u64)?;
+            bytes.extend_from_slice(&e);
+            let u = |a: usize| u64::from_le_bytes(e[a..a + 8].try_into().unwrap_or_default());
+            let kind = kind_of(e[32]).ok_or_else(|| {
+                corrupt(
+                    40 + 40 * i as u64,
+                    format!("region {i}: unknown backing {}", e[32]),
+                )
+            })?;
+            let (gpa, len, offset, page) = (u(0), u(8), u(16), u(24));
+            if page != kind.page_size()
+                || len == 0
+                || !len.is_multiple_of(crate::range::PAGE_SIZE)
+                || !gpa.is_multiple_of(crate::range::PAGE_SIZE)
+                || gpa.checked_add(len).is_none()
+            {
+                return Err(corrupt(
+                    40 + 40 * i as u64,
+                    format!("region {i}: [{gpa:#x}, +{len:#x}) of {kind} is not a binding"),
+                ));
+            }
+            let flags = u64::from(u32::from_le_bytes(e[36..40].try_into().unwrap_or_default()));
+            regions.push(RegionLayout {
+                gpa,
+                len,
+                offset,
+                kind,
+                flags,
+            });
+        }
+        if regions.windows(2).any(|w| w[0].gpa + w[0].len > w[1].gpa) {
+            return Err(corrupt(40, "regions out of order or overlapping".into()));
+        }
+        let pages: u64 = regions
+            .iter()
+            .map(|r| r.len / crate::range::PAGE_SIZE)
+            .sum();
+        if u64::from(nruns) > pages {
+            return Err(corrupt(
+                36,
+                format!("{nruns} private runs in {pages} pages"),
+            ));
+        }
+        let mut private = Vec::with_capacity(nruns as usize);
+        let mut last = 0;
+        for i in 0..nruns as usize {
+            let mut e = [0u8; 16];
+            read_exact(r, &mut e, bytes.len() as u64)?;
+            bytes.extend_from_slice(&e);
+            let (s, end) = (
+                u64::from_le_bytes(e[..8].try_into().unwrap_or_default()),
+                u64::from_le_bytes(e[8..].try_into().unwrap_or_default()),
+            );
+            let inside = regions.iter().any(|r| r.gpa <= s && end <= r.gpa + r.len);
+            if s >= end || s < last || !inside || !s.is_multiple_of(crate::range::PAGE_SIZE) {
+                return Err(corrupt(
+                    bytes.len() as u64 - 16,
+                    format!("private run {i} [{s:#x}, {end:#x}) is not a run of the layout"),
+                ));
+            }
+            last = end;
+            private.push(s..end);
+        }
+        let mut crc = [0u8; 4];
+        read_exact(r, &mut crc, bytes.len() as u64)?;
+        if u32::from_le_bytes(crc) != crc32c::crc32c(&bytes) {
+            return Err(corrupt(
+                bytes.len() as u64,
+                "the header's CRC-32C does not match".into(),
+            ));
+        }
+        bytes.extend_from_slice(&crc);
+        Ok((
+            Header {
+                policy,
+                id,
+                regions,
+                private,
+            },
+            bytes,
+        ))
+    }
+}
+
+/// A record's 16-byte header.
+pub(crate) fn record_header(kind: Kind, len: u32, gpa: u64) -> [u8; RECORD_HEADER] {
+    let mut h = [0u8; RECORD_HEADER];
+    h[0] = kind as u8;
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h[8..16].copy_from_slice(&gpa.to_le_bytes());
+    h
+}
+
+/// Writes one record: header, payload, CRC-32C of both.
+pub(crate) fn write_record(
+    w: &mut impl Write,
+    header: &[u8; RECORD_HEADER],
+    payload: &[&[u8]],
+) -> Result<u64, SnapshotError> {
+    let mut crc = crc32c::crc32c(header);
+    w.write_all(header).map_err(SnapshotError::Write)?;
+    let mut n = RECORD_HEADER as u64 + 4;
+    for p in payload {
+        crc = crc32c::crc32c_append(crc, p);
+        w.write_all(p).map_err(SnapshotError::Write)?;
+        n += p.len() as u64;
+    }
+    w.write_all(&crc.to_le_bytes())
+        .map_err(SnapshotError::Write)?;
+    Ok(n)
+}
+
+/// `read_exact`, where the end of the stream is a truncated snapshot at
+/// byte `at`.
+pub(crate) fn read_exact(r: &mut impl Read, buf: &mut [u8], at: u64) -> Result<(), RestoreError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            RestoreError::Truncated { at }
+        } else {
+            RestoreError::Read(e)
+        }
+    })
+}
+
+pub(crate) fn corrupt(at: u64, what: String) -> RestoreError {
+    RestoreError::Corrupt { at, what }
+}

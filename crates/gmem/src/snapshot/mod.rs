@@ -1,0 +1,118 @@
+//! Snapshots of a VM's memory, through its gatekeeper: [`Gatekeeper::snapshot`]
+//! streams the layout, the attribute map and the populated runs to any
+//! `Write`; [`Gatekeeper::restore`] fills a new VM's files from one. The
+//! format is versioned and documented in `docs/snapshot-format.md`.
+//!
+//! - **Only populated runs** are written: holes stay holes, so a sparse
+//!   guest's snapshot is the size of what it touched.
+//! - **Bounded memory**: one chunk ([`CHUNK`], 1 MiB) at a time, whatever
+//!   the guest's size.
+//! - **Integrity**: every record carries a CRC-32C, and the last one counts
+//!   the records and bytes, so a flipped, cut or dropped byte is refused.
+//! - **Consistency**: the gatekeeper is frozen while it runs (no
+//!   conversion, discard or copy), and a snapshot with pins live is refused
+//!   (a device could write through them). The VMM pauses its vCPUs.
+//! - **Private pages** follow the caller's [`PrivatePages`], with no
+//!   default: refused, sealed with an AEAD under a key the caller gives
+//!   ([`SealKey`]), or omitted (restored private and zero). No private byte
+//!   reaches the stream in clear.
+//!
+//! ```
+//! use gmem::snapshot::{PrivatePages, SealKey};
+//! use gmem::{Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, SlotRequest, Vm};
+//!
+//! let Ok(vm) = Vm::new() else { return Ok(()) }; // no /dev/kvm here
+//! let mem = gmem::create_memory(MemoryOptions::new(BackingKind::Memfd, 2 << 20), Some(&vm))?;
+//! let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;
+//! let gate = Gatekeeper::new(&vm, vec![b], GateOptions::default())?;
+//! gate.write(0x1000, b"guest state")?;
+//! gate.convert(0x1000, 0x1000, Attribute::Private)?;
+//! let key = SealKey::new([7; 32]);
+//! let mut stream = Vec::new();
+//! gate.snapshot(&mut stream, &PrivatePages::Seal(key.clone()))?;
+//!
+//! // A new VM of the same layout, on any backing.
+//! let vm2 = Vm::new()?;
+//! let mem2 = gmem::create_memory(MemoryOptions::new(BackingKind::Memfd, 2 << 20), Some(&vm2))?;
+//! let b2 = vm2.bind(&mem2, SlotRequest::new(0, 0, 2 << 20))?;
+//! let gate2 = Gatekeeper::new(&vm2, vec![b2], GateOptions::default())?;
+//! gate2.restore(&mut stream.as_slice(), Some(&key))?;
+//! assert_eq!(gate2.attribute(0x1000), Some(Attribute::Private));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod format;
+pub(crate) mod restore;
+mod seal;
+mod write;
+
+use thiserror::Error;
+
+pub use format::{CHUNK, MAGIC, VERSION};
+pub use restore::{RestoreError, RestoreReport};
+pub use seal::SealKey;
+pub use write::SnapshotReport;
+
+use crate::backing::BackingError;
+use crate::gate::GateError;
+
+/// What a snapshot does with private pages: the caller chooses, there is no
+/// default.
+#[derive(Clone, Debug)]
+pub enum PrivatePages {
+    /// A VM with private pages is not snapshotted
+    /// ([`SnapshotError::PrivatePages`]).
+    Refuse,
+    /// Private runs are encrypted and authenticated (XChaCha20-Poly1305)
+    /// under this key; the layout and the attribute map are authenticated
+    /// too. Restoring needs the same key.
+    Seal(SealKey),
+    /// Private pages are not saved: they are restored private and zero.
+    Omit,
+}
+
+/// Why a snapshot was not taken. The VM is untouched either way.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The gatekeeper refused to freeze: pins are live, it is poisoned, or
+    /// a slot has two backings.
+    #[error("the gatekeeper cannot be snapshotted now")]
+    Gate(#[from] GateError),
+    /// [`PrivatePages::Refuse`], and the VM has private pages.
+    #[error(
+        "the VM has {bytes:#x} bytes of private memory (the first run at [{first_gpa:#x}, +{first_len:#x})) and the policy is Refuse: seal them (PrivatePages::Seal) or omit them (PrivatePages::Omit)"
+    )]
+    PrivatePages {
+        /// Private bytes in all.
+        bytes: u64,
+        /// The first private run's GPA.
+        first_gpa: u64,
+        /// Its length.
+        first_len: u64,
+    },
+    /// The populated ranges could not be found.
+    #[error("reading which pages are populated")]
+    Populated(#[source] BackingError),
+    /// The random snapshot id could not be drawn.
+    #[error("getrandom(2) for the snapshot's id")]
+    Random(#[source] std::io::Error),
+    /// Writing the stream failed (a full disk, a closed socket).
+    #[error("writing the snapshot")]
+    Write(#[source] std::io::Error),
+}
+
+impl SnapshotError {
+    /// The errno: `EAGAIN` for pins, `EPERM` for refused private pages, the
+    /// kernel's for I/O.
+    pub fn errno(&self) -> i32 {
+        match self {
+            SnapshotError::Gate(e) => e.errno(),
+            SnapshotError::PrivatePages { .. } => libc::EPERM,
+            SnapshotError::Populated(e) => e.errno(),
+            SnapshotError::Random(e) | SnapshotError::Write(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        }
+    }
+}
