@@ -43,6 +43,19 @@ pub struct VirtioBlk {
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// Requests answered, by status (`OK`, `IOERR`, `UNSUPP`).
     pub statuses: [u64; 3],
+    /// Where data passes between the disk and guest memory, reused.
+    copy: Vec<u8>,
+}
+
+/// The most bytes one copy between the disk and guest memory moves.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// `n` bytes (at most [`COPY_CHUNK`]) of the device's copy buffer.
+fn sized(copy: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if copy.len() < n {
+        copy.resize(n, 0);
+    }
+    &mut copy[..n]
 }
 
 impl VirtioBlk {
@@ -60,6 +73,7 @@ impl VirtioBlk {
             readonly,
             id,
             statuses: [0; 3],
+            copy: Vec::new(),
         })
     }
 
@@ -88,15 +102,34 @@ impl VirtioBlk {
                 })?,
             _ => return Err(QueueFault("a request with no writable status byte".into())),
         };
+        // The reader and writer walk the chain again from guest memory: a
+        // guest that changed it since (another vCPU) gets an error, never
+        // a chain other than the one checked.
+        let readable: u64 = descs
+            .iter()
+            .filter(|d| !d.is_write_only())
+            .map(|d| u64::from(d.len()))
+            .sum();
+        let writable: u64 = descs
+            .iter()
+            .filter(|d| d.is_write_only())
+            .map(|d| u64::from(d.len()))
+            .sum();
         let (status, written) = match (chain.clone().reader(mem), chain.writer(mem)) {
-            (Ok(mut reader), Ok(mut writer)) => {
-                let room = writer.available_bytes();
-                match writer.split_at(room - 1) {
-                    Ok(_status) => {
+            (Ok(mut reader), Ok(mut writer))
+                if reader.available_bytes() as u64 == readable
+                    && writer.available_bytes() as u64 == writable =>
+            {
+                match writer
+                    .available_bytes()
+                    .checked_sub(1)
+                    .map(|n| writer.split_at(n))
+                {
+                    Some(Ok(_status)) => {
                         let status = self.serve(&mut reader, &mut writer);
                         (status, writer.bytes_written())
                     }
-                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                    _ => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
             // A header or a buffer in private memory, or more than a request
@@ -138,11 +171,17 @@ impl VirtioBlk {
                 if !in_disk(len) {
                     return VIRTIO_BLK_S_IOERR;
                 }
-                let mut data = vec![0u8; len];
-                if self.disk.read_exact_at(&mut data, sector * SECTOR).is_err()
-                    || writer.write_all(&data).is_err()
-                {
-                    return VIRTIO_BLK_S_IOERR;
+                // Through one buffer of at most a chunk, reused: a request
+                // costs no allocation of its size.
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(COPY_CHUNK);
+                    let buf = sized(&mut self.copy, n);
+                    let at = sector * SECTOR + done as u64;
+                    if self.disk.read_exact_at(buf, at).is_err() || writer.write_all(buf).is_err() {
+                        return VIRTIO_BLK_S_IOERR;
+                    }
+                    done += n;
                 }
                 VIRTIO_BLK_S_OK
             }
@@ -151,11 +190,15 @@ impl VirtioBlk {
                 if self.readonly || !in_disk(len) {
                     return VIRTIO_BLK_S_IOERR;
                 }
-                let mut data = vec![0u8; len];
-                if reader.read_exact(&mut data).is_err()
-                    || self.disk.write_all_at(&data, sector * SECTOR).is_err()
-                {
-                    return VIRTIO_BLK_S_IOERR;
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(COPY_CHUNK);
+                    let at = sector * SECTOR + done as u64;
+                    let buf = sized(&mut self.copy, n);
+                    if reader.read_exact(buf).is_err() || self.disk.write_all_at(buf, at).is_err() {
+                        return VIRTIO_BLK_S_IOERR;
+                    }
+                    done += n;
                 }
                 VIRTIO_BLK_S_OK
             }
@@ -203,7 +246,8 @@ impl VirtioDevice for VirtioBlk {
         // The configuration space: capacity (le64) first; the rest zero.
         let cfg = self.capacity.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *b = at.and_then(|at| cfg.get(at)).copied().unwrap_or(0);
         }
     }
 

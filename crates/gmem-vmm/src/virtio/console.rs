@@ -51,10 +51,23 @@ impl VirtioConsole {
             RequestFns {
                 want: |_| true,
                 serve: |this: &mut VirtioConsole, chain, mem| {
-                    whole_chain(&chain)?;
+                    let descs = whole_chain(&chain)?;
                     let mut reader = chain
                         .reader(mem)
                         .map_err(|e| QueueFault(format!("transmitq: {e}")))?;
+                    // Walked again from guest memory: a chain changed since
+                    // it was checked is refused, and what is read stays
+                    // within the checked bound.
+                    let checked: u64 = descs
+                        .iter()
+                        .filter(|d| !d.is_write_only())
+                        .map(|d| u64::from(d.len()))
+                        .sum();
+                    if reader.available_bytes() as u64 != checked {
+                        return Err(QueueFault(
+                            "transmitq: the chain changed under the device".into(),
+                        ));
+                    }
                     let mut bytes = Vec::new();
                     reader
                         .read_to_end(&mut bytes)
@@ -83,10 +96,20 @@ impl VirtioConsole {
             RequestFns {
                 want: |this: &VirtioConsole| !this.input.is_empty(),
                 serve: |this: &mut VirtioConsole, chain, mem| {
-                    whole_chain(&chain)?;
+                    let descs = whole_chain(&chain)?;
                     let mut writer = chain
                         .writer(mem)
                         .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
+                    let checked: u64 = descs
+                        .iter()
+                        .filter(|d| d.is_write_only())
+                        .map(|d| u64::from(d.len()))
+                        .sum();
+                    if writer.available_bytes() as u64 != checked {
+                        return Err(QueueFault(
+                            "receiveq: the chain changed under the device".into(),
+                        ));
+                    }
                     let n = writer.available_bytes().min(this.input.len());
                     let (a, b) = this.input.as_slices();
                     let (a, b) = (&a[..n.min(a.len())], &b[..n - n.min(a.len())]);

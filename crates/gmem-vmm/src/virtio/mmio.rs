@@ -286,9 +286,12 @@ impl MmioTransport {
             value &= !VIRTIO_CONFIG_S_DRIVER_OK;
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         }
+        // A driver never clears a status bit but by a reset (virtio 1.x
+        // §2.1.1): bits once set stay, so FEATURES_OK cannot be dropped under
+        // a live device (which would make the features writable again).
         // NEEDS_RESET is the device's to set.
-        self.status =
-            value & !VIRTIO_CONFIG_S_NEEDS_RESET | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+        self.status = (value | self.status) & !VIRTIO_CONFIG_S_NEEDS_RESET
+            | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
     }
 
     /// Back to the state after power-on (status 0).

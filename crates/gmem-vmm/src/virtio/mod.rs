@@ -45,6 +45,12 @@ pub struct Refusal {
 /// would read and pin).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
+/// The most bytes one request's descriptors may add up to: 64 MiB, what
+/// one request's memory may pin. Descriptors may overlap (each naming the
+/// same buffer), so the pinned bytes do not bound what a device would copy;
+/// this does.
+pub const MAX_CHAIN_BYTES: u64 = 64 << 20;
+
 /// Guest memory for one notification's requests: each request gets its own
 /// [`DeviceMemory`] ([`memory`](Self::memory)), whose pins are released
 /// when the request is done ([`done`](Self::done)), so that a request costs
@@ -107,10 +113,17 @@ where
 {
     let head = chain.head_index();
     let mut descs = Vec::new();
+    let mut bytes = 0u64;
     for d in chain.clone() {
         if descs.len() == MAX_CHAIN_DESCRIPTORS {
             return Err(QueueFault(format!(
                 "the chain at head {head} has more than {MAX_CHAIN_DESCRIPTORS} descriptors"
+            )));
+        }
+        bytes += u64::from(d.len());
+        if bytes > MAX_CHAIN_BYTES {
+            return Err(QueueFault(format!(
+                "the chain at head {head} names more than {MAX_CHAIN_BYTES:#x} bytes"
             )));
         }
         descs.push(d);

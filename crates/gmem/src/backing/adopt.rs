@@ -213,6 +213,15 @@ impl GuestMemfd {
             let size = size_of(fd)?;
             validate_create(size, flags, vm.supported_gmem_flags(), kind.page_size())
                 .map_err(AdoptReason::Size)?;
+            // One owner per file: a file gmem owns already is refused before
+            // the probe touches it (the registration itself comes after).
+            let key = super::registry::key_of(fd).map_err(AdoptReason::Backing)?;
+            if super::registry::is_registered(key) {
+                return Err(AdoptReason::Backing(super::BackingError::AlreadyOwned {
+                    dev: key.dev,
+                    ino: key.ino,
+                }));
+            }
             let found = guest_memfd_flags(fd)?;
             if found != flags {
                 return Err(AdoptReason::FlagsDisagree {

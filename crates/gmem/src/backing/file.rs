@@ -167,7 +167,7 @@ impl FileCore {
         guard(&map, self.kind)?;
         let registration = self.host_maps.register(&map, start);
         Ok(HostWindow {
-            _registration: registration,
+            registration: Mutex::new(Some(registration)),
             start,
             skew: (offset - start) as usize,
             map,
@@ -416,8 +416,9 @@ impl FileCore {
 #[derive(Debug)]
 pub(crate) struct HostWindow {
     // Field order is drop order: unregister, then unmap.
-    /// Kept for its `Drop`: the mapping's registry entry.
-    _registration: super::mapping::Registration,
+    /// The mapping's registry entry (its `Drop` unregisters): taken away
+    /// when the range stops being a mapping of the file ([`disown`](Self::disown)).
+    registration: Mutex<Option<super::mapping::Registration>>,
     /// The file offset of the mapping's first byte (a backing page
     /// boundary).
     start: u64,
@@ -428,6 +429,16 @@ pub(crate) struct HostWindow {
 }
 
 impl HostWindow {
+    /// Takes the mapping out of the file's registry: after a failed remap
+    /// its range is no mapping of the file any more, and punches and
+    /// population queries must not look at it.
+    pub(crate) fn disown(&self) {
+        self.registration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
     /// The address of the range's first byte.
     pub(crate) fn addr(&self) -> usize {
         self.map.addr() + self.skew

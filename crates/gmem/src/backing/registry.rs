@@ -61,6 +61,11 @@ pub(crate) fn key_of(fd: BorrowedFd<'_>) -> Result<FileKey, BackingError> {
     })
 }
 
+/// Whether a live gmem file has inode `key`.
+pub(crate) fn is_registered(key: FileKey) -> bool {
+    files().contains(&key)
+}
+
 /// Registers the file `fd` refers to as a gmem file.
 ///
 /// # Errors

@@ -48,6 +48,10 @@ pub(super) struct State {
     /// Why the gatekeeper refuses everything, if it does: its records and
     /// the page tables (or KVM's attributes) may disagree.
     pub(super) poisoned: Option<String>,
+    /// Whether construction finished: a gatekeeper refused part-way never
+    /// held the guest, and leaves the files' retained pages as it found
+    /// them.
+    pub(super) built: bool,
 }
 
 impl State {
@@ -124,7 +128,7 @@ impl Drop for GateInner {
     fn drop(&mut self) {
         let poisoned = self.state.is_poisoned();
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        for r in &self.regions {
+        for r in self.regions.iter().filter(|_| state.built) {
             let mut retained = r.memory.core().retained_private();
             if poisoned || state.poisoned.is_some() {
                 // The map may be wrong: every page stays private.
@@ -255,6 +259,7 @@ impl Gatekeeper {
                 stats: ConversionStats::default(),
                 subscribers: Vec::new(),
                 poisoned: None,
+                built: false,
             }),
             policy: opts.policy,
             budget: opts.view_budget,
@@ -282,6 +287,7 @@ impl Gatekeeper {
                 })?;
             }
         }
+        gate.write_state().built = true;
         Ok(gate)
     }
 
@@ -385,10 +391,17 @@ impl Gatekeeper {
     }
 
     /// As [`subscribe`](Self::subscribe), with a queue of `capacity` events
-    /// (at least 1).
+    /// (1 to 2^20). A gatekeeper keeps at most 64 subscribers: a 65th
+    /// replaces the oldest, whose receiver then sees the channel close.
     pub fn subscribe_with_capacity(&self, capacity: usize) -> Receiver<MemoryEvent> {
-        let (tx, rx) = sync_channel(capacity.max(1));
-        self.write_state().subscribers.push(tx);
+        let (tx, rx) = sync_channel(capacity.clamp(1, MAX_EVENT_QUEUE));
+        let mut st = self.write_state();
+        if st.subscribers.len() >= MAX_SUBSCRIBERS {
+            // The oldest goes (its receiver sees the channel close): the list
+            // is bounded even if receivers are dropped while no event comes.
+            st.subscribers.remove(0);
+        }
+        st.subscribers.push(tx);
         rx
     }
 
@@ -546,7 +559,9 @@ impl Gatekeeper {
                 max: self.0.max_pins,
             });
         }
-        self.open(&mut st, ri, window, gpa, len)?;
+        self.admit_pin(&mut st, ri, &window, gpa, len)?;
+        self.open(&mut st, ri, window.clone(), gpa, len)?;
+        st.views[ri].charge(&window);
         let id = st.pins.add(gpa..end);
         let holder: Arc<dyn PinHolder> = Arc::clone(&self.0) as Arc<dyn PinHolder>;
         Ok(Pin::new(holder, id, gpa, len, r.view_ptr(gpa)))
@@ -805,6 +820,13 @@ impl Gatekeeper {
 
 /// How many events a subscriber's queue holds by default.
 pub const DEFAULT_EVENT_QUEUE: usize = 4096;
+
+/// The largest queue a subscriber may ask for.
+const MAX_EVENT_QUEUE: usize = 1 << 20;
+
+/// The most subscribers a gatekeeper keeps; a new one past it replaces the
+/// oldest.
+const MAX_SUBSCRIBERS: usize = 64;
 
 impl PinHolder for GateInner {
     /// Drops pin `id`. A backing page of the pin's window that holds private

@@ -101,7 +101,12 @@ impl Region {
     /// the region.
     pub(super) fn remap_view(&self) -> Result<(), crate::backing::BackingError> {
         let core = self.memory.core();
-        self.view().remap_none(core.fd(), self.view.start())?;
+        if let Err(e) = self.view().remap_none(core.fd(), self.view.start()) {
+            // The range is no mapping of the file now (an anonymous
+            // placeholder, or given up): out of the file's registry.
+            self.view.disown();
+            return Err(e);
+        }
         crate::backing::file::guard(self.view(), self.memory.kind())
     }
 

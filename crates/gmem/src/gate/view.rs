@@ -156,22 +156,46 @@ impl ViewState {
 
     /// The VMAs the view costs now.
     pub(crate) fn vmas(&self) -> usize {
+        self.vmas_if_open(&self.open)
+    }
+
+    /// The VMAs the view would cost with exactly `open` open: one per run
+    /// of equal protection on shmem; on hugetlb every boundary made so far,
+    /// and those of `open`'s runs.
+    pub(crate) fn vmas_if_open(&self, open: &RangeSet) -> usize {
         if self.sticky {
-            return 1 + self.splits.len();
+            let new = open
+                .iter()
+                .flat_map(|r| [r.start, r.end])
+                .filter(|b| *b != self.lo && *b != self.hi && !self.splits.contains(b))
+                .collect::<BTreeSet<u64>>()
+                .len();
+            return 1 + self.splits.len() + new;
         }
-        let runs = self.open.run_count();
+        let runs = open.run_count();
         if runs == 0 {
             return 1;
         }
         let mut vmas = 2 * runs + 1;
-        let mut iter = self.open.iter();
-        if iter.next().is_some_and(|r| r.start == self.lo) {
+        if open.iter().next().is_some_and(|r| r.start == self.lo) {
             vmas -= 1;
         }
-        if self.open.iter().last().is_some_and(|r| r.end == self.hi) {
+        if open.iter().last().is_some_and(|r| r.end == self.hi) {
             vmas -= 1;
         }
         vmas
+    }
+
+    /// Whether `mprotect` splits stay (hugetlb).
+    pub(crate) fn is_sticky(&self) -> bool {
+        self.sticky
+    }
+
+    /// Counts `w`'s ends as boundaries (hugetlb), as if `w` had been opened
+    /// alone: a pinned window inside a larger open run becomes a boundary
+    /// the day the run around it closes, and is paid for when it is pinned.
+    pub(crate) fn charge(&mut self, w: &Range<u64>) {
+        self.split_at(w);
     }
 
     /// The VMAs the view would cost with `parts` opened too (one

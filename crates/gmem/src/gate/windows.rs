@@ -82,7 +82,18 @@ impl Gatekeeper {
             let open: Vec<Range<u64>> = st.views[ri].open().iter().collect();
             self.close_in(st, ri, &open)?;
             let r = &self.0.regions[ri];
-            if st.views[ri].can_compact() && st.pins.first_pinned(&(r.gpa..r.end())).is_none() {
+            // A fresh shared hugetlb mapping needs every page of the view
+            // reserved or present: where a discarded page could not be
+            // reserved again, the view keeps its splits (a pin that needs the
+            // entries is refused) rather than fail and poison the VM.
+            let reserved = || {
+                let core = r.memory.core();
+                core.ensure_reserved(r.offset, r.len).is_ok()
+            };
+            if st.views[ri].can_compact()
+                && st.pins.first_pinned(&(r.gpa..r.end())).is_none()
+                && reserved()
+            {
                 match r.remap_view() {
                     Ok(()) => st.views[ri].compacted(),
                     Err(e) => {
@@ -107,10 +118,73 @@ impl Gatekeeper {
         Ok(())
     }
 
+    /// The windows pins hold in region `ri` (whole backing pages), and
+    /// `extra` too.
+    fn pinned_windows(&self, st: &State, ri: usize, extra: Option<&Range<u64>>) -> RangeSet {
+        let r = &self.0.regions[ri];
+        let mut set = RangeSet::new();
+        for p in st.pins.pinned_in(&(r.gpa..r.end())) {
+            set.insert(r.window_clipped(&p));
+        }
+        if let Some(w) = extra {
+            set.insert(w.clone());
+        }
+        set
+    }
+
+    /// The map entries the views would cost beyond one each if only the
+    /// pinned windows (and `extra`, a window about to be pinned in region
+    /// `ri`) were open. Kept within the budget at every pin, this is what
+    /// makes any close affordable: whatever the guest converts, closing
+    /// every unpinned window brings the views back to it.
+    fn pinned_cost(&self, st: &State, extra: Option<(usize, &Range<u64>)>) -> usize {
+        (0..self.0.regions.len())
+            .map(|ri| {
+                let w = extra.filter(|(i, _)| *i == ri).map(|(_, w)| w);
+                st.views[ri].vmas_if_open(&self.pinned_windows(st, ri, w)) - 1
+            })
+            .sum()
+    }
+
+    /// Admits a pin of `window` in region `ri`: refused if the pinned
+    /// windows alone, this one included, would cost more map entries than
+    /// the budget, even after every unpinned window is closed (and split
+    /// hugetlb views mapped afresh).
+    pub(super) fn admit_pin(
+        &self,
+        st: &mut State,
+        ri: usize,
+        window: &Range<u64>,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), GateError> {
+        if self.pinned_cost(st, Some((ri, window))) <= self.0.budget {
+            return Ok(());
+        }
+        self.evict(st)?;
+        if self.pinned_cost(st, Some((ri, window))) <= self.0.budget {
+            return Ok(());
+        }
+        let regions = self.0.regions.len();
+        Err(GateError::ViewBudget {
+            gpa,
+            len,
+            vmas: regions + st.extra_vmas(),
+            budget: regions + self.0.budget,
+            pinned: st.pins.len(),
+        })
+    }
+
     /// Closes the open windows over the backing pages that `ranges` touch,
-    /// except pages a pin holds. Returns what it closed, `(region, range)`,
-    /// for [`reopen`](Self::reopen); on failure it has reopened what it
-    /// closed (or poisoned the gatekeeper, if it could not).
+    /// except pages a pin holds, within the budget of map entries: a close
+    /// inside an open run splits it, so where closing just those pages
+    /// would cost more than the budget, every unpinned window closes
+    /// instead (the pinned ones alone fit, by [`admit_pin`](Self::admit_pin)).
+    /// On hugetlb, whose splits never merge back, whole open runs close
+    /// around the pinned windows, whose boundaries were paid for when they
+    /// were pinned. Returns what it closed, `(region, range)`, for
+    /// [`reopen`](Self::reopen); on failure it has reopened what it closed
+    /// (or poisoned the gatekeeper, if it could not).
     pub(super) fn close_over(
         &self,
         st: &mut State,
@@ -126,6 +200,43 @@ impl Gatekeeper {
                     _ => by_region.push((ri, vec![w])),
                 }
             });
+        }
+        // hugetlb: whole open runs.
+        for (ri, parts) in &mut by_region {
+            if st.views[*ri].is_sticky() {
+                let runs: Vec<Range<u64>> = parts
+                    .iter()
+                    .flat_map(|w| {
+                        st.views[*ri]
+                            .open()
+                            .overlapping(w.clone())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                parts.extend(runs);
+            }
+        }
+        // shmem: exactly, if the budget affords the splits.
+        let projected: usize = (0..self.0.regions.len())
+            .map(|ri| {
+                let mut after = st.views[ri].open().clone();
+                if let Some((_, parts)) = by_region.iter().find(|(i, _)| *i == ri) {
+                    for w in parts {
+                        after.remove(w.clone());
+                    }
+                    for p in self.pinned_windows(st, ri, None).iter() {
+                        if st.views[ri].open().contains(p.clone()) {
+                            after.insert(p);
+                        }
+                    }
+                }
+                st.views[ri].vmas_if_open(&after) - 1
+            })
+            .sum();
+        if projected > self.0.budget {
+            by_region = (0..self.0.regions.len())
+                .map(|ri| (ri, st.views[ri].open().iter().collect()))
+                .collect();
         }
         let mut closed = Vec::new();
         for (ri, parts) in by_region {

@@ -277,12 +277,11 @@ impl Vm {
     /// be opened; [`KvmError::TypeMismatch`] for a VM gmem has with another
     /// type.
     pub fn from_vm_fd(fd: VmFd, vm_type: VmType) -> Result<Vm, KvmError> {
-        if let Some(vm) = known_vm(fd.as_raw_fd()) {
-            return vm.same_type(vm_type);
-        }
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
-        let caps = CapsCache::Own(Box::new(NO_CAPS));
-        Ok(register_vm(Vm::wrap(kvm, fd, vm_type, caps)))
+        adopt_vm(fd.as_raw_fd(), vm_type, || {
+            let kvm = Kvm::new().map_err(KvmError::Open)?;
+            let caps = CapsCache::Own(Box::new(NO_CAPS));
+            Ok(Vm::wrap(kvm, fd, vm_type, caps))
+        })
     }
 
     /// This VM, if it has `vm_type`; the error otherwise.
@@ -311,20 +310,20 @@ impl Vm {
         if link != "anon_inode:kvm-vm" {
             return Err(KvmError::NotAVm { is: link });
         }
-        if let Some(vm) = known_vm(fd.as_raw_fd()) {
-            return vm.same_type(vm_type);
-        }
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
-        // The vCPU mmap size is what create_vmfd_from_rawfd asks first; if it
-        // fails there, the fd would leak, so ask here while the fd is owned.
-        kvm.get_vcpu_mmap_size().map_err(KvmError::Open)?;
-        // SAFETY: the raw fd comes out of an OwnedFd this call owns, so
-        // nothing else owns or closes it, and it is a KVM VM fd (checked
-        // above); the VmFd owns it from here on.
-        let vm_fd =
-            unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }.map_err(KvmError::Open)?;
-        let caps = CapsCache::Own(Box::new(NO_CAPS));
-        Ok(register_vm(Vm::wrap(kvm, vm_fd, vm_type, caps)))
+        adopt_vm(fd.as_raw_fd(), vm_type, || {
+            let kvm = Kvm::new().map_err(KvmError::Open)?;
+            // The vCPU mmap size is what create_vmfd_from_rawfd asks first;
+            // if it fails there, the fd would leak, so ask here while the fd
+            // is owned.
+            kvm.get_vcpu_mmap_size().map_err(KvmError::Open)?;
+            // SAFETY: the raw fd comes out of an OwnedFd this call owns, so
+            // nothing else owns or closes it, and it is a KVM VM fd (checked
+            // above); the VmFd owns it from here on.
+            let vm_fd =
+                unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }.map_err(KvmError::Open)?;
+            let caps = CapsCache::Own(Box::new(NO_CAPS));
+            Ok(Vm::wrap(kvm, vm_fd, vm_type, caps))
+        })
     }
 
     fn wrap(kvm: Kvm, fd: VmFd, vm_type: VmType, caps: CapsCache) -> Vm {
@@ -475,13 +474,27 @@ fn register_vm(vm: Vm) -> Vm {
     vm
 }
 
-/// The live gmem VM whose fd is the same open file as `fd`, if any.
-fn known_vm(fd: std::os::fd::RawFd) -> Option<Vm> {
-    let all = vms();
-    all.iter()
+/// The live gmem VM whose fd is the same open file as `fd`, or else the VM
+/// `make` builds, registered: under one hold of the registry's lock, so
+/// that two threads adopting dups of one VM at once get one `Vm`.
+fn adopt_vm(
+    fd: std::os::fd::RawFd,
+    vm_type: VmType,
+    make: impl FnOnce() -> Result<Vm, KvmError>,
+) -> Result<Vm, KvmError> {
+    let mut all = vms();
+    let known = all
+        .iter()
         .filter_map(Weak::upgrade)
-        .find(|inner| same_open_file(fd, inner.fd.as_raw_fd()))
-        .map(|inner| Vm { inner })
+        .find(|inner| same_open_file(fd, inner.fd.as_raw_fd()));
+    if let Some(inner) = known {
+        drop(all);
+        return Vm { inner }.same_type(vm_type);
+    }
+    let vm = make()?;
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(&vm.inner));
+    Ok(vm)
 }
 
 /// `KCMP_FILE` (`<linux/kcmp.h>`; the libc crate lacks the constant).
