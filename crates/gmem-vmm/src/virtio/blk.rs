@@ -85,10 +85,10 @@ impl VirtioBlk {
         chain: DescriptorChain<&DeviceMemory>,
         mem: &DeviceMemory,
     ) -> Result<Answer, QueueFault> {
-        let descs = whole_chain(&chain)?;
+        let whole = whole_chain(&chain)?;
         // The status byte: the last byte of the last descriptor, which must
         // be device-writable (checked arithmetic: the address is the guest's).
-        let status_at = match descs.last() {
+        let status_at = match whole.descs.last() {
             Some(d) if d.is_write_only() && d.len() > 0 => d
                 .addr()
                 .0
@@ -105,20 +105,10 @@ impl VirtioBlk {
         // The reader and writer walk the chain again from guest memory: a
         // guest that changed it since (another vCPU) gets an error, never
         // a chain other than the one checked.
-        let readable: u64 = descs
-            .iter()
-            .filter(|d| !d.is_write_only())
-            .map(|d| u64::from(d.len()))
-            .sum();
-        let writable: u64 = descs
-            .iter()
-            .filter(|d| d.is_write_only())
-            .map(|d| u64::from(d.len()))
-            .sum();
         let (status, written) = match (chain.clone().reader(mem), chain.writer(mem)) {
             (Ok(mut reader), Ok(mut writer))
-                if reader.available_bytes() as u64 == readable
-                    && writer.available_bytes() as u64 == writable =>
+                if whole.reads(reader.available_bytes())
+                    && whole.writes(writer.available_bytes()) =>
             {
                 match writer
                     .available_bytes()

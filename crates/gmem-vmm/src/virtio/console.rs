@@ -51,19 +51,13 @@ impl VirtioConsole {
             RequestFns {
                 want: |_| true,
                 serve: |this: &mut VirtioConsole, chain, mem| {
-                    let descs = whole_chain(&chain)?;
+                    let whole = whole_chain(&chain)?;
                     let mut reader = chain
                         .reader(mem)
-                        .map_err(|e| QueueFault(format!("transmitq: {e}")))?;
-                    // Walked again from guest memory: a chain changed since
+                        .map_err(|e| QueueFault(format!("transmitq: {e}")))?; // Walked again from guest memory: a chain changed since
                     // it was checked is refused, and what is read stays
                     // within the checked bound.
-                    let checked: u64 = descs
-                        .iter()
-                        .filter(|d| !d.is_write_only())
-                        .map(|d| u64::from(d.len()))
-                        .sum();
-                    if reader.available_bytes() as u64 != checked {
+                    if !whole.reads(reader.available_bytes()) {
                         return Err(QueueFault(
                             "transmitq: the chain changed under the device".into(),
                         ));
@@ -96,16 +90,11 @@ impl VirtioConsole {
             RequestFns {
                 want: |this: &VirtioConsole| !this.input.is_empty(),
                 serve: |this: &mut VirtioConsole, chain, mem| {
-                    let descs = whole_chain(&chain)?;
+                    let whole = whole_chain(&chain)?;
                     let mut writer = chain
                         .writer(mem)
                         .map_err(|e| QueueFault(format!("receiveq: {e}")))?;
-                    let checked: u64 = descs
-                        .iter()
-                        .filter(|d| d.is_write_only())
-                        .map(|d| u64::from(d.len()))
-                        .sum();
-                    if writer.available_bytes() as u64 != checked {
+                    if !whole.writes(writer.available_bytes()) {
                         return Err(QueueFault(
                             "receiveq: the chain changed under the device".into(),
                         ));

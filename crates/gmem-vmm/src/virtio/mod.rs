@@ -106,7 +106,7 @@ const MAX_REFUSALS_PER_NOTIFY: usize = 64;
 ///
 /// # Errors
 /// [`QueueFault`] naming the head and why.
-pub fn whole_chain<M>(chain: &DescriptorChain<M>) -> Result<Vec<Descriptor>, QueueFault>
+pub fn whole_chain<M>(chain: &DescriptorChain<M>) -> Result<WholeChain, QueueFault>
 where
     M: std::ops::Deref + Clone,
     M::Target: vm_memory::GuestMemory,
@@ -136,7 +136,47 @@ where
             "the chain at head {head} was cut short after {} descriptors (a descriptor or table it names is not readable shared memory, or it is malformed)",
             descs.len()
         ))),
-        Some(_) => Ok(descs),
+        Some(_) => {
+            let sum = |w: bool| {
+                descs
+                    .iter()
+                    .filter(|d| d.is_write_only() == w)
+                    .map(|d| u64::from(d.len()))
+                    .sum()
+            };
+            Ok(WholeChain {
+                readable: sum(false),
+                writable: sum(true),
+                descs,
+            })
+        }
+    }
+}
+
+/// A chain [`whole_chain`] checked: its descriptors, and the bytes they
+/// offer the device to read and to write. virtio-queue's `Reader` and
+/// `Writer` walk the chain again from guest memory, which the guest may
+/// have changed since (from another vCPU): a device compares their sizes
+/// with these ([`reads`](Self::reads), [`writes`](Self::writes)), and
+/// serves nothing if they differ.
+pub struct WholeChain {
+    /// The descriptors, in chain order.
+    pub descs: Vec<Descriptor>,
+    /// The bytes of the device-readable descriptors.
+    pub readable: u64,
+    /// The bytes of the device-writable descriptors.
+    pub writable: u64,
+}
+
+impl WholeChain {
+    /// Whether a `Reader` of `n` bytes walked the same chain.
+    pub fn reads(&self, n: usize) -> bool {
+        n as u64 == self.readable
+    }
+
+    /// Whether a `Writer` of `n` bytes walked the same chain.
+    pub fn writes(&self, n: usize) -> bool {
+        n as u64 == self.writable
     }
 }
 

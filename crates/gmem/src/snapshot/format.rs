@@ -5,8 +5,7 @@
 use std::io::{Read, Write};
 use std::ops::Range;
 
-use super::SnapshotError;
-use super::restore::RestoreError;
+use super::error::{RestoreError, SnapshotError};
 use crate::backing::BackingKind;
 use crate::gate::frozen::RegionLayout;
 
@@ -231,6 +230,11 @@ pub(crate) fn record_header(kind: Kind, len: u32, gpa: u64) -> [u8; RECORD_HEADE
     h[4..8].copy_from_slice(&len.to_le_bytes());
     h[8..16].copy_from_slice(&gpa.to_le_bytes());
     h
+}
+
+/// A sealed record's associated data: its header (kind, length, GPA).
+pub(crate) fn aad(head: &[u8; RECORD_HEADER]) -> [u8; RECORD_HEADER] {
+    *head
 }
 
 /// Writes one record: header, payload, CRC-32C of both.

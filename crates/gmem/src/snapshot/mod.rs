@@ -41,20 +41,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod error;
 mod format;
-pub(crate) mod restore;
+mod restore;
 mod seal;
 mod write;
 
-use thiserror::Error;
-
+pub use error::{RestoreError, SnapshotError};
 pub use format::{CHUNK, MAGIC, VERSION};
-pub use restore::{RestoreError, RestoreReport};
+pub use restore::RestoreReport;
 pub use seal::SealKey;
 pub use write::SnapshotReport;
-
-use crate::backing::BackingError;
-use crate::gate::GateError;
 
 /// What a snapshot does with private pages: the caller chooses, there is no
 /// default.
@@ -69,50 +66,4 @@ pub enum PrivatePages {
     Seal(SealKey),
     /// Private pages are not saved: they are restored private and zero.
     Omit,
-}
-
-/// Why a snapshot was not taken. The VM is untouched either way.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum SnapshotError {
-    /// The gatekeeper refused to freeze: pins are live, it is poisoned, or
-    /// a slot has two backings.
-    #[error("the gatekeeper cannot be snapshotted now")]
-    Gate(#[from] GateError),
-    /// [`PrivatePages::Refuse`], and the VM has private pages.
-    #[error(
-        "the VM has {bytes:#x} bytes of private memory (the first run at [{first_gpa:#x}, +{first_len:#x})) and the policy is Refuse: seal them (PrivatePages::Seal) or omit them (PrivatePages::Omit)"
-    )]
-    PrivatePages {
-        /// Private bytes in all.
-        bytes: u64,
-        /// The first private run's GPA.
-        first_gpa: u64,
-        /// Its length.
-        first_len: u64,
-    },
-    /// The populated ranges could not be found.
-    #[error("reading which pages are populated")]
-    Populated(#[source] BackingError),
-    /// The random snapshot id could not be drawn.
-    #[error("getrandom(2) for the snapshot's id")]
-    Random(#[source] std::io::Error),
-    /// Writing the stream failed (a full disk, a closed socket).
-    #[error("writing the snapshot")]
-    Write(#[source] std::io::Error),
-}
-
-impl SnapshotError {
-    /// The errno: `EAGAIN` for pins, `EPERM` for refused private pages, the
-    /// kernel's for I/O.
-    pub fn errno(&self) -> i32 {
-        match self {
-            SnapshotError::Gate(e) => e.errno(),
-            SnapshotError::PrivatePages { .. } => libc::EPERM,
-            SnapshotError::Populated(e) => e.errno(),
-            SnapshotError::Random(e) | SnapshotError::Write(e) => {
-                e.raw_os_error().unwrap_or(libc::EIO)
-            }
-        }
-    }
 }

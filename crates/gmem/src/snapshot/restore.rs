@@ -5,11 +5,11 @@
 
 use std::io::Read;
 
-use thiserror::Error;
-
-use super::format::{CHUNK, Header, Kind, PolicyCode, RECORD_HEADER, TAG, corrupt, read_exact};
+use super::error::RestoreError;
+use super::format::{
+    CHUNK, Header, Kind, PolicyCode, RECORD_HEADER, TAG, aad, corrupt, read_exact,
+};
 use super::seal::{HEADER_INDEX, SealKey, Sealer};
-use super::write::aad;
 use crate::gate::{GateError, Gatekeeper};
 use crate::range::PAGE_SIZE;
 
@@ -23,83 +23,6 @@ pub struct RestoreReport {
     pub sealed_bytes: u64,
     /// Records read, the end record included.
     pub records: u64,
-}
-
-/// Why a restore was refused or stopped. Refused before the memory was
-/// touched (a bad header, another layout, a wrong key), the gatekeeper is
-/// as it was; stopped part-way (a corrupt or truncated record), it is
-/// poisoned and must not run: its memory is neither the snapshot's nor
-/// empty.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum RestoreError {
-    /// The stream does not start with `GMEMSNAP`.
-    #[error("not a gmem snapshot (its first 8 bytes are not GMEMSNAP)")]
-    NotASnapshot,
-    /// Another format version.
-    #[error(
-        "snapshot format version {found}; this gmem reads version {}",
-        super::VERSION
-    )]
-    Version {
-        /// The version found.
-        found: u32,
-    },
-    /// The stream ends before the snapshot does.
-    #[error("the snapshot is truncated at byte {at}")]
-    Truncated {
-        /// Where it ends.
-        at: u64,
-    },
-    /// A byte of the snapshot is not what was written.
-    #[error("the snapshot is corrupt at byte {at}: {what}")]
-    Corrupt {
-        /// Where.
-        at: u64,
-        /// What does not hold.
-        what: String,
-    },
-    /// Reading the stream failed.
-    #[error("reading the snapshot")]
-    Read(#[source] std::io::Error),
-    /// The snapshot's private pages are sealed, and no key was given.
-    #[error("the snapshot's private pages are sealed: restoring needs its key")]
-    NeedsKey,
-    /// The key does not open the snapshot (or its header was changed).
-    #[error(
-        "the key does not authenticate the snapshot's layout and attribute map: a wrong key, or a tampered header"
-    )]
-    WrongKey,
-    /// The VM's layout is not the snapshot's.
-    #[error(
-        "the snapshot has {snapshot} regions ({snapshot_layout}), this VM has {here} ({here_layout}): restore onto a VM bound as the snapshot's was"
-    )]
-    Layout {
-        /// The snapshot's region count.
-        snapshot: usize,
-        /// Its regions, `[gpa, +len)`.
-        snapshot_layout: String,
-        /// The VM's region count.
-        here: usize,
-        /// Its regions.
-        here_layout: String,
-    },
-    /// The gatekeeper cannot take a restore now.
-    #[error("the gatekeeper cannot be restored into")]
-    Gate(#[from] GateError),
-}
-
-impl RestoreError {
-    /// The errno: `EINVAL` for bad snapshots and layouts, `EKEYREJECTED` for
-    /// keys, the kernel's for I/O.
-    pub fn errno(&self) -> i32 {
-        match self {
-            RestoreError::NeedsKey | RestoreError::WrongKey => libc::EKEYREJECTED,
-            RestoreError::Read(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            RestoreError::Gate(e) => e.errno(),
-            _ => libc::EINVAL,
-        }
-    }
 }
 
 fn layout_text(regions: impl Iterator<Item = (u64, u64)>) -> String {

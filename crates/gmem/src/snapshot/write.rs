@@ -2,11 +2,10 @@
 
 use std::io::Write;
 
-use super::format::{
-    CHUNK, Header, Kind, PolicyCode, RECORD_HEADER, TAG, record_header, write_record,
-};
+use super::PrivatePages;
+use super::error::SnapshotError;
+use super::format::{CHUNK, Header, Kind, PolicyCode, TAG, aad, record_header, write_record};
 use super::seal::{HEADER_INDEX, Sealer};
-use super::{PrivatePages, SnapshotError};
 use crate::gate::Gatekeeper;
 
 /// What a snapshot wrote.
@@ -132,9 +131,4 @@ impl Gatekeeper {
         w.flush().map_err(SnapshotError::Write)?;
         Ok(report)
     }
-}
-
-/// A sealed record's associated data: its header (kind, length, GPA).
-pub(crate) fn aad(head: &[u8; RECORD_HEADER]) -> [u8; RECORD_HEADER] {
-    *head
 }
