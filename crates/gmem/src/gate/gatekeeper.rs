@@ -561,7 +561,7 @@ impl Gatekeeper {
         }
         self.admit_pin(&mut st, ri, &window, gpa, len)?;
         self.open(&mut st, ri, window.clone(), gpa, len)?;
-        st.views[ri].charge(&window);
+        st.views[ri].pin_window(&window);
         let id = st.pins.add(gpa..end);
         let holder: Arc<dyn PinHolder> = Arc::clone(&self.0) as Arc<dyn PinHolder>;
         Ok(Pin::new(holder, id, gpa, len, r.view_ptr(gpa)))
@@ -842,6 +842,9 @@ impl PinHolder for GateInner {
             return;
         };
         let r = &gate.0.regions[ri];
+        if let Some(w) = r.window(&range) {
+            st.views[ri].unpin_window(&w);
+        }
         if r.granule == PAGE_SIZE {
             return;
         }

@@ -22,7 +22,7 @@
 //! allocations run out of map entries, and a VM that cannot get its share is
 //! refused at creation with a typed error, not starved later.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -130,6 +130,10 @@ pub(crate) struct ViewState {
     open: RangeSet,
     /// hugetlb: every boundary an `mprotect` made inside the view.
     splits: BTreeSet<u64>,
+    /// The ends of every live pin's window, counted (how many pins' windows
+    /// end there): the boundaries the pinned windows could ever need,
+    /// whatever else closes around them.
+    pinned_ends: BTreeMap<u64, u32>,
 }
 
 impl ViewState {
@@ -141,6 +145,7 @@ impl ViewState {
             sticky,
             open: RangeSet::new(),
             splits: BTreeSet::new(),
+            pinned_ends: BTreeMap::new(),
         }
     }
 
@@ -191,11 +196,51 @@ impl ViewState {
         self.sticky
     }
 
-    /// Counts `w`'s ends as boundaries (hugetlb), as if `w` had been opened
-    /// alone: a pinned window inside a larger open run becomes a boundary
-    /// the day the run around it closes, and is paid for when it is pinned.
-    pub(crate) fn charge(&mut self, w: &Range<u64>) {
+    /// Records a pin of window `w`: its ends are boundaries the view may
+    /// need whatever closes around it (a pinned window inside a larger
+    /// open run becomes one the day the run closes), so they are paid for
+    /// now; on hugetlb they count as splits from now on.
+    pub(crate) fn pin_window(&mut self, w: &Range<u64>) {
+        for b in self.inner_ends(w) {
+            *self.pinned_ends.entry(b).or_insert(0) += 1;
+        }
         self.split_at(w);
+    }
+
+    /// Records that a pin of window `w` went.
+    pub(crate) fn unpin_window(&mut self, w: &Range<u64>) {
+        for b in self.inner_ends(w) {
+            if let Some(c) = self.pinned_ends.get_mut(&b) {
+                *c -= 1;
+                if *c == 0 {
+                    self.pinned_ends.remove(&b);
+                }
+            }
+        }
+    }
+
+    /// The ends of `w` that are not the view's own.
+    fn inner_ends(&self, w: &Range<u64>) -> impl Iterator<Item = u64> + use<> {
+        let (lo, hi) = (self.lo, self.hi);
+        [w.start, w.end]
+            .into_iter()
+            .filter(move |b| *b != lo && *b != hi)
+    }
+
+    /// The most VMAs beyond one the view could need for its pinned windows,
+    /// and `extra` (a window about to be pinned), whatever opens and closes
+    /// around them: one per boundary any of them has (on hugetlb, with
+    /// every split made so far, which only a fresh mapping clears). Dropping
+    /// a pin never raises it.
+    pub(crate) fn pinned_cost(&self, extra: Option<&Range<u64>>) -> usize {
+        let mut ends: BTreeSet<u64> = self.pinned_ends.keys().copied().collect();
+        if let Some(w) = extra {
+            ends.extend(self.inner_ends(w));
+        }
+        if self.sticky {
+            ends.extend(self.splits.iter().copied());
+        }
+        ends.len()
     }
 
     /// The VMAs the view would cost with `parts` opened too (one
@@ -243,7 +288,7 @@ impl ViewState {
     }
 
     /// Records that the view was mapped afresh, `PROT_NONE`: one VMA, no
-    /// window open.
+    /// window open (the caller checked no pin is held there).
     pub(crate) fn compacted(&mut self) {
         self.open = RangeSet::new();
         self.splits.clear();

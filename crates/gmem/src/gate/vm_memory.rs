@@ -171,19 +171,39 @@ impl DeviceMemory {
     /// Makes sure every part (each inside one region) is covered by this
     /// request's pins: pins the whole pages of those that are not, all or
     /// nothing (a refusal drops the pins this call made).
+    ///
+    /// A new pin that touches pages this request holds already takes them
+    /// in: it pins the whole run and the pins it covers go, so a request's
+    /// contiguous buffers (a descriptor each) cost one pin and one window,
+    /// not one a descriptor (pins' window boundaries are what the view
+    /// budget counts).
     fn cover(&self, held: &mut Held, parts: &[(u64, u64)]) -> Result<(), GateError> {
         let mut new: Vec<(Pin, u64, u64)> = Vec::new();
-        let (mut pins, mut bytes) = (held.pins.len(), held.bytes);
+        let mut covered = held.covered.clone();
+        let mut bytes = held.bytes;
         for &(start, end) in parts {
-            if held.covered.contains(start..end) {
+            if covered.contains(start..end) {
                 continue;
             }
-            let (pstart, pend) = (
+            let (mut pstart, mut pend) = (
                 start / PAGE_SIZE * PAGE_SIZE,
                 end.next_multiple_of(PAGE_SIZE),
             );
-            let len = pend - pstart;
-            if pins >= self.max_pins || bytes.saturating_add(len) > self.max_bytes {
+            // Take in the held runs it touches, inside the same region.
+            if let Some(region) = self.gate.region_of(pstart) {
+                let touching: Vec<_> = covered
+                    .overlapping(pstart.saturating_sub(1)..pend.saturating_add(1))
+                    .collect();
+                for run in touching {
+                    if run.start >= region.start && run.end <= region.end {
+                        pstart = pstart.min(run.start);
+                        pend = pend.max(run.end);
+                    }
+                }
+            }
+            let grown = (pend - pstart).saturating_sub(covered_in(&covered, pstart, pend));
+            let pins = held.pins.len() + new.len();
+            if pins >= self.max_pins || bytes.saturating_add(grown) > self.max_bytes {
                 return Err(GateError::RequestBound {
                     gpa: start,
                     len: end - start,
@@ -193,17 +213,28 @@ impl DeviceMemory {
                     max_pins: self.max_pins,
                 });
             }
-            new.push((self.gate.pin(pstart, len)?, pstart, pend));
-            pins += 1;
-            bytes += len;
+            new.push((self.gate.pin(pstart, pend - pstart)?, pstart, pend));
+            covered.insert(pstart..pend);
+            bytes += grown;
         }
         for (pin, start, end) in new {
-            held.covered.insert(start..end);
-            held.bytes += end - start;
+            // The pins this one covers go, after it is made: the pages stay
+            // pinned throughout.
+            held.pins
+                .retain(|p| !(p.gpa() >= start && p.gpa() + p.len() <= end));
             held.pins.push(pin);
         }
+        held.covered = covered;
+        held.bytes = bytes;
         Ok(())
     }
+}
+
+/// The bytes of `[start, end)` that `set` covers.
+fn covered_in(set: &RangeSet, start: u64, end: u64) -> u64 {
+    set.overlapping(start..end)
+        .map(|r| r.end.min(end) - r.start.max(start))
+        .sum()
 }
 
 fn refused(e: GateError) -> GuestMemoryError {

@@ -118,31 +118,17 @@ impl Gatekeeper {
         Ok(())
     }
 
-    /// The windows pins hold in region `ri` (whole backing pages), and
-    /// `extra` too.
-    fn pinned_windows(&self, st: &State, ri: usize, extra: Option<&Range<u64>>) -> RangeSet {
-        let r = &self.0.regions[ri];
-        let mut set = RangeSet::new();
-        for p in st.pins.pinned_in(&(r.gpa..r.end())) {
-            set.insert(r.window_clipped(&p));
-        }
-        if let Some(w) = extra {
-            set.insert(w.clone());
-        }
-        set
-    }
-
-    /// The map entries the views would cost beyond one each if only the
-    /// pinned windows (and `extra`, a window about to be pinned in region
-    /// `ri`) were open. Kept within the budget at every pin, this is what
-    /// makes any close affordable: whatever the guest converts, closing
-    /// every unpinned window brings the views back to it.
+    /// The most map entries the views could need for the pinned windows
+    /// (and `extra`, a window about to be pinned in region `ri`), whatever
+    /// opens and closes around them ([`ViewState::pinned_cost`](super::view::ViewState::pinned_cost)).
+    /// Kept within the budget at every pin, and never raised by a pin's
+    /// drop, it is what makes any close affordable: whatever the guest
+    /// converts, closing every unpinned window brings the views within it.
     fn pinned_cost(&self, st: &State, extra: Option<(usize, &Range<u64>)>) -> usize {
-        (0..self.0.regions.len())
-            .map(|ri| {
-                let w = extra.filter(|(i, _)| *i == ri).map(|(_, w)| w);
-                st.views[ri].vmas_if_open(&self.pinned_windows(st, ri, w)) - 1
-            })
+        st.views
+            .iter()
+            .enumerate()
+            .map(|(ri, v)| v.pinned_cost(extra.filter(|(i, _)| *i == ri).map(|(_, w)| w)))
             .sum()
     }
 
@@ -221,10 +207,12 @@ impl Gatekeeper {
             .map(|ri| {
                 let mut after = st.views[ri].open().clone();
                 if let Some((_, parts)) = by_region.iter().find(|(i, _)| *i == ri) {
+                    let r = &self.0.regions[ri];
                     for w in parts {
                         after.remove(w.clone());
                     }
-                    for p in self.pinned_windows(st, ri, None).iter() {
+                    for p in st.pins.pinned_in(&(r.gpa..r.end())) {
+                        let p = r.window_clipped(&p);
                         if st.views[ri].open().contains(p.clone()) {
                             after.insert(p);
                         }

@@ -1,6 +1,6 @@
-//! Snapshots of a VM's memory, through its gatekeeper: [`Gatekeeper::snapshot`]
+//! Snapshots of a VM's memory, through its gatekeeper: [`Gatekeeper::snapshot`](crate::Gatekeeper::snapshot)
 //! streams the layout, the attribute map and the populated runs to any
-//! `Write`; [`Gatekeeper::restore`] fills a new VM's files from one. The
+//! `Write`; [`Gatekeeper::restore`](crate::Gatekeeper::restore) fills a new VM's files from one. The
 //! format is versioned and documented in `docs/snapshot-format.md`.
 //!
 //! - **Only populated runs** are written: holes stay holes, so a sparse
