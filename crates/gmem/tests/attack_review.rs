@@ -7,42 +7,16 @@
 use std::sync::Arc;
 
 use gmem::{
-    Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, RestrictedMemory,
-    SlotRequest, Vm, create_memory,
+    Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, SlotRequest, Vm,
+    create_memory,
 };
+mod common;
+
+use common::{all_vmas, gate_on, vmas_in};
 use gmem_testkit::{kvm_or_skip, on_backing};
 
 const P: u64 = 4096;
 const MIB: u64 = 1 << 20;
-
-/// The VMAs of /proc/self/maps that overlap `[start, start + len)`.
-fn vmas_in(start: usize, len: usize) -> usize {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .filter(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let a = usize::from_str_radix(a, 16).unwrap();
-            let b = usize::from_str_radix(b, 16).unwrap();
-            a < start + len && b > start
-        })
-        .count()
-}
-
-fn all_vmas() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
-
-fn memfd_gate(size: u64, opts: GateOptions) -> (Vm, Arc<dyn RestrictedMemory>, Gatekeeper) {
-    let vm = Vm::new().unwrap();
-    let mem = create_memory(MemoryOptions::new(BackingKind::Memfd, size), Some(&vm)).unwrap();
-    let b = vm.bind(&mem, SlotRequest::new(0, 0, size)).unwrap();
-    let gate = Gatekeeper::new(&vm, vec![b], opts).unwrap();
-    (vm, mem, gate)
-}
 
 /// A window left open by a dropped pin (the cache) is split by each
 /// conversion to private inside it: closing a page in the middle of an open
@@ -55,7 +29,7 @@ fn closing_inside_a_cached_window_passes_the_view_budget() {
     }
     let size = 8 * MIB;
     let opts = GateOptions::new(Attribute::Shared, Policy::InPlace).with_view_budget(8);
-    let (_vm, _mem, gate) = memfd_gate(size, opts);
+    let (_vm, _mem, gate) = gate_on(BackingKind::Memfd, size, opts);
     let view = gate.view_addr(0).unwrap() as usize;
     // A device request over all of RAM (a blk read into a big buffer, say).
     drop(gate.pin(0, size).unwrap());
@@ -87,9 +61,9 @@ fn a_guest_exhausts_the_process_map_count() {
         return;
     }
     let size = 512 * MIB;
-    let (_vm, _mem, gate) = memfd_gate(size, GateOptions::default());
+    let (_vm, _mem, gate) = gate_on(BackingKind::Memfd, size, GateOptions::default());
     // Another VM of the same process, created first (it has its reservation).
-    let (_vm2, _mem2, gate2) = memfd_gate(4 * MIB, GateOptions::default());
+    let (_vm2, _mem2, gate2) = gate_on(BackingKind::Memfd, 4 * MIB, GateOptions::default());
     let before = all_vmas();
     // Device requests over RAM, 64 MiB at a time (DeviceMemory's bound).
     let mut pos = 0;
@@ -142,14 +116,6 @@ fn a_guest_exhausts_the_process_map_count() {
     );
 }
 
-fn hugetlb_gate(size: u64, opts: GateOptions) -> (Vm, Arc<dyn RestrictedMemory>, Gatekeeper) {
-    let vm = Vm::new().unwrap();
-    let mem = create_memory(MemoryOptions::new(BackingKind::Hugetlb2M, size), Some(&vm)).unwrap();
-    let b = vm.bind(&mem, SlotRequest::new(0, 0, size)).unwrap();
-    let gate = Gatekeeper::new(&vm, vec![b], opts).unwrap();
-    (vm, mem, gate)
-}
-
 /// gmem's count of a hugetlb view's VMAs against the kernel's, through
 /// pins, conversions inside open windows, drops of pins over mixed huge
 /// pages, and evictions (the view mapped afresh).
@@ -165,7 +131,7 @@ fn hugetlb_view_accounting_matches_the_kernel() {
     let h = 2 * MIB;
     let size = 16 * h;
     let opts = GateOptions::new(Attribute::Shared, Policy::InPlace).with_view_budget(12);
-    let (_vm, _mem, gate) = hugetlb_gate(size, opts);
+    let (_vm, _mem, gate) = gate_on(BackingKind::Hugetlb2M, size, opts);
     let view = gate.view_addr(0).unwrap() as usize;
     let check = |what: &str| {
         let (used, max) = gate.view_vmas();
@@ -366,7 +332,7 @@ fn a_compaction_over_an_unreserved_huge_page_poisons() {
     };
     let h = 2 * MIB;
     let opts = GateOptions::new(Attribute::Shared, Policy::InPlace).with_view_budget(1);
-    let (_vm, _mem, gate) = hugetlb_gate(4 * h, opts);
+    let (_vm, _mem, gate) = gate_on(BackingKind::Hugetlb2M, 4 * h, opts);
     gate.fill(0, 4 * h, 1).unwrap();
     let saved = std::fs::read_to_string(NR_2M).unwrap();
     std::fs::write(NR_2M, "0").unwrap();
@@ -404,7 +370,7 @@ fn a_failed_compaction_leaves_a_hole_the_view_unmaps_later() {
     };
     let h = 2 * MIB;
     let opts = GateOptions::new(Attribute::Shared, Policy::InPlace).with_view_budget(1);
-    let (_vm, _mem, gate) = hugetlb_gate(4 * h, opts);
+    let (_vm, _mem, gate) = gate_on(BackingKind::Hugetlb2M, 4 * h, opts);
     let view = gate.view_addr(0).unwrap() as usize;
     gate.fill(0, 4 * h, 1).unwrap();
     let saved = std::fs::read_to_string(NR_2M).unwrap();
@@ -587,7 +553,8 @@ fn copies_and_pins_race_conversions() {
     if !kvm_or_skip(test) || on_backing(test, BackingKind::Memfd, 0).is_none() {
         return;
     }
-    let (_vm, _mem, gate) = memfd_gate(
+    let (_vm, _mem, gate) = gate_on(
+        BackingKind::Memfd,
         2 * MIB,
         GateOptions::new(Attribute::Shared, Policy::Discard),
     );
@@ -706,7 +673,7 @@ fn get_slices_edges() {
         return;
     }
     use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
-    let (_vm, _mem, gate) = memfd_gate(2 * MIB, GateOptions::default());
+    let (_vm, _mem, gate) = gate_on(BackingKind::Memfd, 2 * MIB, GateOptions::default());
     let dm = gmem::DeviceMemory::new(&gate);
     for (addr, count) in [
         (0u64, usize::MAX),
@@ -762,7 +729,7 @@ fn teardown_panics_once_a_guest_exhausted_the_map_count() {
     );
     // The attacker VM.
     let size = 512 * MIB;
-    let (_vm2, _mem2, gate) = memfd_gate(size, GateOptions::default());
+    let (_vm2, _mem2, gate) = gate_on(BackingKind::Memfd, size, GateOptions::default());
     let mut pos = 0;
     while pos < size {
         drop(gate.pin(pos, 64 * MIB).unwrap());

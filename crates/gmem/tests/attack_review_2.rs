@@ -5,41 +5,17 @@
 //! their own windows. The tests are kept as written, but for admission:
 //! a pin past the budget is refused now, so they take what is admitted.
 
-use std::sync::Arc;
-
 use gmem::{
-    Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, RestrictedMemory,
-    SlotRequest, Vm, create_memory,
+    Attribute, BackingKind, GateOptions, Gatekeeper, MemoryOptions, Policy, SlotRequest, Vm,
+    create_memory,
 };
+mod common;
+
+use common::{gate_on, vmas_in};
 use gmem_testkit::{kvm_or_skip, on_backing};
 
 const P: u64 = 4096;
 const MIB: u64 = 1 << 20;
-
-fn vmas_in(start: usize, len: usize) -> usize {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .filter(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let a = usize::from_str_radix(a, 16).unwrap();
-            let b = usize::from_str_radix(b, 16).unwrap();
-            a < start + len && b > start
-        })
-        .count()
-}
-
-fn gate_on(
-    kind: BackingKind,
-    size: u64,
-    opts: GateOptions,
-) -> (Vm, Arc<dyn RestrictedMemory>, Gatekeeper) {
-    let vm = Vm::new().unwrap();
-    let mem = create_memory(MemoryOptions::new(kind, size), Some(&vm)).unwrap();
-    let b = vm.bind(&mem, SlotRequest::new(0, 0, size)).unwrap();
-    let gate = Gatekeeper::new(&vm, vec![b], opts).unwrap();
-    (vm, mem, gate)
-}
 
 /// Adjacent pins cost 2 VMAs together (one run), so all are admitted; then
 /// every other one is dropped (its window stays open as cache) and its page

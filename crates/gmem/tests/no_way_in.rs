@@ -16,6 +16,9 @@ use gmem::{
     GateOptions, Gatekeeper, GmemFlags, KvmError, MemoryOptions, Policy, RestrictedMemory,
     SlotRequest, Vm, VmType, create_memory,
 };
+mod common;
+
+use common::all_vmas;
 use gmem_testkit::{Need, kvm_or_skip, needs, on_backing};
 use rustix::fs::{MemfdFlags, SealFlags};
 
@@ -299,7 +302,7 @@ fn many_vms_cannot_starve_another() {
     if !kvm_or_skip(test) || on_backing(test, BackingKind::Memfd, 0).is_none() {
         return;
     }
-    let before = vmas();
+    let before = all_vmas();
     let mut vms = Vec::new();
     for _ in 0..8 {
         let vm = Vm::new().unwrap();
@@ -321,7 +324,7 @@ fn many_vms_cannot_starve_another() {
     drop(pin);
     let (reserved, limit) = gmem::gate::process_view_budget();
     assert!(reserved <= limit);
-    let grown = vmas() - before;
+    let grown = all_vmas() - before;
     let bound = 9 * (gmem::DEFAULT_VIEW_BUDGET + 1) + 9 * 4;
     assert!(
         grown <= bound,
@@ -524,12 +527,4 @@ fn dup_of(vm: &Vm) -> OwnedFd {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.fd().as_raw_fd()) }
         .try_clone_to_owned()
         .unwrap()
-}
-
-/// This process's VMAs.
-fn vmas() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
 }
