@@ -6,6 +6,7 @@
 
 mod conversion;
 mod file;
+mod snapshot;
 mod vcpu;
 
 use conversion::{
@@ -177,6 +178,24 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
                 .note(format!(
                     "private and back over the whole region, {BULK_PAIRS} pairs a rep; raw: mprotect NONE and back"
                 )),
+            s,
+        ));
+    }
+    for &k in backings.iter().filter(|k| **k != BackingKind::GuestMemfd) {
+        let s = Subject::Backing(k);
+        let size = size_for(s);
+        plans.push(with_note(
+            Plan::new("snapshot to a file", s, "GiB/s", true)
+                .gmem(move || snapshot::snapshot_gmem(k, size))
+                .raw(move || snapshot::snapshot_raw(k, size))
+                .note("an eighth private, sealed (XChaCha20-Poly1305), CRC-32C per MiB; raw: the same bytes written from the file's mapping"),
+            s,
+        ));
+        plans.push(with_note(
+            Plan::new("eager restore", s, "GiB/s", true)
+                .gmem(move || snapshot::restore_gmem(k, size))
+                .raw(move || snapshot::restore_raw(k, size))
+                .note("from a snapshot in memory, every record checked; raw: a memcpy into a fresh file's mapping"),
             s,
         ));
     }
