@@ -484,6 +484,7 @@ fn random_walk_accounting_on_two_regions() {
         }
     }
     println!("steps over the budget: {over}");
+    assert_eq!(over, 0, "the views passed their budget at {over} steps");
 }
 
 /// Gatekeeper dropped while a pin (and a DeviceMemory slice) lives: the VM
