@@ -63,6 +63,7 @@ pub mod probe;
 pub mod range;
 pub mod range_set;
 pub mod snapshot;
+pub mod uffd;
 
 pub use attributes::{Attribute, AttributeMap};
 pub use backing::{

@@ -135,6 +135,13 @@ impl Gatekeeper {
         let mut report = PunchReport::default();
         let mut result = Ok(());
         let kernel_routes_private = self.0.kernel.is_some();
+        if let Some(lazy) = self.lazy_fill() {
+            // What is punched reads zero: a lazy restore must not fill it
+            // later.
+            for range in ranges {
+                lazy.forget(range.clone());
+            }
+        }
         for range in ranges {
             self.for_each_part(range.start, range.end - range.start, |r, part| {
                 if result.is_err() {

@@ -210,3 +210,61 @@ impl Frozen<'_> {
         self.st.poisoned.get_or_insert(reason);
     }
 }
+
+/// One region as a lazy restore fills it: its GPA range, its binding's
+/// host mapping (KVM's `userspace_addr`, which the restore registers with
+/// userfaultfd), its backing page size, and its file.
+pub(crate) struct LazyRegion {
+    pub(crate) gpa: u64,
+    pub(crate) len: u64,
+    /// The binding's mapping of `gpa`, as an address.
+    pub(crate) host: usize,
+    pub(crate) granule: u64,
+    pub(crate) memory: std::sync::Arc<dyn crate::backing::RestrictedMemory>,
+}
+
+impl Frozen<'_> {
+    /// The regions, for a lazy restore.
+    pub(crate) fn lazy_regions(&self) -> Vec<LazyRegion> {
+        self.gate
+            .0
+            .regions
+            .iter()
+            .map(|r| LazyRegion {
+                gpa: r.gpa,
+                len: r.len,
+                host: r.host as usize,
+                granule: r.granule,
+                memory: std::sync::Arc::clone(&r.memory),
+            })
+            .collect()
+    }
+}
+
+/// A gatekeeper that a lazy restore's threads can poison without keeping
+/// it alive.
+#[derive(Clone)]
+pub(crate) struct WeakGate(std::sync::Weak<super::gatekeeper::GateInner>);
+
+impl Gatekeeper {
+    pub(crate) fn downgrade(&self) -> WeakGate {
+        WeakGate(std::sync::Arc::downgrade(&self.0))
+    }
+}
+
+impl WeakGate {
+    /// Poisons the gatekeeper, if it is alive.
+    pub(crate) fn poison(&self, reason: String) {
+        if let Some(inner) = self.0.upgrade() {
+            let mut st = inner.state.write().unwrap_or_else(|e| e.into_inner());
+            st.poisoned.get_or_insert(reason);
+        }
+    }
+
+    /// Ends the lazy restore's hold on the gatekeeper, if it is alive.
+    pub(crate) fn clear_lazy(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            *inner.lazy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+}

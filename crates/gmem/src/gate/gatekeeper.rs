@@ -91,6 +91,21 @@ pub(super) struct Faults {
     pub(super) punch: bool,
 }
 
+/// What a lazy restore offers the gatekeeper: host paths fill what they
+/// touch first, discards forget what they drop, and a snapshot fills it
+/// all. Defined here, implemented by `snapshot::lazy`, so that the gate
+/// does not depend on the snapshot module.
+pub(crate) trait LazyFill: Send + Sync {
+    /// Fills every not-yet-restored page of `range` (guest addresses).
+    fn resolve(&self, range: Range<u64>) -> Result<(), GateError>;
+    /// The range is being discarded: its pages are not to be filled.
+    fn forget(&self, range: Range<u64>);
+    /// Fills every page not yet restored.
+    fn fill_all(&self) -> Result<(), GateError>;
+    /// Why the restore failed, if it did: the gatekeeper refuses everything.
+    fn failure(&self) -> Option<String>;
+}
+
 pub(crate) struct GateInner {
     pub(super) state: RwLock<State>,
     pub(super) policy: Policy,
@@ -99,6 +114,8 @@ pub(crate) struct GateInner {
     pub(super) max_pins: usize,
     pub(super) kernel: Option<Box<dyn KernelAttributes>>,
     pub(super) vm: Vm,
+    /// A lazy restore filling the memory, while one is.
+    pub(super) lazy: std::sync::Mutex<Option<Arc<dyn LazyFill>>>,
     #[cfg(test)]
     pub(super) faults: std::sync::Mutex<Faults>,
     // Last: dropped after `Drop::drop` has read the state.
@@ -266,6 +283,7 @@ impl Gatekeeper {
             max_pins: opts.max_pins,
             kernel,
             vm: vm.clone(),
+            lazy: std::sync::Mutex::new(None),
             #[cfg(test)]
             faults: Default::default(),
             regions,
@@ -458,6 +476,7 @@ impl Gatekeeper {
         let st = self.read_state();
         let len = buf.len() as u64;
         self.check_access(&st, gpa, len)?;
+        self.resolve_lazy(gpa, len)?;
         let mut done = 0;
         self.for_each_part(gpa, len, |r, part| {
             let n = (part.end - part.start) as usize;
@@ -480,6 +499,7 @@ impl Gatekeeper {
         let st = self.read_state();
         let len = data.len() as u64;
         self.check_access(&st, gpa, len)?;
+        self.resolve_lazy(gpa, len)?;
         let mut done = 0;
         self.for_each_part(gpa, len, |r, part| {
             let n = (part.end - part.start) as usize;
@@ -499,6 +519,7 @@ impl Gatekeeper {
     pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<(), GateError> {
         let st = self.read_state();
         self.check_access(&st, gpa, len)?;
+        self.resolve_lazy(gpa, len)?;
         self.for_each_part(gpa, len, |r, part| {
             // SAFETY: as in `write`: inside a live, writable file mapping,
             // all shared and backed, held by the read lock. The fill writes
@@ -559,6 +580,7 @@ impl Gatekeeper {
                 max: self.0.max_pins,
             });
         }
+        self.resolve_lazy(gpa, len)?;
         self.admit_pin(&mut st, ri, &window, gpa, len)?;
         self.open(&mut st, ri, window.clone(), gpa, len)?;
         st.views[ri].pin_window(&window);
@@ -749,6 +771,31 @@ impl Gatekeeper {
         Ok(end)
     }
 
+    /// The lazy restore filling this memory, if one is.
+    pub(crate) fn lazy_fill(&self) -> Option<Arc<dyn LazyFill>> {
+        self.0
+            .lazy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts (`Some`) or ends (`None`) a lazy restore's hold on the
+    /// memory.
+    pub(crate) fn set_lazy_fill(&self, lazy: Option<Arc<dyn LazyFill>>) {
+        *self.0.lazy.lock().unwrap_or_else(|e| e.into_inner()) = lazy;
+    }
+
+    /// Fills what a lazy restore has not yet restored of `[gpa, gpa + len)`
+    /// before a host path touches it: a host access never reads a page
+    /// the snapshot holds as zero.
+    fn resolve_lazy(&self, gpa: u64, len: u64) -> Result<(), GateError> {
+        match self.lazy_fill() {
+            Some(lazy) => lazy.resolve(gpa..gpa.saturating_add(len)),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses everything once the gatekeeper is poisoned (or a panic
     /// poisoned its lock).
     pub(super) fn live(&self, st: &State) -> Result<(), GateError> {
@@ -761,6 +808,9 @@ impl Gatekeeper {
             return Err(GateError::Poisoned {
                 reason: "a panic while the gatekeeper's state lock was held".into(),
             });
+        }
+        if let Some(reason) = self.lazy_fill().and_then(|l| l.failure()) {
+            return Err(GateError::Poisoned { reason });
         }
         Ok(())
     }

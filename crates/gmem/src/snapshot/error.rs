@@ -26,6 +26,14 @@ pub enum SnapshotError {
         /// Its length.
         first_len: u64,
     },
+    /// The caller's state is longer than a snapshot carries.
+    #[error("the state is {len} bytes; a snapshot carries at most {max}")]
+    StateTooLarge {
+        /// Its length.
+        len: usize,
+        /// The most.
+        max: usize,
+    },
     /// The populated ranges could not be found.
     #[error("reading which pages are populated")]
     Populated(#[source] BackingError),
@@ -44,6 +52,7 @@ impl SnapshotError {
         match self {
             SnapshotError::Gate(e) => e.errno(),
             SnapshotError::PrivatePages { .. } => libc::EPERM,
+            SnapshotError::StateTooLarge { .. } => libc::E2BIG,
             SnapshotError::Populated(e) => e.errno(),
             SnapshotError::Random(e) | SnapshotError::Write(e) => {
                 e.raw_os_error().unwrap_or(libc::EIO)
@@ -111,6 +120,13 @@ pub enum RestoreError {
         /// Its regions.
         here_layout: String,
     },
+    /// A lazy restore cannot run here (guest_memfd, no userfaultfd for the
+    /// mapping, no thread): nothing changed; restore eagerly.
+    #[error("a lazy restore cannot run: {why}")]
+    Lazy {
+        /// Why.
+        why: String,
+    },
     /// The gatekeeper cannot take a restore now.
     #[error("the gatekeeper cannot be restored into")]
     Gate(#[from] GateError),
@@ -124,6 +140,7 @@ impl RestoreError {
             RestoreError::NeedsKey | RestoreError::WrongKey => libc::EKEYREJECTED,
             RestoreError::Read(e) => e.raw_os_error().unwrap_or(libc::EIO),
             RestoreError::Gate(e) => e.errno(),
+            RestoreError::Lazy { .. } => libc::EOPNOTSUPP,
             _ => libc::EINVAL,
         }
     }

@@ -12,7 +12,7 @@ use crate::gate::frozen::RegionLayout;
 /// The file's first 8 bytes.
 pub const MAGIC: &[u8; 8] = b"GMEMSNAP";
 /// The format version this gmem writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The most plaintext bytes one record carries: what a snapshot or restore
 /// holds in memory at once.
 pub const CHUNK: usize = 1 << 20;
@@ -33,6 +33,11 @@ pub(crate) enum Kind {
     Shared = 1,
     /// Private pages, sealed (ciphertext and tag).
     Sealed = 2,
+    /// The caller's state (a VMM's vCPUs and devices): sealed under
+    /// `Seal`, in clear otherwise.
+    State = 3,
+    /// Part of the index: where each data record lies in the stream.
+    Index = 4,
     /// The end: the record count and the bytes of data.
     End = 0xff,
 }
@@ -223,6 +228,121 @@ impl Header {
     }
 }
 
+/// The most bytes of caller state a snapshot carries.
+pub const MAX_STATE: usize = CHUNK;
+/// One index entry's bytes: GPA, stream offset, length, kind, 3 zero.
+pub(crate) const ENTRY: usize = 24;
+/// The most entries one index record holds.
+pub(crate) const ENTRIES_PER_RECORD: usize = CHUNK / ENTRY;
+/// The end record's payload: clear bytes, sealed bytes, the first index
+/// record's offset, the index records' count.
+pub(crate) const END_PAYLOAD: usize = 32;
+
+/// Where one data record lies: what the index holds, and what a lazy
+/// restore looks records up by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub(crate) gpa: u64,
+    /// The record's first byte in the stream.
+    pub(crate) offset: u64,
+    /// Its guest bytes.
+    pub(crate) len: u32,
+    pub(crate) kind: Kind,
+}
+
+impl IndexEntry {
+    pub(crate) fn encode(&self) -> [u8; ENTRY] {
+        let mut e = [0u8; ENTRY];
+        e[..8].copy_from_slice(&self.gpa.to_le_bytes());
+        e[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        e[16..20].copy_from_slice(&self.len.to_le_bytes());
+        e[20] = self.kind as u8;
+        e
+    }
+
+    /// An entry from its bytes; `None` if its kind is not a data record's or
+    /// its padding is not zero.
+    pub(crate) fn decode(e: &[u8]) -> Option<IndexEntry> {
+        let kind = match e.get(20)? {
+            1 => Kind::Shared,
+            2 => Kind::Sealed,
+            _ => return None,
+        };
+        if e.get(21..24)? != [0, 0, 0] {
+            return None;
+        }
+        Some(IndexEntry {
+            gpa: u64::from_le_bytes(e.get(..8)?.try_into().ok()?),
+            offset: u64::from_le_bytes(e.get(8..16)?.try_into().ok()?),
+            len: u32::from_le_bytes(e.get(16..20)?.try_into().ok()?),
+            kind,
+        })
+    }
+
+    /// The guest range the record covers.
+    pub(crate) fn range(&self) -> Range<u64> {
+        self.gpa..self.gpa + u64::from(self.len)
+    }
+
+    /// The record's bytes in the stream: header, payload, tag, CRC.
+    pub(crate) fn stream_len(&self) -> u64 {
+        let tag = if self.kind == Kind::Sealed { TAG } else { 0 };
+        (RECORD_HEADER + self.len as usize + tag + 4) as u64
+    }
+}
+
+/// The end record's payload, decoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct End {
+    pub(crate) shared: u64,
+    pub(crate) sealed: u64,
+    pub(crate) index_at: u64,
+    pub(crate) index_records: u64,
+}
+
+impl End {
+    pub(crate) fn encode(&self) -> [u8; END_PAYLOAD] {
+        let mut b = [0u8; END_PAYLOAD];
+        b[..8].copy_from_slice(&self.shared.to_le_bytes());
+        b[8..16].copy_from_slice(&self.sealed.to_le_bytes());
+        b[16..24].copy_from_slice(&self.index_at.to_le_bytes());
+        b[24..32].copy_from_slice(&self.index_records.to_le_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> End {
+        let u = |a: usize| {
+            b.get(a..a + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or_default()
+        };
+        End {
+            shared: u(0),
+            sealed: u(8),
+            index_at: u(16),
+            index_records: u(24),
+        }
+    }
+
+    /// The end record's bytes in the stream, under a policy.
+    pub(crate) fn stream_len(sealed: bool) -> u64 {
+        (RECORD_HEADER + END_PAYLOAD + if sealed { TAG } else { 0 } + 4) as u64
+    }
+}
+
+/// A record's kind from its code.
+pub(crate) fn kind_from(code: u8) -> Option<Kind> {
+    Some(match code {
+        1 => Kind::Shared,
+        2 => Kind::Sealed,
+        3 => Kind::State,
+        4 => Kind::Index,
+        0xff => Kind::End,
+        _ => return None,
+    })
+}
+
 /// A record's 16-byte header.
 pub(crate) fn record_header(kind: Kind, len: u32, gpa: u64) -> [u8; RECORD_HEADER] {
     let mut h = [0u8; RECORD_HEADER];
@@ -235,6 +355,15 @@ pub(crate) fn record_header(kind: Kind, len: u32, gpa: u64) -> [u8; RECORD_HEADE
 /// A sealed record's associated data: its header (kind, length, GPA).
 pub(crate) fn aad(head: &[u8; RECORD_HEADER]) -> [u8; RECORD_HEADER] {
     *head
+}
+
+/// An authenticated clear record's associated data: its header, then its
+/// payload.
+pub(crate) fn tagged_aad(head: &[u8; RECORD_HEADER], payload: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(RECORD_HEADER + payload.len());
+    a.extend_from_slice(head);
+    a.extend_from_slice(payload);
+    a
 }
 
 /// Writes one record: header, payload, CRC-32C of both.

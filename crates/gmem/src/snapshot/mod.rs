@@ -43,12 +43,14 @@
 
 mod error;
 mod format;
+mod lazy;
 mod restore;
 mod seal;
 mod write;
 
 pub use error::{RestoreError, SnapshotError};
-pub use format::{CHUNK, MAGIC, VERSION};
+pub use format::{CHUNK, MAGIC, MAX_STATE, VERSION};
+pub use lazy::{LazyOptions, LazyProgress, LazyRestore, PrefetchOrder};
 pub use restore::RestoreReport;
 pub use seal::SealKey;
 pub use write::SnapshotReport;

@@ -4,7 +4,10 @@ use std::io::Write;
 
 use super::PrivatePages;
 use super::error::SnapshotError;
-use super::format::{CHUNK, Header, Kind, PolicyCode, TAG, aad, record_header, write_record};
+use super::format::{
+    CHUNK, ENTRIES_PER_RECORD, ENTRY, End, Header, IndexEntry, Kind, MAX_STATE, PolicyCode, TAG,
+    aad, record_header, tagged_aad, write_record,
+};
 use super::seal::{HEADER_INDEX, Sealer};
 use crate::gate::Gatekeeper;
 
@@ -45,6 +48,34 @@ impl Gatekeeper {
         w: &mut impl Write,
         private: &PrivatePages,
     ) -> Result<SnapshotReport, SnapshotError> {
+        self.snapshot_with_state(w, private, &[])
+    }
+
+    /// [`snapshot`](Self::snapshot), with `state` (a VMM's vCPU and device
+    /// state, at most [`MAX_STATE`] bytes) carried in the stream: sealed
+    /// with the private pages under [`PrivatePages::Seal`] (registers can
+    /// hold private data), in clear otherwise. A restore hands it back
+    /// ([`RestoreReport::state`](super::RestoreReport::state)).
+    ///
+    /// # Errors
+    /// As [`snapshot`](Self::snapshot), and [`SnapshotError::StateTooLarge`]
+    /// before a byte is written.
+    pub fn snapshot_with_state(
+        &self,
+        w: &mut impl Write,
+        private: &PrivatePages,
+        state: &[u8],
+    ) -> Result<SnapshotReport, SnapshotError> {
+        if state.len() > MAX_STATE {
+            return Err(SnapshotError::StateTooLarge {
+                len: state.len(),
+                max: MAX_STATE,
+            });
+        }
+        if let Some(lazy) = self.lazy_fill() {
+            // A lazily restored VM is snapshotted once every page is in.
+            lazy.fill_all().map_err(SnapshotError::Gate)?;
+        }
         let frozen = self.freeze()?;
         let private_runs = frozen.private_runs();
         let private_bytes: u64 = private_runs.iter().map(|r| r.end - r.start).sum();
@@ -71,64 +102,123 @@ impl Gatekeeper {
         };
         let bytes = header.encode();
         w.write_all(&bytes).map_err(SnapshotError::Write)?;
-        let mut report = SnapshotReport {
-            stream_bytes: bytes.len() as u64,
-            ..SnapshotReport::default()
+        let mut out = Out {
+            w,
+            sealer: match private {
+                PrivatePages::Seal(key) => Some(Sealer::new(key, id)),
+                _ => None,
+            },
+            report: SnapshotReport {
+                stream_bytes: bytes.len() as u64,
+                ..SnapshotReport::default()
+            },
         };
-        let sealer = match private {
-            PrivatePages::Seal(key) => {
-                let sealer = Sealer::new(key, id);
-                let tag = sealer.seal(HEADER_INDEX, &bytes, &mut []);
-                w.write_all(&tag).map_err(SnapshotError::Write)?;
-                report.stream_bytes += TAG as u64;
-                Some(sealer)
-            }
-            _ => None,
-        };
+        if let Some(s) = &out.sealer {
+            let tag = s.seal(HEADER_INDEX, &bytes, &mut []);
+            out.w.write_all(&tag).map_err(SnapshotError::Write)?;
+            out.report.stream_bytes += TAG as u64;
+        }
         let mut buf = vec![0u8; CHUNK];
+        buf[..state.len()].copy_from_slice(state);
+        let sealed = out.sealer.is_some();
+        out.record(Kind::State, 0, &mut buf[..state.len()], sealed)?;
+        let mut index = Vec::new();
         for run in populated {
             for (part, is_private) in frozen.split(run) {
                 let mut gpa = part.start;
                 while gpa < part.end {
                     let n = (part.end - gpa).min(CHUNK as u64) as usize;
-                    let chunk = &mut buf[..n];
-                    if is_private && sealer.is_none() {
-                        report.omitted_bytes += n as u64;
+                    if is_private && !sealed {
+                        out.report.omitted_bytes += n as u64;
                         gpa += n as u64;
                         continue;
                     }
+                    let chunk = &mut buf[..n];
                     frozen.read_raw(gpa, chunk)?;
                     let kind = if is_private {
                         Kind::Sealed
                     } else {
                         Kind::Shared
                     };
-                    let head = record_header(kind, n as u32, gpa);
-                    let written = match (&sealer, is_private) {
-                        (Some(s), true) => {
-                            let aad = aad(&head);
-                            let tag = s.seal(report.records, &aad, chunk);
-                            report.sealed_bytes += n as u64;
-                            write_record(w, &head, &[chunk, &tag])?
-                        }
-                        _ => {
-                            report.shared_bytes += n as u64;
-                            write_record(w, &head, &[chunk])?
-                        }
-                    };
-                    report.stream_bytes += written;
-                    report.records += 1;
+                    index.push(IndexEntry {
+                        gpa,
+                        offset: out.report.stream_bytes,
+                        len: n as u32,
+                        kind,
+                    });
+                    if is_private {
+                        out.report.sealed_bytes += n as u64;
+                    } else {
+                        out.report.shared_bytes += n as u64;
+                    }
+                    out.record(kind, gpa, chunk, is_private)?;
                     gpa += n as u64;
                 }
             }
         }
-        report.records += 1;
-        let end = record_header(Kind::End, 16, report.records);
-        let mut totals = [0u8; 16];
-        totals[..8].copy_from_slice(&report.shared_bytes.to_le_bytes());
-        totals[8..].copy_from_slice(&report.sealed_bytes.to_le_bytes());
-        report.stream_bytes += write_record(w, &end, &[&totals])?;
-        w.flush().map_err(SnapshotError::Write)?;
-        Ok(report)
+        drop(frozen);
+        let index_at = out.report.stream_bytes;
+        let mut index_records = 0;
+        for part in index.chunks(ENTRIES_PER_RECORD) {
+            let mut payload = Vec::with_capacity(part.len() * ENTRY);
+            for e in part {
+                payload.extend_from_slice(&e.encode());
+            }
+            out.authenticated(Kind::Index, part.len() as u64, &payload)?;
+            index_records += 1;
+        }
+        let end = End {
+            shared: out.report.shared_bytes,
+            sealed: out.report.sealed_bytes,
+            index_at,
+            index_records,
+        };
+        let records = out.report.records + 1;
+        out.authenticated(Kind::End, records, &end.encode())?;
+        out.w.flush().map_err(SnapshotError::Write)?;
+        Ok(out.report)
+    }
+}
+
+/// The stream being written: the writer, the sealer and the counts.
+struct Out<'w, W: Write> {
+    w: &'w mut W,
+    sealer: Option<Sealer>,
+    report: SnapshotReport,
+}
+
+impl<W: Write> Out<'_, W> {
+    /// Writes one record whose payload is `data`, encrypted in place and
+    /// tagged if `seal` (the record's ordinal is its nonce, its header the
+    /// associated data).
+    fn record(&mut self, kind: Kind, aux: u64, data: &mut [u8], seal: bool) -> Result<(), SnapshotError> {
+        let head = record_header(kind, data.len() as u32, aux);
+        let written = match (&self.sealer, seal) {
+            (Some(s), true) => {
+                let tag = s.seal(self.report.records, &aad(&head), data);
+                write_record(self.w, &head, &[data, &tag])?
+            }
+            _ => write_record(self.w, &head, &[data])?,
+        };
+        self.report.stream_bytes += written;
+        self.report.records += 1;
+        Ok(())
+    }
+
+    /// Writes a record in clear, tagged under `Seal` (its header and
+    /// payload the associated data), so that the index and the end cannot
+    /// be edited under a sealed snapshot.
+    fn authenticated(&mut self, kind: Kind, aux: u64, payload: &[u8]) -> Result<(), SnapshotError> {
+        let head = record_header(kind, payload.len() as u32, aux);
+        let written = match &self.sealer {
+            Some(s) => {
+                let tag = s.seal(self.report.records, &tagged_aad(&head, payload), &mut []);
+                write_record(self.w, &head, &[payload, &tag])?
+            }
+            None => write_record(self.w, &head, &[payload])?,
+        };
+        self.report.stream_bytes += written;
+        self.report.records += 1;
+        Ok(())
     }
 }
