@@ -96,7 +96,8 @@ impl Userfaultfd {
     /// feature it lacks.
     pub fn new(features: u64) -> Result<Userfaultfd, BackingError> {
         // SAFETY: userfaultfd(2) takes flags only and returns a new fd or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(os("userfaultfd(O_CLOEXEC|O_NONBLOCK)"));
         }
@@ -260,13 +261,7 @@ impl Userfaultfd {
     pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<usize, BackingError> {
         let mut msgs = [0u8; 32 * 64];
         // SAFETY: reads at most `msgs.len()` bytes into the buffer.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                msgs.as_mut_ptr().cast(),
-                msgs.len(),
-            )
-        };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), msgs.len()) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EAGAIN) {

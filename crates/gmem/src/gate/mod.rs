@@ -79,8 +79,8 @@ mod windows;
 
 pub use error::GateError;
 pub use event::MemoryEvent;
-pub use gatekeeper::{DEFAULT_EVENT_QUEUE, Gatekeeper};
 pub(crate) use gatekeeper::LazyFill;
+pub use gatekeeper::{DEFAULT_EVENT_QUEUE, Gatekeeper};
 pub use kernel::{attributes_request, kernel_attributes_supported};
 pub use options::{DEFAULT_MAX_PINS, DEFAULT_VIEW_BUDGET, GateOptions, view_mechanism};
 pub use pin::Pin;

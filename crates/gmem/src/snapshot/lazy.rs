@@ -277,9 +277,11 @@ impl Gatekeeper {
             .max()
             .unwrap_or(0)
             .max(CHUNK as u64);
-        let uffd = Userfaultfd::new(FEATURE_MISSING_SHMEM | FEATURE_MISSING_HUGETLBFS)
-            .map_err(|e| RestoreError::Lazy {
-                why: format!("userfaultfd: {e}"),
+        let uffd =
+            Userfaultfd::new(FEATURE_MISSING_SHMEM | FEATURE_MISSING_HUGETLBFS).map_err(|e| {
+                RestoreError::Lazy {
+                    why: format!("userfaultfd: {e}"),
+                }
             })?;
         for (i, r) in regions.iter().enumerate() {
             // SAFETY: the range is the region's binding mapping (a shared
@@ -294,7 +296,11 @@ impl Gatekeeper {
                     let _ = uffd.unregister(r.host, r.len as usize);
                 }
                 return Err(RestoreError::Lazy {
-                    why: format!("registering the region at {:#x} ({}): {e}", r.gpa, r.memory.kind()),
+                    why: format!(
+                        "registering the region at {:#x} ({}): {e}",
+                        r.gpa,
+                        r.memory.kind()
+                    ),
                 });
             }
         }
@@ -383,7 +389,10 @@ fn read_index(
         .ok_or(RestoreError::Truncated { at: len })?;
     let rec = read_record(&mut at(file, end_at), end_at, buf, sealed)?;
     if rec.kind != Kind::End || rec.next != len {
-        return Err(corrupt(end_at, "the stream does not end with its end record".into()));
+        return Err(corrupt(
+            end_at,
+            "the stream does not end with its end record".into(),
+        ));
     }
     let records = rec.aux;
     if let Some(s) = sealer {
@@ -394,20 +403,27 @@ fn read_index(
         .checked_sub(2 + end.index_records)
         .ok_or_else(|| corrupt(end_at + 8, format!("{records} records")))?;
     if data > len / 4096 || end.index_at < first || end.index_at > end_at {
-        return Err(corrupt(end_at, format!("an index of {data} entries at {:#x}", end.index_at)));
+        return Err(corrupt(
+            end_at,
+            format!("an index of {data} entries at {:#x}", end.index_at),
+        ));
     }
     let mut entries = Vec::with_capacity(data as usize);
     let mut pos = end.index_at;
     for j in 0..end.index_records {
         let rec = read_record(&mut at(file, pos), pos, buf, sealed)?;
         if rec.kind != Kind::Index {
-            return Err(corrupt(pos, format!("a {:?} record in the index", rec.kind)));
+            return Err(corrupt(
+                pos,
+                format!("a {:?} record in the index", rec.kind),
+            ));
         }
         if let Some(s) = sealer {
             open_record(s, &rec, 1 + data + j, buf, pos)?;
         }
         for e in buf[..rec.len].chunks_exact(super::format::ENTRY) {
-            entries.push(IndexEntry::decode(e).ok_or_else(|| corrupt(pos, "an index entry".into()))?);
+            entries
+                .push(IndexEntry::decode(e).ok_or_else(|| corrupt(pos, "an index entry".into()))?);
             if entries.len() as u64 > data {
                 return Err(corrupt(pos, "more index entries than records".into()));
             }
@@ -415,16 +431,33 @@ fn read_index(
         pos = rec.next;
     }
     if pos != end_at || entries.len() as u64 != data {
-        return Err(corrupt(end_at, format!("the index lists {} of {data} records", entries.len())));
+        return Err(corrupt(
+            end_at,
+            format!("the index lists {} of {data} records", entries.len()),
+        ));
     }
     let (mut next, mut last_end, mut shared, mut sealed_bytes) = (first, 0, 0, 0);
     for e in &entries {
         if e.offset != next {
-            return Err(corrupt(e.offset, format!("an index entry at {:#x}, the record at {next:#x}", e.offset)));
+            return Err(corrupt(
+                e.offset,
+                format!("an index entry at {:#x}, the record at {next:#x}", e.offset),
+            ));
         }
-        last_end = check_place(header, e.kind, e.gpa, u64::from(e.len), last_end, e.offset, sealed)?;
+        last_end = check_place(
+            header,
+            e.kind,
+            e.gpa,
+            u64::from(e.len),
+            last_end,
+            e.offset,
+            sealed,
+        )?;
         if e.len == 0 || e.len as usize > CHUNK || e.len % 4096 != 0 {
-            return Err(corrupt(e.offset, format!("an index entry of {:#x} bytes", e.len)));
+            return Err(corrupt(
+                e.offset,
+                format!("an index entry of {:#x} bytes", e.len),
+            ));
         }
         match e.kind {
             Kind::Sealed => sealed_bytes += u64::from(e.len),
@@ -433,7 +466,10 @@ fn read_index(
         next = e.offset + e.stream_len();
     }
     if next != end.index_at || shared != end.shared || sealed_bytes != end.sealed {
-        return Err(corrupt(end_at, "the index disagrees with the end record".into()));
+        return Err(corrupt(
+            end_at,
+            "the index disagrees with the end record".into(),
+        ));
     }
     Ok(entries)
 }
@@ -467,7 +503,9 @@ impl Lazy {
     }
 
     fn region_of(&self, gpa: u64) -> Option<&LazyRegion> {
-        self.regions.iter().find(|r| r.gpa <= gpa && gpa < r.gpa + r.len)
+        self.regions
+            .iter()
+            .find(|r| r.gpa <= gpa && gpa < r.gpa + r.len)
     }
 
     /// Fills block `bi` (pending) and marks it filled.
@@ -486,7 +524,11 @@ impl Lazy {
         }
         for i in lo..hi {
             let e = self.entries[i];
-            let buf = if single { &mut block[..] } else { &mut record[..] };
+            let buf = if single {
+                &mut block[..]
+            } else {
+                &mut record[..]
+            };
             self.read_entry(i, &e, buf).map_err(|err| err.to_string())?;
             if !single {
                 let off = (e.gpa - b.start) as usize;
@@ -519,7 +561,10 @@ impl Lazy {
         let sealed = self.sealer.is_some();
         let rec = read_record(&mut at(&self.file, e.offset), e.offset, buf, sealed)?;
         if rec.kind != e.kind || rec.len != e.len as usize || rec.aux != e.gpa {
-            return Err(corrupt(e.offset, "the record is not the one its index entry names".into()));
+            return Err(corrupt(
+                e.offset,
+                "the record is not the one its index entry names".into(),
+            ));
         }
         if let (Kind::Sealed, Some(s)) = (rec.kind, &self.sealer) {
             open_record(s, &rec, 1 + i as u64, buf, e.offset)?;
@@ -573,7 +618,10 @@ impl Lazy {
     fn serve_faults(&self) {
         let mut faults = Vec::with_capacity(64);
         while !self.stop.load(Ordering::Acquire) {
-            let mut pfd = [rustix::event::PollFd::new(&self.uffd, rustix::event::PollFlags::IN)];
+            let mut pfd = [rustix::event::PollFd::new(
+                &self.uffd,
+                rustix::event::PollFlags::IN,
+            )];
             let timeout = rustix::event::Timespec {
                 tv_sec: 0,
                 tv_nsec: 50_000_000,
@@ -722,7 +770,8 @@ impl LazyFill for Lazy {
     }
 
     fn fill_all(&self) -> Result<(), GateError> {
-        let all = self.blocks.first().map(|b| b.start).unwrap_or(0)..self.blocks.last().map_or(0, |b| b.end);
+        let all = self.blocks.first().map(|b| b.start).unwrap_or(0)
+            ..self.blocks.last().map_or(0, |b| b.end);
         self.resolve_range(all, Why::Prefetch)
     }
 }

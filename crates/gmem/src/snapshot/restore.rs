@@ -167,8 +167,8 @@ pub(crate) fn read_record(
     read_exact(r, &mut head, at)?;
     let len = u32::from_le_bytes(head[4..8].try_into().unwrap_or_default()) as usize;
     let aux = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
-    let kind =
-        kind_from(head[0]).ok_or_else(|| corrupt(at, format!("unknown record kind {:#x}", head[0])))?;
+    let kind = kind_from(head[0])
+        .ok_or_else(|| corrupt(at, format!("unknown record kind {:#x}", head[0])))?;
     if head[1..4] != [0, 0, 0] {
         return Err(corrupt(
             at + 1,
@@ -176,7 +176,12 @@ pub(crate) fn read_record(
         ));
     }
     let tag = if sealed { TAG } else { 0 };
-    let bad_len = |what: &str| corrupt(at + 4, format!("a {kind:?} record of {len:#x} bytes ({what})"));
+    let bad_len = |what: &str| {
+        corrupt(
+            at + 4,
+            format!("a {kind:?} record of {len:#x} bytes ({what})"),
+        )
+    };
     let payload = match kind {
         Kind::Shared | Kind::Sealed
             if len == 0 || len > CHUNK || !len.is_multiple_of(PAGE_SIZE as usize) =>
@@ -227,10 +232,15 @@ pub(crate) fn open_record(
 ) -> Result<(), RestoreError> {
     let tag = rec.tag(buf);
     let ok = match rec.kind {
-        Kind::Sealed | Kind::State => sealer.open(ordinal, &aad(&rec.head), &mut buf[..rec.len], &tag),
-        Kind::Index | Kind::End => {
-            sealer.open(ordinal, &tagged_aad(&rec.head, &buf[..rec.len]), &mut [], &tag)
+        Kind::Sealed | Kind::State => {
+            sealer.open(ordinal, &aad(&rec.head), &mut buf[..rec.len], &tag)
         }
+        Kind::Index | Kind::End => sealer.open(
+            ordinal,
+            &tagged_aad(&rec.head, &buf[..rec.len]),
+            &mut [],
+            &tag,
+        ),
         Kind::Shared => true,
     };
     if ok {
@@ -303,7 +313,10 @@ pub(crate) fn read_state(
 ) -> Result<(Vec<u8>, u64), RestoreError> {
     let rec = read_record(r, at, buf, sealer.is_some())?;
     if rec.kind != Kind::State || rec.aux != 0 {
-        return Err(corrupt(at, format!("the first record is a {:?} record, not the state", rec.kind)));
+        return Err(corrupt(
+            at,
+            format!("the first record is a {:?} record, not the state", rec.kind),
+        ));
     }
     if let Some(s) = sealer {
         open_record(s, &rec, 0, buf, at)?;
@@ -342,7 +355,15 @@ fn read_records(
                     return Err(corrupt(at, "a data record after the index".into()));
                 }
                 let gpa = rec.aux;
-                last_end = check_place(header, rec.kind, gpa, rec.len as u64, last_end, at, sealer.is_some())?;
+                last_end = check_place(
+                    header,
+                    rec.kind,
+                    gpa,
+                    rec.len as u64,
+                    last_end,
+                    at,
+                    sealer.is_some(),
+                )?;
                 if let (Kind::Sealed, Some(s)) = (rec.kind, sealer) {
                     open_record(s, &rec, ordinal, &mut buf, at)?;
                     report.sealed_bytes += rec.len as u64;

@@ -191,7 +191,13 @@ impl<W: Write> Out<'_, W> {
     /// Writes one record whose payload is `data`, encrypted in place and
     /// tagged if `seal` (the record's ordinal is its nonce, its header the
     /// associated data).
-    fn record(&mut self, kind: Kind, aux: u64, data: &mut [u8], seal: bool) -> Result<(), SnapshotError> {
+    fn record(
+        &mut self,
+        kind: Kind,
+        aux: u64,
+        data: &mut [u8],
+        seal: bool,
+    ) -> Result<(), SnapshotError> {
         let head = record_header(kind, data.len() as u32, aux);
         let written = match (&self.sealer, seal) {
             (Some(s), true) => {
