@@ -6,6 +6,7 @@
 
 mod conversion;
 mod file;
+mod lazy;
 mod snapshot;
 mod vcpu;
 
@@ -198,6 +199,75 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
                 .note("from a snapshot in memory, every record checked; raw: a memcpy into a fresh file's mapping"),
             s,
         ));
+    }
+    for &k in backings.iter().filter(|k| **k != BackingKind::GuestMemfd) {
+        let s = Subject::Backing(k);
+        let size = size_for(s).min(256 << 20).max(k.page_size() * 4);
+        plans.push(with_note(
+            Plan::new("lazy restore: first touch per 4 KiB page", s, "µs", false)
+                .gmem(move || lazy::first_touch_gmem(k, size))
+                .raw(move || lazy::first_touch_raw(k, size, lazy::RawMode::Copy))
+                .note("gmem: host reads, each 1 MiB block (hugetlb: huge page) filled on its first touch, CRC-checked, sealed ones decrypted, by UFFDIO_COPY; raw: MISSING + UFFDIO_COPY of each page"),
+            s,
+        ));
+        plans.push(with_note(
+            Plan::new("userfaultfd: MISSING+COPY against fill+MINOR+CONTINUE", s, "µs", false)
+                .gmem(move || lazy::first_touch_raw(k, size, lazy::RawMode::Copy))
+                .raw(move || lazy::first_touch_raw(k, size, lazy::RawMode::Continue))
+                .note("per page, one fault each; gmem column: the mode gmem uses (MISSING + UFFDIO_COPY); raw column: write the page through a second mapping, then UFFDIO_CONTINUE"),
+            s,
+        ));
+    }
+    if backings.contains(&BackingKind::Memfd) {
+        let s = Subject::Backing(BackingKind::Memfd);
+        for gib in [1u64, 16] {
+            plans.push(
+                Plan::new(format!("lazy restore: until the VM can run, {gib} GiB guest"), s, "µs", false)
+                    .gmem(move || lazy::lazy_start_gmem(gib << 30))
+                    .raw(move || lazy::eager_start(gib << 30))
+                    .note("64 MiB populated, sealed; header, key, index and end checked, memory discarded, uffd registered, threads started; raw column: gmem's eager restore of the same file"),
+            );
+        }
+        let size = size_for(s).min(256 << 20);
+        plans.push(
+            Plan::new(
+                "lazy restore with prefetch, until every block is in",
+                s,
+                "ms",
+                false,
+            )
+            .gmem(move || lazy::lazy_complete_gmem(size, true))
+            .raw(move || lazy::eager_complete(size))
+            .note("raw column: gmem's eager restore of the same file"),
+        );
+        plans.push(
+            Plan::new("lazy restore without prefetch, finished at once", s, "ms", false)
+                .gmem(move || lazy::lazy_complete_gmem(size, false))
+                .raw(move || lazy::eager_complete(size))
+                .note("finish() fills every block in the caller's thread; raw column: gmem's eager restore of the same file"),
+        );
+        plans.push(
+            Plan::new(
+                "snapshot: 1 TiB sparse guest, 64 MiB touched",
+                s,
+                "ms",
+                false,
+            )
+            .gmem(|| lazy::sparse_tib().map(|(_, ms)| ms))
+            .raw(lazy::sparse_raw)
+            .note("64 runs of 1 MiB, one every 16 GiB; raw: the same 64 MiB written to a file"),
+        );
+        plans.push(
+            Plan::new(
+                "snapshot size: 1 TiB sparse guest, 64 MiB touched",
+                s,
+                "MiB",
+                false,
+            )
+            .gmem(|| lazy::sparse_tib().map(|(mib, _)| mib))
+            .raw(|| Ok(64.0))
+            .note("raw: the populated bytes alone"),
+        );
     }
     plans.extend(crate::virtio_io::plans(backings));
     plans.extend(crate::scale::plans(backings));

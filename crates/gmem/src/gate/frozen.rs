@@ -156,14 +156,27 @@ impl Frozen<'_> {
             });
         }
         for r in &self.gate.0.regions {
-            let range = FileRange::new(r.offset, r.len).map_err(|e| GateError::Map {
-                gpa: r.gpa,
-                source: e.into(),
-            })?;
-            r.memory
-                .core()
-                .punch(range)
+            // Only what the file holds is punched: a fresh VM's empty file
+            // costs nothing, whatever its size (a punch of the whole range
+            // would walk it, and KVM's mappings of it, for nothing).
+            let held = r
+                .memory
+                .populated()
                 .map_err(|source| GateError::Map { gpa: r.gpa, source })?;
+            for run in held {
+                let (s, e) = (run.start.max(r.offset), run.end.min(r.offset + r.len));
+                if s >= e {
+                    continue;
+                }
+                let range = FileRange::new(s, e - s).map_err(|e| GateError::Map {
+                    gpa: r.gpa,
+                    source: e.into(),
+                })?;
+                r.memory
+                    .core()
+                    .punch(range)
+                    .map_err(|source| GateError::Map { gpa: r.gpa, source })?;
+            }
         }
         self.st.attrs.set(
             self.gate.0.regions[0].gpa..self.gate.0.regions[self.gate.0.regions.len() - 1].end(),
