@@ -134,6 +134,13 @@ fn a_discarded_pending_block_reads_zero_and_the_prefetcher_fills_the_rest() {
         .gate
         .restore_lazy(file, Some(&key()), LazyOptions::new().without_prefetch())
         .unwrap();
+    // Populating the file would put zeroes where the snapshot's pages
+    // belong: refused while the restore fills it.
+    let mem = dst.gate.bindings().next().unwrap().memory().clone();
+    let e = mem
+        .allocate(gmem::FileRange::new(MIB, P).unwrap())
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
     // The first 1 MiB record of shared data: discarded before it was filled.
     dst.gate.discard(MIB, MIB).unwrap();
     assert_eq!(read(&dst.gate, MIB, 16), vec![0; 16]);
@@ -143,6 +150,7 @@ fn a_discarded_pending_block_reads_zero_and_the_prefetcher_fills_the_rest() {
     assert_eq!(read(&dst.gate, 2 * MIB, 16), vec![0; 16]);
     assert_eq!(read(&dst.gate, 2 * MIB + P, 1), vec![(257 % 251) as u8 + 1]);
     drop(lazy); // fills the rest
+    mem.allocate(gmem::FileRange::new(MIB, P).unwrap()).unwrap();
     assert_eq!(
         read(&dst.gate, 2 * MIB + 200 * P, 1),
         vec![(456 % 251) as u8 + 1]

@@ -40,6 +40,10 @@ pub struct FileCore {
     /// How many regions of live gatekeepers hold this file: while any does,
     /// its content changes only through them.
     gated: AtomicUsize,
+    /// How many lazy restores are filling this file: while any is, an
+    /// `allocate` would put zero pages where the snapshot's belong, and is
+    /// refused.
+    filling: AtomicUsize,
     /// Whole huge pages (hugetlb) that were punched and whose reservation
     /// could not be restored (the pool was drained meanwhile): a host access
     /// there must first reserve them again, or be refused, never `SIGBUS`.
@@ -116,6 +120,7 @@ impl FileCore {
             allocated: Mutex::default(),
             retained_private: Mutex::default(),
             gated: AtomicUsize::new(0),
+            filling: AtomicUsize::new(0),
             unreserved: Mutex::default(),
             any_unreserved: AtomicBool::new(false),
         };
@@ -192,6 +197,20 @@ impl FileCore {
     /// A region of a gatekeeper now holds the file (until [`ungate`](Self::ungate)).
     pub(crate) fn gate(&self) {
         self.gated.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A lazy restore starts (`true`) or stops filling the file.
+    pub(crate) fn set_filling(&self, on: bool) {
+        if on {
+            self.filling.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.filling.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a lazy restore is filling the file.
+    pub(crate) fn is_filling(&self) -> bool {
+        self.filling.load(Ordering::Acquire) > 0
     }
 
     /// A region of a gatekeeper let the file go.

@@ -248,6 +248,19 @@ pub enum BackingError {
         /// The length.
         len: u64,
     },
+    /// A lazy restore is filling the file: populating it now would put zero
+    /// pages where the snapshot's belong.
+    #[error(
+        "{op} of [{offset:#x}, +{len:#x}) refused: a lazy restore is filling this file; wait for it (LazyRestore::wait or finish)"
+    )]
+    Restoring {
+        /// The operation.
+        op: &'static str,
+        /// The file offset.
+        offset: u64,
+        /// The length.
+        len: u64,
+    },
     /// The range holds pages a gatekeeper left private.
     #[error(
         "{op} of [{offset:#x}, +{len:#x}) refused: file offset {private:#x} was private when the last gatekeeper over it was dropped, and only a gatekeeper may change private memory"
@@ -301,6 +314,7 @@ impl BackingError {
             BackingError::MappingNotAllowed { .. } => libc::ENODEV,
             BackingError::AlreadyOwned { .. }
             | BackingError::Gated { .. }
+            | BackingError::Restoring { .. }
             | BackingError::PrivatePages { .. } => libc::EBUSY,
             BackingError::Unreserved { .. } => libc::ENOMEM,
             BackingError::Unsupported { .. } | BackingError::Unlocatable { .. } => libc::EOPNOTSUPP,
@@ -410,6 +424,13 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     /// [`BackingError::Syscall`] with the kernel's errno (`ENOMEM`, `EINTR`,
     /// `ENOSPC` for an empty hugetlb pool) otherwise.
     fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
+        if self.core().is_filling() {
+            return Err(BackingError::Restoring {
+                op: "allocate",
+                offset: range.offset(),
+                len: range.len(),
+            });
+        }
         self.core().allocate(range)
     }
 

@@ -306,6 +306,9 @@ impl Gatekeeper {
         }
         frozen.begin_restore()?;
         frozen.finish_restore(&header.private)?;
+        for r in &regions {
+            r.memory.core().set_filling(true);
+        }
         let n = blocks.len();
         let lazy = Arc::new(Lazy {
             file,
@@ -344,14 +347,17 @@ impl Gatekeeper {
         }
         let mut threads = Vec::new();
         let l = Arc::clone(&lazy);
-        threads.push(
-            std::thread::Builder::new()
-                .name("gmem-uffd".into())
-                .spawn(move || l.serve_faults())
-                .map_err(|e| RestoreError::Lazy {
-                    why: format!("spawning the fault thread: {e}"),
-                })?,
-        );
+        match std::thread::Builder::new()
+            .name("gmem-uffd".into())
+            .spawn(move || l.serve_faults())
+        {
+            Ok(t) => threads.push(t),
+            Err(_) => {
+                // No fault thread: a fault would wait forever. Fill it all
+                // now, in this thread (an eager restore, late).
+                lazy.fill_all()?;
+            }
+        }
         if !opts.no_prefetch {
             let l = Arc::clone(&lazy);
             let order = opts.order.unwrap_or_default();
@@ -583,6 +589,7 @@ impl Lazy {
         f.done = true;
         for r in &self.regions {
             let _ = self.uffd.unregister(r.host, r.len as usize);
+            r.memory.core().set_filling(false);
         }
         self.stop.store(true, Ordering::Release);
         f.block = Vec::new();
