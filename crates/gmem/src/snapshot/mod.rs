@@ -16,6 +16,49 @@
 //!   default: refused, sealed with an AEAD under a key the caller gives
 //!   ([`SealKey`]), or omitted (restored private and zero). No private byte
 //!   reaches the stream in clear.
+//! - **The caller's state** (a VMM's vCPUs and devices) rides along:
+//!   [`Gatekeeper::snapshot_with_state`](crate::Gatekeeper::snapshot_with_state),
+//!   sealed with the private pages; [`RestoreReport::state`] and
+//!   [`LazyRestore::state`] give it back.
+//!
+//! ## Lazy restore
+//!
+//! [`Gatekeeper::restore_lazy`](crate::Gatekeeper::restore_lazy) checks a
+//! snapshot file's header, key, index and end, and returns at once: the VM
+//! can run. Each block (one record on memfd, one huge page on hugetlb) is
+//! filled when first touched: by a userfaultfd thread when the guest
+//! touches it (`MISSING` + `UFFDIO_COPY` on the mapping KVM runs the guest
+//! from), and by the host path itself before gatekeeper copies, pins and
+//! `DeviceMemory` reach it, so host code never reads a restored page as
+//! zero. A prefetcher fills the rest, the blocks of a recorded
+//! [`PrefetchOrder`] first. guest_memfd mappings take no userfaultfd on
+//! this kernel: restore them eagerly ([`RestoreError::Lazy`] says so).
+//!
+//! ```
+//! use gmem::snapshot::{LazyOptions, PrivatePages};
+//! use gmem::{BackingKind, GateOptions, Gatekeeper, MemoryOptions, SlotRequest, Vm};
+//!
+//! let Ok(vm) = Vm::new() else { return Ok(()) }; // no /dev/kvm here
+//! let gate_of = |vm: &Vm| -> Result<Gatekeeper, gmem::Error> {
+//!     let mem = gmem::create_memory(MemoryOptions::new(BackingKind::Memfd, 2 << 20), Some(vm))?;
+//!     let b = vm.bind(&mem, SlotRequest::new(0, 0, 2 << 20))?;
+//!     Ok(Gatekeeper::new(vm, vec![b], GateOptions::default())?)
+//! };
+//! let gate = gate_of(&vm)?;
+//! gate.write(0x4000, b"before")?;
+//! let mut file = std::fs::File::from(rustix::fs::memfd_create("snap", rustix::fs::MemfdFlags::CLOEXEC)?);
+//! gate.snapshot_with_state(&mut file, &PrivatePages::Refuse, b"vcpus")?;
+//!
+//! let vm2 = Vm::new()?;
+//! let gate2 = gate_of(&vm2)?;
+//! let lazy = gate2.restore_lazy(file, None, LazyOptions::new())?;
+//! assert_eq!(lazy.state(), b"vcpus");
+//! let mut buf = [0u8; 6];
+//! gate2.read(0x4000, &mut buf)?; // filled before it is read
+//! assert_eq!(&buf, b"before");
+//! lazy.finish()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! ```
 //! use gmem::snapshot::{PrivatePages, SealKey};
