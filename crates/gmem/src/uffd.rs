@@ -185,13 +185,18 @@ impl Userfaultfd {
 
     /// `UFFDIO_COPY`: allocates the pages of `[dst, dst + src.len())` (a
     /// registered range, whole pages of its mapping) with `src`'s bytes,
-    /// maps them and wakes the faults there. Pages already present are left
-    /// as they are, and their faults woken.
+    /// maps them and wakes the faults there.
+    ///
+    /// A page already present stops the copy: with `exists_ok` (a zero page
+    /// for a hole another thread filled meanwhile) the faults are woken and
+    /// the call succeeds; without it, that is the kernel's `EEXIST`, for a
+    /// fill that expected every page missing must not leave some of them
+    /// with other bytes.
     ///
     /// # Errors
-    /// The kernel's errno (`ENOMEM`, `ENOSPC` on a drained hugetlb pool,
-    /// `ENOENT`/`EFAULT` on an unmapped range).
-    pub fn copy(&self, dst: usize, src: &[u8]) -> Result<(), BackingError> {
+    /// The kernel's errno (`EEXIST` as above, `ENOMEM`, `ENOSPC` on a
+    /// drained hugetlb pool, `ENOENT`/`EFAULT` on an unmapped range).
+    pub fn copy(&self, dst: usize, src: &[u8], exists_ok: bool) -> Result<(), BackingError> {
         let mut done = 0usize;
         while done < src.len() {
             let mut c = UffdioCopy {
@@ -213,14 +218,7 @@ impl Userfaultfd {
                 // Some pages were copied before the kernel stopped: go on.
                 Some(libc::EAGAIN) if c.copy > 0 => done += c.copy as usize,
                 Some(libc::EAGAIN) => {}
-                // Already there (a racing fill): nothing to copy, only to wake.
-                Some(libc::EEXIST) => {
-                    let page = if c.copy > 0 { c.copy as usize } else { 0 };
-                    done += page;
-                    if page == 0 {
-                        return self.wake(dst, src.len());
-                    }
-                }
+                Some(libc::EEXIST) if exists_ok => return self.wake(dst, src.len()),
                 _ => return Err(BackingError::syscall("ioctl(UFFDIO_COPY)", err)),
             }
         }

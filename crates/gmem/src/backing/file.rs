@@ -201,6 +201,9 @@ impl FileCore {
 
     /// A lazy restore starts (`true`) or stops filling the file.
     pub(crate) fn set_filling(&self, on: bool) {
+        // Under `allocated`'s lock, which `allocate` holds from its check to
+        // its fallocate: an allocate is wholly before or wholly refused.
+        let _held = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
         if on {
             self.filling.fetch_add(1, Ordering::AcqRel);
         } else {
@@ -297,6 +300,13 @@ impl FileCore {
     pub(crate) fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
         let range = range.within(self.size)?;
         let mut allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_filling() {
+            return Err(BackingError::Restoring {
+                op: "allocate",
+                offset: range.offset(),
+                len: range.len(),
+            });
+        }
         rustix::fs::fallocate(
             &self.fd,
             FallocateFlags::KEEP_SIZE,

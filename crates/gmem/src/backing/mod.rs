@@ -424,13 +424,6 @@ pub trait RestrictedMemory: sealed::Sealed + fmt::Debug + Send + Sync {
     /// [`BackingError::Syscall`] with the kernel's errno (`ENOMEM`, `EINTR`,
     /// `ENOSPC` for an empty hugetlb pool) otherwise.
     fn allocate(&self, range: FileRange) -> Result<(), BackingError> {
-        if self.core().is_filling() {
-            return Err(BackingError::Restoring {
-                op: "allocate",
-                offset: range.offset(),
-                len: range.len(),
-            });
-        }
         self.core().allocate(range)
     }
 

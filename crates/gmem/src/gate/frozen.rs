@@ -146,15 +146,21 @@ impl Frozen<'_> {
         Ok(())
     }
 
-    /// Starts a restore: refused outside the launch phase (a restore writes a
-    /// whole VM, which must not have run); every region is discarded, so
-    /// that what the snapshot does not hold is a hole.
-    pub(crate) fn begin_restore(&mut self) -> Result<(), GateError> {
+    /// Refuses a restore outside the launch phase, before anything changes.
+    pub(crate) fn check_restorable(&self) -> Result<(), GateError> {
         if self.st.phase != Phase::Loading {
             return Err(GateError::NotRestorable {
                 why: "the gatekeeper has left its launch phase: restore onto a new VM",
             });
         }
+        Ok(())
+    }
+
+    /// Starts a restore: refused outside the launch phase (a restore writes a
+    /// whole VM, which must not have run); every region is discarded, so
+    /// that what the snapshot does not hold is a hole.
+    pub(crate) fn begin_restore(&mut self) -> Result<(), GateError> {
+        self.check_restorable()?;
         for r in &self.gate.0.regions {
             // Only what the file holds is punched: a fresh VM's empty file
             // costs nothing, whatever its size (a punch of the whole range

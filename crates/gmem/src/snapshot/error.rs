@@ -101,6 +101,12 @@ pub enum RestoreError {
     /// The snapshot's private pages are sealed, and no key was given.
     #[error("the snapshot's private pages are sealed: restoring needs its key")]
     NeedsKey,
+    /// A key was given, and the snapshot is not sealed: nothing
+    /// authenticates it.
+    #[error(
+        "a key was given, and the snapshot is not sealed (its private pages were refused or omitted): nothing authenticates it; restore it without a key only if you trust where it came from"
+    )]
+    NotSealed,
     /// The key does not open the snapshot (or its header was changed).
     #[error(
         "the key does not authenticate the snapshot's layout and attribute map: a wrong key, or a tampered header"
@@ -137,7 +143,9 @@ impl RestoreError {
     /// keys, the kernel's for I/O.
     pub fn errno(&self) -> i32 {
         match self {
-            RestoreError::NeedsKey | RestoreError::WrongKey => libc::EKEYREJECTED,
+            RestoreError::NeedsKey | RestoreError::WrongKey | RestoreError::NotSealed => {
+                libc::EKEYREJECTED
+            }
             RestoreError::Read(e) => e.raw_os_error().unwrap_or(libc::EIO),
             RestoreError::Gate(e) => e.errno(),
             RestoreError::Lazy { .. } => libc::EOPNOTSUPP,

@@ -54,6 +54,8 @@ pub(crate) enum PolicyCode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Header {
     pub(crate) policy: PolicyCode,
+    /// The gatekeeper's conversion policy.
+    pub(crate) conversion: crate::Policy,
     pub(crate) id: [u8; 16],
     pub(crate) regions: Vec<RegionLayout>,
     pub(crate) private: Vec<Range<u64>>,
@@ -84,7 +86,11 @@ impl Header {
         let mut b = Vec::with_capacity(48 + 40 * self.regions.len() + 16 * self.private.len());
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&[self.policy as u8, 0, 0, 0]);
+        let conversion = match self.conversion {
+            crate::Policy::Discard => 1,
+            _ => 0,
+        };
+        b.extend_from_slice(&[self.policy as u8, conversion, 0, 0]);
         b.extend_from_slice(&self.id);
         b.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
         b.extend_from_slice(&(self.private.len() as u32).to_le_bytes());
@@ -124,6 +130,14 @@ impl Header {
             2 => PolicyCode::Omit,
             other => return Err(corrupt(12, format!("unknown private-page policy {other}"))),
         };
+        let conversion = match fixed[13] {
+            0 => crate::Policy::InPlace,
+            1 => crate::Policy::Discard,
+            other => return Err(corrupt(13, format!("unknown conversion policy {other}"))),
+        };
+        if fixed[14..16] != [0, 0] {
+            return Err(corrupt(14, "the header's padding is not zero".into()));
+        }
         let mut id = [0u8; 16];
         id.copy_from_slice(&fixed[16..32]);
         let nregions = u32::from_le_bytes(fixed[32..36].try_into().unwrap_or_default());
@@ -198,7 +212,9 @@ impl Header {
                 u64::from_le_bytes(e[8..].try_into().unwrap_or_default()),
             );
             let inside = regions.iter().any(|r| r.gpa <= s && end <= r.gpa + r.len);
-            if s >= end || s < last || !inside || !s.is_multiple_of(crate::range::PAGE_SIZE) {
+            let aligned = s.is_multiple_of(crate::range::PAGE_SIZE)
+                && end.is_multiple_of(crate::range::PAGE_SIZE);
+            if s >= end || s < last || !inside || !aligned {
                 return Err(corrupt(
                     bytes.len() as u64 - 16,
                     format!("private run {i} [{s:#x}, {end:#x}) is not a run of the layout"),
@@ -219,6 +235,7 @@ impl Header {
         Ok((
             Header {
                 policy,
+                conversion,
                 id,
                 regions,
                 private,
@@ -284,9 +301,10 @@ impl IndexEntry {
         self.gpa..self.gpa + u64::from(self.len)
     }
 
-    /// The record's bytes in the stream: header, payload, tag, CRC.
-    pub(crate) fn stream_len(&self) -> u64 {
-        let tag = if self.kind == Kind::Sealed { TAG } else { 0 };
+    /// The record's bytes in the stream: header, payload, tag (every data
+    /// record of a sealed snapshot has one), CRC.
+    pub(crate) fn stream_len(&self, sealed: bool) -> u64 {
+        let tag = if sealed { TAG } else { 0 };
         (RECORD_HEADER + self.len as usize + tag + 4) as u64
     }
 }

@@ -253,6 +253,7 @@ impl Gatekeeper {
     ) -> Result<LazyRestore, RestoreError> {
         let started = Instant::now();
         let mut frozen = self.freeze()?;
+        frozen.check_restorable()?;
         let (header, sealer, start) = open_header(&mut at(&file, 0), &frozen.layout(), key)?;
         let mut buf = vec![0u8; CHUNK + TAG];
         let (state, first) = read_state(&mut at(&file, start), start, &mut buf, sealer.as_ref())?;
@@ -304,10 +305,23 @@ impl Gatekeeper {
                 });
             }
         }
-        frozen.begin_restore()?;
-        frozen.finish_restore(&header.private)?;
+        // From here no `allocate` reaches the files (one that raced is done,
+        // and its pages are what `begin_restore` punches), until the last
+        // block is in.
         for r in &regions {
             r.memory.core().set_filling(true);
+        }
+        let begun = frozen
+            .begin_restore()
+            .and_then(|()| frozen.finish_restore(&header.private));
+        if let Err(e) = begun {
+            for r in &regions {
+                r.memory.core().set_filling(false);
+            }
+            frozen.poison(format!(
+                "a lazy restore could not discard or set attributes ({e})"
+            ));
+            return Err(e.into());
         }
         let n = blocks.len();
         let lazy = Arc::new(Lazy {
@@ -405,8 +419,10 @@ fn read_index(
         open_record(s, &rec, records.wrapping_sub(1), buf, end_at)?;
     }
     let end = End::decode(&buf[..rec.len]);
-    let data = records
-        .checked_sub(2 + end.index_records)
+    let data = end
+        .index_records
+        .checked_add(2)
+        .and_then(|n| records.checked_sub(n))
         .ok_or_else(|| corrupt(end_at + 8, format!("{records} records")))?;
     if data > len / 4096 || end.index_at < first || end.index_at > end_at {
         return Err(corrupt(
@@ -414,7 +430,16 @@ fn read_index(
             format!("an index of {data} entries at {:#x}", end.index_at),
         ));
     }
-    let mut entries = Vec::with_capacity(data as usize);
+    // Grown as entries are read, never to a count the end claims: a sparse
+    // file claiming 2^40 records fails at its first zero entry.
+    let layout_pages: u64 = header.regions.iter().map(|r| r.len / 4096).sum();
+    if data > layout_pages {
+        return Err(corrupt(
+            end_at,
+            format!("{data} records for {layout_pages} pages"),
+        ));
+    }
+    let mut entries = Vec::with_capacity((data as usize).min(super::format::ENTRIES_PER_RECORD));
     let mut pos = end.index_at;
     for j in 0..end.index_records {
         let rec = read_record(&mut at(file, pos), pos, buf, sealed)?;
@@ -450,6 +475,12 @@ fn read_index(
                 format!("an index entry at {:#x}, the record at {next:#x}", e.offset),
             ));
         }
+        if e.len == 0 || e.len as usize > CHUNK || e.len % 4096 != 0 {
+            return Err(corrupt(
+                e.offset,
+                format!("an index entry of {:#x} bytes", e.len),
+            ));
+        }
         last_end = check_place(
             header,
             e.kind,
@@ -459,17 +490,14 @@ fn read_index(
             e.offset,
             sealed,
         )?;
-        if e.len == 0 || e.len as usize > CHUNK || e.len % 4096 != 0 {
-            return Err(corrupt(
-                e.offset,
-                format!("an index entry of {:#x} bytes", e.len),
-            ));
-        }
         match e.kind {
             Kind::Sealed => sealed_bytes += u64::from(e.len),
             _ => shared += u64::from(e.len),
         }
-        next = e.offset + e.stream_len();
+        next = e
+            .offset
+            .checked_add(e.stream_len(sealed))
+            .ok_or_else(|| corrupt(e.offset, "an index entry past any file".into()))?;
     }
     if next != end.index_at || shared != end.shared || sealed_bytes != end.sealed {
         return Err(corrupt(
@@ -542,7 +570,7 @@ impl Lazy {
             }
         }
         self.uffd
-            .copy(r.host + (b.start - r.gpa) as usize, &block[..n])
+            .copy(r.host + (b.start - r.gpa) as usize, &block[..n], false)
             .map_err(|e| format!("UFFDIO_COPY of [{:#x}, {:#x}): {e}", b.start, b.end))?;
         f.pending[bi] = false;
         f.remaining -= 1;
@@ -572,7 +600,7 @@ impl Lazy {
                 "the record is not the one its index entry names".into(),
             ));
         }
-        if let (Kind::Sealed, Some(s)) = (rec.kind, &self.sealer) {
+        if let Some(s) = &self.sealer {
             open_record(s, &rec, 1 + i as u64, buf, e.offset)?;
         }
         Ok(())
@@ -676,7 +704,7 @@ impl Lazy {
                 // zeroes, as a fault would have had without userfaultfd.
                 let g = r.granule as usize;
                 let page = (addr - r.host) / g * g + r.host;
-                match self.uffd.copy(page, &self.zeroes[..g]) {
+                match self.uffd.copy(page, &self.zeroes[..g], true) {
                     Ok(()) => f.progress.zero_fills += 1,
                     Err(e) => self.fail(&mut f, format!("zeroing a hole at {gpa:#x}: {e}")),
                 }
@@ -696,13 +724,14 @@ impl Lazy {
             if f.done {
                 return;
             }
-            if f.pending[bi] {
-                if let Err(e) = self.fill_block(&mut f, bi, Why::Prefetch) {
-                    self.fail(&mut f, e);
-                    drop(f);
-                    self.poison_gate();
-                    return;
-                }
+            if !f.pending[bi] {
+                continue;
+            }
+            if let Err(e) = self.fill_block(&mut f, bi, Why::Prefetch) {
+                self.fail(&mut f, e);
+                drop(f);
+                self.poison_gate();
+                return;
             }
         }
     }
@@ -841,6 +870,20 @@ impl LazyRestore {
             (Err(e), _) => Err(RestoreError::Gate(e)),
             (_, Some(reason)) => Err(RestoreError::Gate(GateError::Poisoned { reason })),
         }
+    }
+
+    /// Ends the restore without filling what is left, for a VM that is
+    /// ending anyway: the gatekeeper is poisoned (its memory is not the
+    /// snapshot's), so nothing can use it after.
+    pub fn abandon(mut self) {
+        {
+            let mut f = self.lazy.lock();
+            if !f.done {
+                self.lazy
+                    .fail(&mut f, "abandoned before every block was in".into());
+            }
+        }
+        self.stop_threads();
     }
 
     fn stop_threads(&mut self) {

@@ -94,7 +94,7 @@ mod write;
 pub use error::{RestoreError, SnapshotError};
 pub use format::{CHUNK, MAGIC, MAX_STATE, VERSION};
 pub use lazy::{LazyOptions, LazyProgress, LazyRestore, PrefetchOrder};
-pub use restore::RestoreReport;
+pub use restore::{RestoreReport, SnapshotInfo};
 pub use seal::SealKey;
 pub use write::SnapshotReport;
 

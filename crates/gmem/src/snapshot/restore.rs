@@ -62,16 +62,27 @@ impl Gatekeeper {
         key: Option<&SealKey>,
     ) -> Result<RestoreReport, RestoreError> {
         let mut frozen = self.freeze()?;
+        frozen.check_restorable()?;
         let (header, sealer, start) = open_header(r, &frozen.layout(), key)?;
         let mut buf = vec![0u8; CHUNK + TAG];
         let (state, first) = read_state(r, start, &mut buf, sealer.as_ref())?;
         drop(buf);
-        frozen.begin_restore()?;
+        if let Err(e) = frozen.begin_restore() {
+            frozen.poison(format!(
+                "a restore could not discard the memory first ({e})"
+            ));
+            return Err(e.into());
+        }
         let mut writer = |gpa: u64, data: &[u8]| frozen.write_raw(gpa, data);
         let result = read_records(r, &header, sealer.as_ref(), first, &mut writer);
         match result {
             Ok(mut report) => {
-                frozen.finish_restore(&header.private)?;
+                if let Err(e) = frozen.finish_restore(&header.private) {
+                    frozen.poison(format!(
+                        "a restore wrote every record but could not set the attributes ({e})"
+                    ));
+                    return Err(e.into());
+                }
                 report.state = state;
                 Ok(report)
             }
@@ -106,6 +117,11 @@ pub(crate) fn open_header(
             here: here.len(),
             here_layout: layout_text(here.iter().map(|r| (r.gpa, r.len))),
         });
+    }
+    if key.is_some() && header.policy != PolicyCode::Seal {
+        // A caller with a key expects a sealed snapshot: an unsealed one is
+        // authenticated by nothing, and anyone could have written it.
+        return Err(RestoreError::NotSealed);
     }
     let sealer = if header.policy == PolicyCode::Seal {
         let key = key.ok_or(RestoreError::NeedsKey)?;
@@ -189,7 +205,7 @@ pub(crate) fn read_record(
             return Err(bad_len("whole pages, at most one chunk"));
         }
         Kind::Sealed => len + TAG,
-        Kind::Shared => len,
+        Kind::Shared => len + tag,
         Kind::State if len > MAX_STATE => return Err(bad_len("at most one chunk")),
         Kind::State => len + tag,
         Kind::Index
@@ -235,13 +251,12 @@ pub(crate) fn open_record(
         Kind::Sealed | Kind::State => {
             sealer.open(ordinal, &aad(&rec.head), &mut buf[..rec.len], &tag)
         }
-        Kind::Index | Kind::End => sealer.open(
+        Kind::Shared | Kind::Index | Kind::End => sealer.open(
             ordinal,
             &tagged_aad(&rec.head, &buf[..rec.len]),
             &mut [],
             &tag,
         ),
-        Kind::Shared => true,
     };
     if ok {
         Ok(())
@@ -264,13 +279,19 @@ pub(crate) fn check_place(
     at: u64,
     sealed: bool,
 ) -> Result<u64, RestoreError> {
-    let end = gpa
-        .checked_add(len)
-        .ok_or_else(|| corrupt(at + 8, format!("a record at {gpa:#x} wraps around")))?;
-    if gpa < last_end || !gpa.is_multiple_of(PAGE_SIZE) {
+    let end = gpa.checked_add(len).filter(|_| len > 0).ok_or_else(|| {
+        corrupt(
+            at + 8,
+            format!("a record at {gpa:#x} wraps around or is empty"),
+        )
+    })?;
+    if gpa < last_end
+        || !gpa.is_multiple_of(PAGE_SIZE)
+        || gpa / CHUNK as u64 != (end - 1) / CHUNK as u64
+    {
         return Err(corrupt(
             at + 8,
-            format!("a record at {gpa:#x} is out of order"),
+            format!("a record at {gpa:#x} is out of order, or crosses a 1 MiB boundary"),
         ));
     }
     if !header
@@ -364,8 +385,10 @@ fn read_records(
                     at,
                     sealer.is_some(),
                 )?;
-                if let (Kind::Sealed, Some(s)) = (rec.kind, sealer) {
+                if let Some(s) = sealer {
                     open_record(s, &rec, ordinal, &mut buf, at)?;
+                }
+                if rec.kind == Kind::Sealed {
                     report.sealed_bytes += rec.len as u64;
                 } else {
                     report.shared_bytes += rec.len as u64;
@@ -411,5 +434,46 @@ fn read_records(
             }
         }
         at = rec.next;
+    }
+}
+
+/// What a snapshot's header says, read without a key and before any VM
+/// exists: what a VMM needs to build the machine it restores into. Nothing
+/// here is authenticated yet: a restore checks it all again (under `Seal`,
+/// against the header's tag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotInfo {
+    /// The format version (this gmem's, or reading fails).
+    pub version: u32,
+    /// Whether the private pages are sealed (restoring needs the key).
+    pub sealed: bool,
+    /// Whether private pages were omitted.
+    pub omitted: bool,
+    /// The source gatekeeper's conversion policy.
+    pub conversion: crate::Policy,
+    /// The regions: GPA, length and backing, in GPA order.
+    pub regions: Vec<(u64, u64, crate::BackingKind)>,
+    /// Private bytes in the attribute map.
+    pub private_bytes: u64,
+}
+
+impl SnapshotInfo {
+    /// Reads and checks a snapshot's header (its CRC, counts and bounds).
+    ///
+    /// # Errors
+    /// [`RestoreError::NotASnapshot`], [`RestoreError::Version`],
+    /// [`RestoreError::Corrupt`], [`RestoreError::Truncated`],
+    /// [`RestoreError::Read`].
+    pub fn read(r: &mut impl Read) -> Result<SnapshotInfo, RestoreError> {
+        let (h, _) = Header::decode(r)?;
+        Ok(SnapshotInfo {
+            version: super::VERSION,
+            sealed: h.policy == PolicyCode::Seal,
+            omitted: h.policy == PolicyCode::Omit,
+            conversion: h.conversion,
+            regions: h.regions.iter().map(|r| (r.gpa, r.len, r.kind)).collect(),
+            private_bytes: h.private.iter().map(|p| p.end - p.start).sum(),
+        })
     }
 }

@@ -96,6 +96,7 @@ impl Gatekeeper {
                 PrivatePages::Seal(_) => PolicyCode::Seal,
                 PrivatePages::Omit => PolicyCode::Omit,
             },
+            conversion: self.policy(),
             id,
             regions: frozen.layout(),
             private: private_runs,
@@ -127,7 +128,11 @@ impl Gatekeeper {
             for (part, is_private) in frozen.split(run) {
                 let mut gpa = part.start;
                 while gpa < part.end {
-                    let n = (part.end - gpa).min(CHUNK as u64) as usize;
+                    // A record never crosses a 1 MiB-aligned boundary, so
+                    // a 2 MiB huge page holds whole records (a lazy
+                    // restore's block is one huge page).
+                    let boundary = (gpa / CHUNK as u64 + 1) * CHUNK as u64;
+                    let n = (part.end.min(boundary) - gpa) as usize;
                     if is_private && !sealed {
                         out.report.omitted_bytes += n as u64;
                         gpa += n as u64;
@@ -188,23 +193,24 @@ struct Out<'w, W: Write> {
 }
 
 impl<W: Write> Out<'_, W> {
-    /// Writes one record whose payload is `data`, encrypted in place and
-    /// tagged if `seal` (the record's ordinal is its nonce, its header the
-    /// associated data).
+    /// Writes one record whose payload is `data`. Under `Seal`: encrypted
+    /// in place and tagged if `encrypt` (the record's header the associated
+    /// data), tagged in clear otherwise; the record's ordinal is the nonce.
     fn record(
         &mut self,
         kind: Kind,
         aux: u64,
         data: &mut [u8],
-        seal: bool,
+        encrypt: bool,
     ) -> Result<(), SnapshotError> {
         let head = record_header(kind, data.len() as u32, aux);
-        let written = match (&self.sealer, seal) {
-            (Some(s), true) => {
+        let written = match &self.sealer {
+            Some(s) if encrypt => {
                 let tag = s.seal(self.report.records, &aad(&head), data);
                 write_record(self.w, &head, &[data, &tag])?
             }
-            _ => write_record(self.w, &head, &[data])?,
+            Some(_) => return self.authenticated(kind, aux, data),
+            None => write_record(self.w, &head, &[data])?,
         };
         self.report.stream_bytes += written;
         self.report.records += 1;
@@ -212,8 +218,8 @@ impl<W: Write> Out<'_, W> {
     }
 
     /// Writes a record in clear, tagged under `Seal` (its header and
-    /// payload the associated data), so that the index and the end cannot
-    /// be edited under a sealed snapshot.
+    /// payload the associated data), so that shared memory, the index and
+    /// the end cannot be edited under a sealed snapshot.
     fn authenticated(&mut self, kind: Kind, aux: u64, payload: &[u8]) -> Result<(), SnapshotError> {
         let head = record_header(kind, payload.len() as u32, aux);
         let written = match &self.sealer {
