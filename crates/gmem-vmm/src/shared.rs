@@ -77,11 +77,19 @@ impl Shared {
     }
 
     pub(crate) fn record_snapshot(&self, taken: SnapshotTaken) {
-        self.taken.lock().unwrap_or_else(|e| e.into_inner()).0.push(taken);
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(taken);
     }
 
     pub(crate) fn note(&self, note: String) {
-        self.taken.lock().unwrap_or_else(|e| e.into_inner()).1.push(note);
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .push(note);
     }
 
     pub(crate) fn stop_for_snapshot(&self) {

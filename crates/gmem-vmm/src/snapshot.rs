@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use gmem::snapshot::{LazyOptions, PrefetchOrder, PrivatePages, SealKey, SnapshotReport};
 use gmem::BackingKind;
 use gmem::snapshot::RestoreError;
+use gmem::snapshot::{LazyOptions, PrefetchOrder, PrivatePages, SealKey, SnapshotReport};
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs};
 use kvm_ioctls::Cap;
 
@@ -169,7 +169,10 @@ impl VcpuState {
                 .map(|e| (e.index, e.data))
                 .collect(),
             xsave: if has(Cap::Xsave) {
-                Some(zerocopy::IntoBytes::as_bytes(&fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?).to_vec())
+                Some(
+                    zerocopy::IntoBytes::as_bytes(&fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?)
+                        .to_vec(),
+                )
             } else {
                 None
             },
@@ -287,7 +290,10 @@ fn write_snapshot(
         .lock_devices()
         .iter()
         .enumerate()
-        .map(|(index, d)| d.save().map_err(|what| VmmError::DeviceState { index, what }))
+        .map(|(index, d)| {
+            d.save()
+                .map_err(|what| VmmError::DeviceState { index, what })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let blob = VmmState {
         config: shared.config,
@@ -591,15 +597,11 @@ impl Machine {
             lazy,
             lazy_refused,
         } = memory;
-        let shared = std::sync::Arc::get_mut(&mut machine.shared).ok_or_else(|| {
-            VmmError::SnapshotFile {
+        let shared =
+            std::sync::Arc::get_mut(&mut machine.shared).ok_or_else(|| VmmError::SnapshotFile {
                 what: "the new machine is shared already".into(),
-            }
-        })?;
-        shared.config = MachineConfig {
-            backing,
-            ..saved
-        };
+            })?;
+        shared.config = MachineConfig { backing, ..saved };
         let sync_regs = shared.vm.has_sync_regs();
         for (index, s) in state.vcpus.iter().enumerate() {
             let fd = shared

@@ -470,9 +470,7 @@ impl VmmState {
         config.validate().map_err(|e| i.invalid(e.to_string()))?;
         let n = i.count("vCPUs", MAX_VCPUS as usize)?;
         if n != vcpus as usize {
-            return Err(i.invalid(format!(
-                "{n} vCPU records for a machine of {vcpus} vCPUs"
-            )));
+            return Err(i.invalid(format!("{n} vCPU records for a machine of {vcpus} vCPUs")));
         }
         let mut out_vcpus = Vec::with_capacity(n);
         for _ in 0..n {
