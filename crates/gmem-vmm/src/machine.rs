@@ -94,7 +94,12 @@ impl Machine {
     /// ([`PORT_SNAPSHOT`](crate::abi::PORT_SNAPSHOT)) or the process gets
     /// `SIGUSR1` during [`run_to_end`](Self::run_to_end); without a plan
     /// the guest's request answers `-ENOSYS`.
+    /// With a plan, `SIGUSR1`'s handler is installed at once (a signal
+    /// before the run is taken at its start).
     pub fn set_snapshot_plan(&mut self, plan: Option<crate::snapshot::SnapshotPlan>) {
+        if plan.is_some() {
+            crate::runner::install_sigusr1_handler();
+        }
         *self.shared.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
     }
 

@@ -136,7 +136,7 @@ extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::
     SIGUSR1_SEEN.store(true, Ordering::Release);
 }
 
-fn install_sigusr1_handler() {
+pub(crate) fn install_sigusr1_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = register_signal_handler(libc::SIGUSR1, on_sigusr1);
@@ -220,6 +220,10 @@ impl Machine {
         install_kick_handler();
         if self.shared.plan().is_some() {
             install_sigusr1_handler();
+            // A SIGUSR1 that came before the run is taken at its start.
+            if SIGUSR1_SEEN.swap(false, Ordering::AcqRel) {
+                self.shared.snapshot_now.store(true, Ordering::Release);
+            }
         }
         let Machine {
             vcpus,

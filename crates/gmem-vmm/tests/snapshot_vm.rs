@@ -385,3 +385,62 @@ fn a_snapshot_between_any_two_exits_continues_too() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// The demo's pattern word `index` (its 8 bytes).
+fn pattern_word(index: usize) -> [u8; 8] {
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut w = 0;
+    for _ in 0..=index {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        w = s.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    }
+    w.to_le_bytes()
+}
+
+#[test]
+fn a_flipped_memory_byte_is_refused_eagerly_and_stops_a_lazy_run() {
+    let Some((snap, disk)) = taken("memory-flip", PrivatePages::Seal(key())) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&snap).unwrap();
+    // A word of the pattern's second half, which the guest reads after
+    // the snapshot.
+    let word = pattern_word((3 << 20) / 8);
+    let at = bytes
+        .windows(8)
+        .position(|w| w == word)
+        .expect("the pattern is in clear");
+    bytes[at] ^= 0x01;
+    let bad = temp("memory-flip-bad.snap");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = restore(&bad, Some(&key()), false, false, None).unwrap_err();
+    assert!(
+        matches!(e, VmmError::Restore(RestoreError::Corrupt { .. })),
+        "eager: {e:?}"
+    );
+    for no_prefetch in [true, false] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = bad.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(restore(&p, Some(&key()), true, no_prefetch, None));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("lazy (no prefetch {no_prefetch}): the run hangs"));
+        match result {
+            Err(VmmError::LazyRestore { reason }) => {
+                assert!(!reason.is_empty());
+            }
+            Err(other) => panic!("lazy (no prefetch {no_prefetch}): {other:?}"),
+            Ok((r, t)) => panic!(
+                "lazy (no prefetch {no_prefetch}): the guest ran to the end on a corrupt snapshot: status {}, {t}",
+                r.status
+            ),
+        }
+    }
+    for p in [&snap, &bad, &disk] {
+        let _ = std::fs::remove_file(p);
+    }
+}
