@@ -479,6 +479,7 @@ fn peek_layout(file: &File) -> Result<(u64, BackingKind), VmmError> {
 struct Memory {
     machine: Machine,
     state: VmmState,
+    state_bytes: usize,
     lazy: Option<gmem::snapshot::LazyRestore>,
     lazy_refused: Option<String>,
 }
@@ -510,6 +511,7 @@ fn restore_memory(
                 return Ok(Memory {
                     machine,
                     state,
+                    state_bytes: lazy.state().len(),
                     lazy: Some(lazy),
                     lazy_refused,
                 });
@@ -518,12 +520,21 @@ fn restore_memory(
             Err(e) => return Err(VmmError::Restore(e)),
         }
     }
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    // From the start, whatever read the file before (a first restore).
+    let mut f = file;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(|source| {
+        VmmError::SnapshotIo {
+            path: PathBuf::from("(the snapshot)"),
+            source,
+        }
+    })?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
     let report = gate.restore(&mut r, key).map_err(VmmError::Restore)?;
     let state = VmmState::decode(&report.state)?;
     Ok(Memory {
         machine,
         state,
+        state_bytes: report.state.len(),
         lazy: None,
         lazy_refused,
     })
@@ -594,6 +605,7 @@ impl Machine {
         let Memory {
             mut machine,
             state,
+            state_bytes,
             lazy,
             lazy_refused,
         } = memory;
@@ -666,15 +678,11 @@ impl Machine {
             },
             lazy_refused,
             ready_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            state_bytes: state_len(&state),
+            state_bytes,
             backing,
         };
         Ok((machine, summary))
     }
-}
-
-fn state_len(s: &VmmState) -> usize {
-    s.encode().len()
 }
 
 /// How long the runner waits between looks at a lazy restore's health and

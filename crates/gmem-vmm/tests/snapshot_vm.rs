@@ -444,3 +444,51 @@ fn a_flipped_memory_byte_is_refused_eagerly_and_stops_a_lazy_run() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn a_machine_restores_with_its_conversion_policy() {
+    // The policy is the gatekeeper's from its creation and the snapshot's
+    // header does not carry it: the restore reads it from the VMM state.
+    if !kvm_or_skip("policy") || on_backing("policy", BackingKind::Memfd, 0).is_none() {
+        return;
+    }
+    let disk = disk("policy");
+    let build = || {
+        let config = MachineConfig {
+            policy: gmem::Policy::Discard,
+            ..MachineConfig::new(BackingKind::Memfd, RAM)
+        };
+        let mut m = Machine::new(config).unwrap();
+        let (console, out) = Console::buffer();
+        m.add_device(Box::new(VirtioConsole::new(console.clone(), Vec::new())))
+            .unwrap();
+        m.load_elf(gmem_guests::SNAPSHOT_DEMO).unwrap();
+        (m, console, out)
+    };
+    let (m, console, out) = build();
+    let whole = m.run_to_end(&console).unwrap();
+    let whole_text = text(&out);
+    let snap = temp("policy.snap");
+    let (mut m, console, out) = build();
+    m.set_snapshot_plan(plan(&snap, PrivatePages::Seal(key()), Then::Stop));
+    m.run_to_end(&console).unwrap();
+    let first_text = text(&out);
+    let (console, out) = Console::buffer();
+    let (m, _) = Machine::restore(
+        std::fs::File::open(&snap).unwrap(),
+        Some(&key()),
+        RestoreOptions::new(console.clone()),
+    )
+    .unwrap();
+    assert_eq!(m.config().policy, gmem::Policy::Discard);
+    assert_eq!(m.gate().policy(), gmem::Policy::Discard);
+    let r = m.run_to_end(&console).unwrap();
+    assert_eq!(
+        without_marker(&format!("{first_text}{}", text(&out))),
+        without_marker(&whole_text)
+    );
+    assert_eq!(r.status, whole.status);
+    for p in [&snap, &disk] {
+        let _ = std::fs::remove_file(p);
+    }
+}
