@@ -213,6 +213,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// The snapshot file could not be read (or its descriptor duplicated).
+    #[error("reading the snapshot")]
+    SnapshotRead(#[source] std::io::Error),
     /// The library refused the snapshot's memory (a flipped byte, a wrong
     /// or missing key, another layout); no guest ran.
     #[error("restoring the snapshot")]

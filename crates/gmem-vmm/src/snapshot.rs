@@ -501,10 +501,7 @@ fn restore_memory(
         if let Some(order) = &opts.prefetch {
             lo = lo.with_order(order.clone());
         }
-        let dup = file.try_clone().map_err(|source| VmmError::SnapshotIo {
-            path: PathBuf::from("(the snapshot)"),
-            source,
-        })?;
+        let dup = file.try_clone().map_err(VmmError::SnapshotRead)?;
         match gate.restore_lazy(dup, key, lo) {
             Ok(lazy) => {
                 let state = VmmState::decode(lazy.state())?;
@@ -522,12 +519,7 @@ fn restore_memory(
     }
     // From the start, whatever read the file before (a first restore).
     let mut f = file;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(|source| {
-        VmmError::SnapshotIo {
-            path: PathBuf::from("(the snapshot)"),
-            source,
-        }
-    })?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).map_err(VmmError::SnapshotRead)?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let report = gate.restore(&mut r, key).map_err(VmmError::Restore)?;
     let state = VmmState::decode(&report.state)?;

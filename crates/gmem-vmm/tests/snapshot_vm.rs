@@ -492,3 +492,56 @@ fn a_machine_restores_with_its_conversion_policy() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// A flat guest (CPL0, a few instructions): reads ABI key 8, asks for a
+/// snapshot, and exits with `key8 × 1000 + rax + 100`.
+fn port_guest() -> Vec<u8> {
+    use gmem_vmm::abi::{AbiKey, PORT_ABI, PORT_EXIT, PORT_SNAPSHOT};
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(eax, AbiKey::Snapshots as u32).unwrap();
+    a.out(u32::from(PORT_ABI), eax).unwrap();
+    a.in_(eax, u32::from(PORT_ABI)).unwrap();
+    a.imul_3(r12d, eax, 1000).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.out(u32::from(PORT_SNAPSHOT), eax).unwrap();
+    a.add(eax, 100).unwrap();
+    a.add(eax, r12d).unwrap();
+    a.out(u32::from(PORT_EXIT), eax).unwrap();
+    a.assemble(0x10_0000).unwrap()
+}
+
+fn run_port_guest(vcpus: u32, plan: Option<SnapshotPlan>) -> gmem_vmm::RunReport {
+    let config = MachineConfig {
+        vcpus,
+        ..MachineConfig::new(BackingKind::Memfd, 4 << 20)
+    };
+    let mut m = Machine::new(config).unwrap();
+    m.load(&port_guest(), 0x10_0000, 0x10_0000).unwrap();
+    m.set_snapshot_plan(plan);
+    let (console, _) = Console::buffer();
+    m.run_to_end(&console).unwrap()
+}
+
+#[test]
+fn the_snapshot_port_answers_as_the_abi_says() {
+    use gmem_vmm::abi::{EINVAL, ENOSYS};
+    if !kvm_or_skip("snapshot port") || on_backing("snapshot port", BackingKind::Memfd, 0).is_none()
+    {
+        return;
+    }
+    // No plan: key 8 reads 0, the request -ENOSYS.
+    assert_eq!(run_port_guest(1, None).status, 100 - ENOSYS as i32);
+    let snap = temp("port.snap");
+    let p = || plan(&snap, PrivatePages::Seal(key()), Then::Continue);
+    // Two vCPUs: key 8 reads 0, the request -EINVAL, nothing is written.
+    assert_eq!(run_port_guest(2, p()).status, 100 - EINVAL as i32);
+    assert!(!snap.exists());
+    // One vCPU: key 8 reads 1, rax 0 in this run, 1 in the restored one.
+    let r = run_port_guest(1, p());
+    assert_eq!(r.status, 1100);
+    assert_eq!(r.snapshots.len(), 1);
+    let (r, _) = restore(&snap, Some(&key()), false, false, None).unwrap();
+    assert_eq!(r.status, 1101);
+    let _ = std::fs::remove_file(&snap);
+}
