@@ -557,4 +557,54 @@ mod tests {
             (0, 0)
         );
     }
+
+    #[test]
+    fn a_saved_transport_is_checked_when_restored() {
+        let Some(g) = gate() else {
+            println!("skipped: no /dev/kvm");
+            return;
+        };
+        let mut t = MmioTransport::new(Box::new(Null));
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1, &g);
+        let saved = t.save().unwrap_err();
+        assert!(saved.contains("cannot be saved"), "{saved}");
+        // The registers alone, as a snapshot carries them.
+        let regs = crate::state::TransportSnapshot {
+            status: 0xf,
+            queues: t
+                .bad
+                .iter()
+                .copied()
+                .zip(t.queues.iter().map(Queue::state))
+                .collect(),
+            ..Default::default()
+        };
+        let back = MmioTransport::restore(Box::new(Null), &regs, &g).unwrap();
+        assert_eq!(r(&back, VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(r(&back, VIRTIO_MMIO_STATUS), 0xf);
+        // Another maximum size, another queue count, a size virtio-queue
+        // refuses, a ready queue whose rings are private: each refused.
+        let mut bad = regs.clone();
+        bad.queues[0].1.max_size = 32;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.queues.push(bad.queues[0]);
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.queues[0].1.size = 3;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.config_generation = 1;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        g.convert(0x1000, 0x1000, gmem::Attribute::Private).unwrap();
+        match MmioTransport::restore(Box::new(Null), &regs, &g) {
+            Err(e) => assert!(e.contains("not valid in shared memory"), "{e}"),
+            Ok(_) => panic!("a ready queue with a private ring was restored"),
+        }
+    }
 }
