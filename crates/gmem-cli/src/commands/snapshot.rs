@@ -33,7 +33,9 @@ pub struct SnapshotArgs {
     /// pages is not snapshotted, unless --omit-private.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Without --key: save no private page (restored as zeroes).
+    /// Without --key: save no private page (restored as zeroes: a guest
+    /// whose code or stack is in private memory, as every guest's is by
+    /// default, does not survive the restore).
     #[arg(long, conflicts_with = "key")]
     pub omit_private: bool,
 }
