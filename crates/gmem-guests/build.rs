@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The guests, by package (and binary) name.
-const GUESTS: &[&str] = &["hello", "virtio-demo", "disk-sum", "attacker"];
+const GUESTS: &[&str] = &[
+    "hello",
+    "virtio-demo",
+    "disk-sum",
+    "attacker",
+    "snapshot-demo",
+];
 /// The one target installed on this project's machines.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 

@@ -1,7 +1,7 @@
 //! # gmem-abi: the numbers of gmem's guest ABI
 //!
 //! Port numbers, ABI keys, hypercall numbers and errno values of the guest
-//! ABI (`docs/guest-abi.md`, version 2), in one place. The reference VMM
+//! ABI (`docs/guest-abi.md`, version 3), in one place. The reference VMM
 //! (`gmem_vmm::abi`) and the guest SDK (`gmem_guest::abi`) both re-export
 //! them, so the two sides cannot drift apart. `no_std` and without
 //! dependencies, so a guest links it.
@@ -11,7 +11,8 @@
 //! assert_eq!(PORT_ABI, 0xf8);
 //! assert_eq!(PORT_SERIAL_LSR, 0x3fd);
 //! assert_eq!(AbiKey::from_raw(7), Some(AbiKey::MmioBase));
-//! assert_eq!(AbiKey::from_raw(8), None);
+//! assert_eq!(AbiKey::from_raw(8), Some(AbiKey::Snapshots));
+//! assert_eq!(AbiKey::from_raw(9), None);
 //! ```
 #![no_std]
 #![warn(missing_docs)]
@@ -29,6 +30,16 @@ pub const PORT_DISCARD: u16 = 0xf7;
 /// ABI information: `out` a key (32-bit) to select, `in` (32-bit) to read
 /// its value ([`AbiKey`]); reads the ABI version until a key is selected.
 pub const PORT_ABI: u16 = 0xf8;
+/// Snapshot request (32-bit `out`; the value is ignored): the VMM saves the
+/// whole machine and the guest continues after the instruction, with rax
+/// = [`SNAPSHOT_TAKEN`] in the run that took it and [`SNAPSHOT_RESUMED`] in
+/// a run restored from it, or a negative errno (`-ENOSYS`: the VMM was
+/// given no snapshot file; `-EINVAL`: more than one vCPU).
+pub const PORT_SNAPSHOT: u16 = 0xf9;
+/// What [`PORT_SNAPSHOT`] answers in the run that took the snapshot.
+pub const SNAPSHOT_TAKEN: i64 = 0;
+/// What [`PORT_SNAPSHOT`] answers in a run restored from the snapshot.
+pub const SNAPSHOT_RESUMED: i64 = 1;
 /// The serial port's line-status register (`in` only): transmitter empty.
 pub const PORT_SERIAL_LSR: u16 = PORT_SERIAL + 5;
 /// What the line-status register reads: THR empty and transmitter idle
@@ -36,7 +47,7 @@ pub const PORT_SERIAL_LSR: u16 = PORT_SERIAL + 5;
 pub const SERIAL_LSR_IDLE: u8 = 0x60;
 
 /// The guest ABI's version, read from [`PORT_ABI`].
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The keys of [`PORT_ABI`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,11 +69,14 @@ pub enum AbiKey {
     RamHigh = 6,
     /// Where device `i`'s virtio-mmio window is: this plus `i × 0x1000`.
     MmioBase = 7,
+    /// Whether the VMM takes snapshots on [`PORT_SNAPSHOT`] (1) or answers
+    /// `-ENOSYS` (0). Since version 3.
+    Snapshots = 8,
 }
 
 impl AbiKey {
     /// Every key, in number order.
-    pub const ALL: [AbiKey; 8] = [
+    pub const ALL: [AbiKey; 9] = [
         AbiKey::Version,
         AbiKey::Policy,
         AbiKey::Initial,
@@ -71,6 +85,7 @@ impl AbiKey {
         AbiKey::RamLow,
         AbiKey::RamHigh,
         AbiKey::MmioBase,
+        AbiKey::Snapshots,
     ];
 
     /// The key of `raw`, if it is one.

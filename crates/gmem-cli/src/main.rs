@@ -25,6 +25,9 @@ enum Command {
     /// that speaks the guest ABI (docs/guest-abi.md). Exits with the guest's
     /// status.
     Run(commands::run::Args),
+    /// Continue a guest from a snapshot `gmem run --snapshot FILE` took
+    /// (eagerly, or lazily with --lazy); exits with the guest's status.
+    Restore(commands::restore::Args),
     /// Measure every backing beside the raw system calls and plain memory:
     /// populate, fault-in, discard, guest fault-in, launch, conversion.
     Bench(commands::bench::Args),
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe(args) => commands::probe::run(&args),
         Command::Run(args) => commands::run::run(&args),
+        Command::Restore(args) => commands::restore::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Selftest(args) => commands::selftest::run(&args),
         Command::BenchWorker(args) => commands::bench::worker(&args),

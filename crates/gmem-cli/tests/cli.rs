@@ -381,3 +381,106 @@ fn bench_runs_at_a_tiny_size() {
         text(&bad.stderr)
     );
 }
+
+fn temp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("gmem-cli-snap-{name}-{}", std::process::id()))
+}
+
+/// The lines of a run's stdout the guest printed (before the report),
+/// without the one about the snapshot request.
+fn guest_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .take_while(|l| !l.starts_with("--- gmem run report"))
+        .filter(|l| {
+            !(l.starts_with("snapshot-demo: no snapshot")
+                || l.starts_with("snapshot-demo: snapshot taken")
+                || l.starts_with("snapshot-demo: resumed"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn run_snapshot_then_restore_prints_what_an_uninterrupted_run_prints() {
+    if !kvm_or_skip("gmem run --snapshot") {
+        return;
+    }
+    let elf = temp("demo.elf");
+    std::fs::write(&elf, gmem_guests::SNAPSHOT_DEMO).unwrap();
+    let elf = elf.to_str().unwrap();
+    let (snap, key, short_key, order) = (
+        temp("s.snap"),
+        temp("k.key"),
+        temp("short.key"),
+        temp("p.order"),
+    );
+    let snap_s = snap.to_str().unwrap();
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    std::fs::write(&short_key, [9u8; 31]).unwrap();
+    let common = ["run", elf, "--backing", "memfd", "--mem", "32M"];
+
+    let whole = gmem(&common);
+    let whole_out = text(&whole.stdout);
+    assert!(whole_out.contains("no snapshot (-38)"), "{whole_out}");
+
+    // Without --key, a guest with private pages is not snapshotted.
+    let mut args = common.to_vec();
+    args.extend(["--snapshot", snap_s]);
+    let refused = gmem(&args);
+    let err = text(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("--key") && err.contains("--omit-private"),
+        "{err}"
+    );
+    // A key file must be 32 bytes.
+    args.extend(["--key", short_key.to_str().unwrap()]);
+    let bad_key = gmem(&args);
+    let err = text(&bad_key.stderr);
+    assert!(!bad_key.status.success());
+    assert!(
+        err.contains("has 31 bytes") && err.contains("exactly 32"),
+        "{err}"
+    );
+
+    let mut args = common.to_vec();
+    args.extend(["--snapshot", snap_s, "--key", key.to_str().unwrap()]);
+    let first = gmem(&args);
+    let first_out = text(&first.stdout);
+    assert!(first.status.success(), "{first_out}{}", text(&first.stderr));
+    assert!(
+        first_out.contains("the run stopped after the snapshot"),
+        "{first_out}"
+    );
+
+    for extra in [
+        vec![],
+        vec!["--lazy", "--record-prefetch", order.to_str().unwrap()],
+        vec!["--lazy", "--prefetch", order.to_str().unwrap()],
+        vec!["--lazy", "--no-prefetch"],
+    ] {
+        let mut args = vec!["restore", snap_s, "--key", key.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        let restored = gmem(&args);
+        let out = text(&restored.stdout);
+        assert_eq!(
+            restored.status.code(),
+            whole.status.code(),
+            "{extra:?}: {out}"
+        );
+        let mut lines = guest_lines(&first_out);
+        lines.extend(guest_lines(&out));
+        assert_eq!(lines, guest_lines(&whole_out), "{extra:?}");
+        assert!(out.contains("restored      "), "{out}");
+    }
+    // No key: the error says what to pass.
+    let no_key = gmem(&["restore", snap_s]);
+    let err = text(&no_key.stderr);
+    assert!(!no_key.status.success());
+    assert!(err.contains("--key"), "{err}");
+    for p in [&snap, &key, &short_key, &order] {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_file(elf);
+}

@@ -24,10 +24,16 @@ pub const DISK_SUM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/disk-sum.e
 /// VM lives on.
 pub const ATTACKER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attacker.elf"));
 
+/// `guests/snapshot-demo`: fills memory with a pattern, keeps a secret in a
+/// private page, asks for a snapshot half way (ABI port `0xf9`), and prints
+/// a checksum of both; a restored run prints the same.
+pub const SNAPSHOT_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/snapshot-demo.elf"));
+
 /// Every guest, by name.
 pub const ALL: &[(&str, &[u8])] = &[
     ("hello", HELLO),
     ("virtio-demo", VIRTIO_DEMO),
     ("disk-sum", DISK_SUM),
     ("attacker", ATTACKER),
+    ("snapshot-demo", SNAPSHOT_DEMO),
 ];

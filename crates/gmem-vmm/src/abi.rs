@@ -10,7 +10,8 @@ use gmem::{Attribute, PAGE_SIZE};
 pub use gmem_abi::{
     ABI_VERSION, AbiKey, EAGAIN, EFAULT, EINVAL, ENOSYS, HC_MAP_GPA_RANGE, KVM_ENOSYS,
     MAP_GPA_RANGE_ENCRYPTED, MAP_GPA_RANGE_PAGE_SIZE_MASK, PORT_ABI, PORT_DISCARD, PORT_EXIT,
-    PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, SERIAL_LSR_IDLE,
+    PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, PORT_SNAPSHOT,
+    SERIAL_LSR_IDLE, SNAPSHOT_RESUMED, SNAPSHOT_TAKEN,
 };
 
 /// The access width (bytes) the ABI defines for `out` to `port`, if it
@@ -18,7 +19,8 @@ pub use gmem_abi::{
 pub fn out_width(port: u16) -> Option<u8> {
     match port {
         PORT_SERIAL => Some(1),
-        PORT_EXIT | PORT_HYPERCALL | PORT_SHARED_CONSOLE | PORT_DISCARD | PORT_ABI => Some(4),
+        PORT_EXIT | PORT_HYPERCALL | PORT_SHARED_CONSOLE | PORT_DISCARD | PORT_ABI
+        | PORT_SNAPSHOT => Some(4),
         _ => None,
     }
 }

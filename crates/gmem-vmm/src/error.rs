@@ -1,6 +1,7 @@
 //! Why a machine could not be built or run: every failure of the VMM, each
 //! naming the values and the rule.
 
+use gmem::snapshot::{RestoreError, SnapshotError};
 use gmem::{BackingError, BindError, ConvertError, GateError, KvmError};
 use thiserror::Error;
 
@@ -198,5 +199,57 @@ pub enum VmmError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// The library did not take the snapshot (private pages under
+    /// `Refuse`, live pins, a failed write).
+    #[error("taking the snapshot")]
+    Snapshot(#[source] SnapshotError),
+    /// The snapshot file could not be created, written or synced.
+    #[error("writing the snapshot {}", path.display())]
+    SnapshotIo {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot file could not be read (or its descriptor duplicated).
+    #[error("reading the snapshot")]
+    SnapshotRead(#[source] std::io::Error),
+    /// The library refused the snapshot's memory (a flipped byte, a wrong
+    /// or missing key, another layout); no guest ran.
+    #[error("restoring the snapshot")]
+    Restore(#[source] RestoreError),
+    /// The snapshot's VMM state does not decode; no guest ran.
+    #[error("the snapshot's VMM state")]
+    State(#[from] crate::state::StateError),
+    /// The snapshot file does not describe a machine this VMM builds.
+    #[error("the snapshot file: {what}")]
+    SnapshotFile {
+        /// What does not hold.
+        what: String,
+    },
+    /// A device could not be saved or restored.
+    #[error("device {index}: {what}")]
+    DeviceState {
+        /// The device's window.
+        index: usize,
+        /// What does not hold.
+        what: String,
+    },
+    /// A vCPU's saved state could not be set.
+    #[error("restoring vCPU {vcpu}: {what}")]
+    RestoreVcpu {
+        /// The vCPU index.
+        vcpu: usize,
+        /// What failed.
+        what: String,
+    },
+    /// The lazy restore under the run failed (a record did not check out):
+    /// the vCPUs were stopped.
+    #[error("the lazy restore failed, and the run was stopped: {reason}")]
+    LazyRestore {
+        /// The library's reason.
+        reason: String,
     },
 }

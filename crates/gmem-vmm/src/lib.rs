@@ -22,6 +22,8 @@ pub mod exit;
 pub mod machine;
 pub mod runner;
 mod shared;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 pub mod virtio;
 
@@ -30,5 +32,6 @@ pub use console::Console;
 pub use error::VmmError;
 pub use exit::Exit;
 pub use machine::{Machine, MemoryHandle};
-pub use runner::{DeviceReport, RunReport};
+pub use runner::{DeviceReport, LazyReport, RunReport};
+pub use snapshot::{RestoreOptions, RestoreSummary, SnapshotPlan, SnapshotTaken, Then};
 pub use vcpu::Step;

@@ -25,7 +25,7 @@ pub struct Machine {
     pub(crate) vcpus: Vec<VcpuState>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) counts: ExitCounts,
-    launched: bool,
+    pub(crate) launched: bool,
 }
 
 impl Machine {
@@ -37,6 +37,39 @@ impl Machine {
     /// [`VmmError::InvalidRam`] / [`VmmError::InvalidVcpus`] for a bad
     /// config; the library's errors for KVM, memory and binding failures.
     pub fn new(config: MachineConfig) -> Result<Machine, VmmError> {
+        let mut machine = Machine::bare(config)?;
+        let shared = &machine.shared;
+        let gate = &shared.gate;
+        let gdt: Vec<u8> = boot::gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+        gate.write(boot::GDT_ADDR, &gdt)?;
+        for (addr, word) in boot::page_tables(config.mem_size) {
+            gate.write(addr, &word.to_le_bytes())?;
+        }
+        let sync_regs = shared.vm.has_sync_regs();
+        for index in 0..config.vcpus as usize {
+            let vcpu_err = |op| {
+                move |source| VmmError::Vcpu {
+                    op,
+                    vcpu: index,
+                    source,
+                }
+            };
+            let fd = shared
+                .vm
+                .fd()
+                .create_vcpu(index as u64)
+                .map_err(vcpu_err("KVM_CREATE_VCPU"))?;
+            let sregs = fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::long_mode_sregs(sregs))
+                .map_err(vcpu_err("KVM_SET_SREGS"))?;
+            machine.vcpus.push(VcpuState::new(index, fd, sync_regs));
+        }
+        Ok(machine)
+    }
+
+    /// The VM, its RAM bound at GPA 0 and the gatekeeper over it: nothing
+    /// written, no vCPU (what a restore fills).
+    pub(crate) fn bare(config: MachineConfig) -> Result<Machine, VmmError> {
         config.validate()?;
         let vm = Vm::new()?;
         let opts = MemoryOptions::new(config.backing, config.mem_size)
@@ -48,44 +81,26 @@ impl Machine {
             vec![binding],
             GateOptions::new(Attribute::Shared, config.policy),
         )?;
-        let gdt: Vec<u8> = boot::gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
-        gate.write(boot::GDT_ADDR, &gdt)?;
-        for (addr, word) in boot::page_tables(config.mem_size) {
-            gate.write(addr, &word.to_le_bytes())?;
-        }
         let vmcall_taken = enable_exit_hypercall(&vm);
-        let sync_regs = vm.has_sync_regs();
-        let mut vcpus = Vec::new();
-        for index in 0..config.vcpus as usize {
-            let vcpu_err = |op| {
-                move |source| VmmError::Vcpu {
-                    op,
-                    vcpu: index,
-                    source,
-                }
-            };
-            let fd = vm
-                .fd()
-                .create_vcpu(index as u64)
-                .map_err(vcpu_err("KVM_CREATE_VCPU"))?;
-            let sregs = fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
-            fd.set_sregs(&boot::long_mode_sregs(sregs))
-                .map_err(vcpu_err("KVM_SET_SREGS"))?;
-            vcpus.push(VcpuState::new(index, fd, sync_regs));
-        }
         Ok(Machine {
-            vcpus,
-            shared: Arc::new(Shared {
-                gate,
-                memory,
-                vmcall_taken,
-                devices: Default::default(),
-                vm,
-                config,
-            }),
+            vcpus: Vec::new(),
+            shared: Arc::new(Shared::new(gate, memory, vmcall_taken, vm, config)),
             counts: ExitCounts::default(),
             launched: false,
         })
+    }
+
+    /// Takes snapshots into `plan`'s file when the guest asks
+    /// ([`PORT_SNAPSHOT`](crate::abi::PORT_SNAPSHOT)) or the process gets
+    /// `SIGUSR1` during [`run_to_end`](Self::run_to_end); without a plan
+    /// the guest's request answers `-ENOSYS`.
+    /// With a plan, `SIGUSR1`'s handler is installed at once (a signal
+    /// before the run is taken at its start).
+    pub fn set_snapshot_plan(&mut self, plan: Option<crate::snapshot::SnapshotPlan>) {
+        if plan.is_some() {
+            crate::runner::install_sigusr1_handler();
+        }
+        *self.shared.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
     }
 
     /// Writes `payload` at `load_addr`, points every vCPU at `entry` with the

@@ -47,6 +47,39 @@ pub struct RunReport {
     /// Wall time the guest ran: from the first vCPU's first `KVM_RUN` to
     /// the last vCPU's end, in µs (not the VMM's waiting).
     pub wall_time_us: u64,
+    /// The snapshots the run took.
+    pub snapshots: Vec<crate::snapshot::SnapshotTaken>,
+    /// Snapshots asked for and not taken, and why.
+    pub snapshot_notes: Vec<String>,
+    /// Whether the run ended after a snapshot (`Then::Stop`) rather than
+    /// by the guest.
+    pub stopped_for_snapshot: bool,
+    /// Whether the machine was restored from a snapshot.
+    pub restored: bool,
+    /// The lazy restore the run started on, if any.
+    pub lazy: Option<LazyReport>,
+}
+
+/// What a lazy restore did while the guest ran.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LazyReport {
+    /// Blocks the snapshot holds.
+    pub blocks: usize,
+    /// Blocks still pending when the guest ended.
+    pub pending_at_end: usize,
+    /// Blocks filled on a guest fault.
+    pub fault_fills: u64,
+    /// Holes a fault found, filled with zeroes.
+    pub zero_fills: u64,
+    /// Blocks filled for host accesses (devices).
+    pub host_fills: u64,
+    /// Blocks the prefetcher filled.
+    pub prefetch_fills: u64,
+    /// The blocks touched, in first-touch order
+    /// ([`PrefetchOrder::encode`](gmem::snapshot::PrefetchOrder::encode)), for
+    /// the next restore's prefetcher.
+    #[serde(skip)]
+    pub touch_order: Vec<u8>,
 }
 
 /// One device in the run report.
@@ -94,6 +127,22 @@ fn install_kick_handler() {
     });
 }
 
+/// `SIGUSR1` arrived: a snapshot is asked for. The handler only sets it;
+/// the runner's waiting thread hands it to the vCPU and kicks it.
+static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // An atomic store is async-signal-safe.
+    SIGUSR1_SEEN.store(true, Ordering::Release);
+}
+
+pub(crate) fn install_sigusr1_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = register_signal_handler(libc::SIGUSR1, on_sigusr1);
+    });
+}
+
 /// What a vCPU thread hands back: its exits, how it ended, and when it ran.
 struct VcpuEnd {
     counts: ExitCounts,
@@ -125,6 +174,16 @@ fn vcpu_thread(
         loop {
             if stop.load(Ordering::Acquire) {
                 break Ok(None);
+            }
+            if shared.snapshot_now.swap(false, Ordering::AcqRel) {
+                match crate::snapshot::host_request(&mut vcpu, shared, console) {
+                    Ok(Some(crate::snapshot::Then::Stop)) => {
+                        shared.stop_for_snapshot();
+                        break Ok(None);
+                    }
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
             }
             match run_once(&mut vcpu, shared, console, &mut counts) {
                 Ok(Step::Continue(_) | Step::Interrupted) => {}
@@ -159,6 +218,13 @@ impl Machine {
     /// unknown port, a failed ioctl, a vCPU thread that panicked.
     pub fn run_to_end(self, console: &Console) -> Result<RunReport, VmmError> {
         install_kick_handler();
+        if self.shared.plan().is_some() {
+            install_sigusr1_handler();
+            // A SIGUSR1 that came before the run is taken at its start.
+            if SIGUSR1_SEEN.swap(false, Ordering::AcqRel) {
+                self.shared.snapshot_now.store(true, Ordering::Release);
+            }
+        }
         let Machine {
             vcpus,
             shared,
@@ -206,8 +272,28 @@ impl Machine {
         drop(done_tx);
         // Wait for each vCPU to end; the first that ends the run has every
         // other one kicked once.
+        // Meanwhile, hand SIGUSR1 to the vCPU (kicked out of KVM_RUN to take
+        // the snapshot), and watch a lazy restore: if it fails, the vCPUs
+        // are stopped.
         let mut kicked = false;
-        while done_rx.recv().is_ok() {
+        let mut lazy_failure = None;
+        loop {
+            match done_rx.recv_timeout(crate::snapshot::POLL) {
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if SIGUSR1_SEEN.swap(false, Ordering::AcqRel) && shared.plan().is_some() {
+                        shared.snapshot_now.store(true, Ordering::Release);
+                        kick_all(&handles);
+                    }
+                    if lazy_failure.is_none() {
+                        lazy_failure = shared.lock_lazy().as_ref().and_then(|l| l.failure());
+                        if lazy_failure.is_some() {
+                            stop.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
             if !kicked && stop.load(Ordering::Acquire) {
                 kicked = true;
                 kick_all(&handles);
@@ -237,9 +323,32 @@ impl Machine {
                 }
             }
         }
+        let lazy = shared.lock_lazy().take();
+        let lazy_failure = lazy_failure.or_else(|| lazy.as_ref().and_then(|l| l.failure()));
+        if let Some(reason) = lazy_failure {
+            return Err(VmmError::LazyRestore { reason });
+        }
         if let Some(e) = first_error {
             return Err(e);
         }
+        let lazy = lazy.map(|l| {
+            let p = l.progress();
+            let report = LazyReport {
+                blocks: p.blocks,
+                pending_at_end: p.pending,
+                fault_fills: p.fault_fills,
+                zero_fills: p.zero_fills,
+                host_fills: p.host_fills,
+                prefetch_fills: p.prefetch_fills,
+                touch_order: l.touch_order().encode(),
+            };
+            // Dropping it fills what is left (the library's rule), and ends
+            // its threads before the gatekeeper goes.
+            drop(l);
+            report
+        });
+        let (snapshots, snapshot_notes) =
+            std::mem::take(&mut *shared.taken.lock().unwrap_or_else(|e| e.into_inner()));
         let wall_time = window.map_or(Duration::ZERO, |(s, e)| e - s);
         let populated_bytes = shared
             .memory
@@ -277,6 +386,11 @@ impl Machine {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             wall_time_us: u64::try_from(wall_time.as_micros()).unwrap_or(u64::MAX),
+            snapshots,
+            snapshot_notes,
+            stopped_for_snapshot: shared.stopped.load(Ordering::Acquire),
+            restored: shared.restored.load(Ordering::Acquire),
+            lazy,
         })
     }
 }

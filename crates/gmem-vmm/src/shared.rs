@@ -2,6 +2,7 @@
 //! memory: conversions, the shared-buffer console and discard, all through
 //! the gatekeeper.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
@@ -9,13 +10,17 @@ use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
+use crate::snapshot::{SnapshotPlan, SnapshotTaken};
 use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
 /// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
 /// binding).
 pub(crate) struct Shared {
-    // Field order is drop order: the gatekeeper (its view, then the slot),
-    // then the file, then the VM.
+    // Field order is drop order: a lazy restore under way (its threads
+    // fill through the gatekeeper), the gatekeeper (its view, then the
+    // slot), then the file, then the VM.
+    /// The lazy restore this machine came from, while it fills.
+    pub(crate) lazy: Mutex<Option<gmem::snapshot::LazyRestore>>,
     pub(crate) gate: Gatekeeper,
     pub(crate) memory: Arc<dyn RestrictedMemory>,
     /// Whether `vmcall` with `KVM_HC_MAP_GPA_RANGE` exits to the VMM.
@@ -24,9 +29,73 @@ pub(crate) struct Shared {
     pub(crate) devices: Mutex<Vec<MmioTransport>>,
     pub(crate) vm: Vm,
     pub(crate) config: MachineConfig,
+    /// Where snapshots go, if the run takes them.
+    pub(crate) plan: Mutex<Option<SnapshotPlan>>,
+    /// The snapshots taken, and what the run noted about refused ones.
+    pub(crate) taken: Mutex<(Vec<SnapshotTaken>, Vec<String>)>,
+    /// A snapshot the host asked for (`SIGUSR1`), for the next exit.
+    pub(crate) snapshot_now: AtomicBool,
+    /// The run ended after a snapshot (`Then::Stop`).
+    pub(crate) stopped: AtomicBool,
+    /// The machine was restored from a snapshot.
+    pub(crate) restored: AtomicBool,
 }
 
 impl Shared {
+    /// What `Machine::new` and `Machine::restore` share: no devices, no
+    /// plan.
+    pub(crate) fn new(
+        gate: Gatekeeper,
+        memory: Arc<dyn RestrictedMemory>,
+        vmcall_taken: bool,
+        vm: Vm,
+        config: MachineConfig,
+    ) -> Shared {
+        Shared {
+            lazy: Mutex::new(None),
+            gate,
+            memory,
+            vmcall_taken,
+            devices: Mutex::default(),
+            vm,
+            config,
+            plan: Mutex::new(None),
+            taken: Mutex::default(),
+            snapshot_now: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            restored: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lock_lazy(&self) -> MutexGuard<'_, Option<gmem::snapshot::LazyRestore>> {
+        self.lazy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The snapshot plan, if the run has one.
+    pub(crate) fn plan(&self) -> Option<SnapshotPlan> {
+        self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn record_snapshot(&self, taken: SnapshotTaken) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(taken);
+    }
+
+    pub(crate) fn note(&self, note: String) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .push(note);
+    }
+
+    pub(crate) fn stop_for_snapshot(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
     pub(crate) fn lock_devices(&self) -> MutexGuard<'_, Vec<MmioTransport>> {
         self.devices.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -68,6 +137,7 @@ impl Shared {
             Some(AbiKey::MmioBase) => MMIO_BASE as u32,
             Some(AbiKey::RamLow) => c.mem_size as u32,
             Some(AbiKey::RamHigh) => (c.mem_size >> 32) as u32,
+            Some(AbiKey::Snapshots) => u32::from(self.plan().is_some() && c.vcpus == 1),
             None => u32::MAX,
         }
     }

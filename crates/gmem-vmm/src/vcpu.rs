@@ -9,7 +9,7 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::abi::{
     self, AbiKey, DoorbellArgs, PORT_ABI, PORT_DISCARD, PORT_EXIT, PORT_HYPERCALL, PORT_SERIAL,
-    PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, SERIAL_LSR_IDLE,
+    PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, PORT_SNAPSHOT, SERIAL_LSR_IDLE,
 };
 use crate::console::Console;
 use crate::error::VmmError;
@@ -56,9 +56,9 @@ pub(crate) struct VcpuState {
     /// `KVM_SET_REGS` (about 5 µs each on this project's hosts).
     sync_regs: bool,
     /// The key selected on the ABI port.
-    abi_key: u32,
+    pub(crate) abi_key: u32,
     /// Serial output not written yet: it goes out a line at a time.
-    serial: Vec<u8>,
+    pub(crate) serial: Vec<u8>,
 }
 
 impl VcpuState {
@@ -196,7 +196,7 @@ impl VcpuState {
 }
 
 /// The longest serial line buffered before it is written anyway.
-const SERIAL_LINE_MAX: usize = 4096;
+pub(crate) const SERIAL_LINE_MAX: usize = 4096;
 
 /// What the VMM answers while an exit is decoded: the ABI port, the serial
 /// port's line status, and hypercalls.
@@ -296,6 +296,15 @@ pub(crate) fn run_once(
                     vcpu.doorbell(|r| shared.print_shared(r.rbx, r.rcx, console))?
                 }
                 PORT_DISCARD => vcpu.doorbell(|r| shared.discard(r.rbx, r.rcx))?,
+                PORT_SNAPSHOT => {
+                    if crate::snapshot::guest_request(vcpu, shared, console)?
+                        == Some(crate::snapshot::Then::Stop)
+                    {
+                        // The run ends here: the vCPU is done, as if halted.
+                        shared.stop_for_snapshot();
+                        return Ok(Step::Halted);
+                    }
+                }
                 _ => {
                     return Err(VmmError::UnknownPort {
                         vcpu: vcpu.index,

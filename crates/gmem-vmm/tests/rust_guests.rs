@@ -35,7 +35,7 @@ fn hello_runs_on_every_backing_and_policy() {
             let out = String::from_utf8(out.lock().unwrap().clone()).unwrap();
             assert_eq!(report.status, 0, "{backing} {policy}: {out}");
             assert!(
-                out.contains("hello from a Rust guest: vCPU 0") && out.contains("guest ABI 2"),
+                out.contains("hello from a Rust guest: vCPU 0") && out.contains("guest ABI 3"),
                 "{out}"
             );
         }

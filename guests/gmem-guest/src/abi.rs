@@ -1,4 +1,4 @@
-//! The ABI's numbers (`docs/guest-abi.md`, version 2), from `gmem-abi`, the
+//! The ABI's numbers (`docs/guest-abi.md`, version 3), from `gmem-abi`, the
 //! crate the host's `gmem_vmm::abi` re-exports too; and the queries on them.
 
 use crate::io;
@@ -6,7 +6,8 @@ use crate::io;
 pub use gmem_abi::AbiKey as Key;
 pub use gmem_abi::{
     ABI_VERSION, HC_MAP_GPA_RANGE, MAP_GPA_RANGE_ENCRYPTED, PORT_ABI, PORT_DISCARD, PORT_EXIT,
-    PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE,
+    PORT_HYPERCALL, PORT_SERIAL, PORT_SERIAL_LSR, PORT_SHARED_CONSOLE, PORT_SNAPSHOT, SNAPSHOT_RESUMED,
+    SNAPSHOT_TAKEN,
 };
 
 /// The user-mode selectors of the VMM's GDT (entry state).

@@ -13,6 +13,7 @@
 //! - [`mem`]: conversions (`KVM_HC_MAP_GPA_RANGE` through the doorbell) and
 //!   discard;
 //! - [`abi`]: the port numbers and the ABI information port;
+//! - [`snapshot`] asks the VMM for a snapshot of the whole machine;
 //! - [`virtio`]: a bounce-buffer pool converted to shared at start (as
 //!   SWIOTLB does) and a `virtio-drivers` `Hal` whose `share`/`unshare` copy
 //!   through it, so the drivers of the `virtio-drivers` crate run here and
@@ -49,6 +50,35 @@ pub struct Boot {
 pub fn park() -> ! {
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// Where [`snapshot`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    /// In the run that took the snapshot.
+    Taken,
+    /// In a run restored from it.
+    Resumed,
+}
+
+/// Asks the VMM for a snapshot (port `0xf9`): the whole machine is saved
+/// and this call returns twice, as it were: [`Snapshot::Taken`] now, and
+/// [`Snapshot::Resumed`] in every run restored from the snapshot. When the
+/// VMM was told to stop after it, the run ends here instead.
+///
+/// # Errors
+/// The VMM's errno: `-ENOSYS` (-38) when it takes no snapshots (no
+/// snapshot file), `-EINVAL` with more than one vCPU.
+pub fn snapshot() -> Result<Snapshot, mem::Errno> {
+    console::flush();
+    // SAFETY: the ABI's snapshot port; the VMM saves the machine and
+    // changes only rax.
+    let ret = unsafe { io::doorbell::<{ abi::PORT_SNAPSHOT as u8 }>(0, 0, 0, 0) };
+    match ret {
+        abi::SNAPSHOT_TAKEN => Ok(Snapshot::Taken),
+        abi::SNAPSHOT_RESUMED => Ok(Snapshot::Resumed),
+        e => Err(mem::Errno(e)),
     }
 }
 

@@ -2,5 +2,7 @@
 
 pub mod bench;
 pub mod probe;
+pub mod restore;
 pub mod run;
 pub mod selftest;
+pub mod snapshot;

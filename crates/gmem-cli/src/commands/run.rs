@@ -55,6 +55,10 @@ pub struct Args {
     /// Print the report as JSON (the guest's console then goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Where the guest's snapshot requests (port 0xf9) and SIGUSR1 write
+    /// the snapshot; without it the guest's requests answer -ENOSYS.
+    #[command(flatten)]
+    pub(crate) snapshot: super::snapshot::SnapshotArgs,
 }
 
 /// `--disk FILE[,readonly]`.
@@ -178,13 +182,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             None => None,
         };
         if let Some(d) = disk {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!d.readonly)
-                .open(&d.path)
+            let blk = VirtioBlk::open(&d.path, d.readonly)
                 .with_context(|| format!("opening the disk image {}", d.path.display()))?;
-            let blk = VirtioBlk::new(file, d.readonly)
-                .with_context(|| format!("reading the size of {}", d.path.display()))?;
             machine
                 .add_device(Box::new(blk))
                 .context("adding virtio-blk")?;
@@ -199,7 +198,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .load(&payload, args.load, entry)
             .context("loading the payload")?;
     }
-    let report = machine.run_to_end(&console).context("running the guest")?;
+    machine.set_snapshot_plan(args.snapshot.plan()?);
+    let report = machine
+        .run_to_end(&console)
+        .map_err(super::snapshot::explain)
+        .context("running the guest")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -210,12 +213,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
 /// The process status for a guest status: its low byte, but never 0 for a
 /// non-zero guest status.
-fn exit_code(status: i32) -> ExitCode {
+pub(crate) fn exit_code(status: i32) -> ExitCode {
     let low = (status & 0xff) as u8;
     ExitCode::from(if status != 0 && low == 0 { 1 } else { low })
 }
 
-fn print_report(r: &RunReport) {
+pub(crate) fn print_report(r: &RunReport) {
     let c = &r.conversions;
     println!("--- gmem run report");
     println!("{:<14}{}", "backing", r.backing);
@@ -276,6 +279,41 @@ fn print_report(r: &RunReport) {
         "wall time",
         r.wall_time_us as f64 / 1000.0
     );
+    for t in &r.snapshots {
+        println!(
+            "{:<14}{} ({} bytes: {} in clear, {} sealed, {} omitted; {} bytes of VMM state; vCPU paused {:.3} ms; asked by the {})",
+            "snapshot",
+            t.path.display(),
+            t.stream_bytes,
+            size_name(t.shared_bytes),
+            size_name(t.sealed_bytes),
+            size_name(t.omitted_bytes),
+            t.state_bytes,
+            t.pause_us as f64 / 1000.0,
+            t.by
+        );
+    }
+    for n in &r.snapshot_notes {
+        println!("{:<14}{n}", "snapshot");
+    }
+    if r.stopped_for_snapshot {
+        println!(
+            "{:<14}the run stopped after the snapshot: `gmem restore FILE` continues it",
+            "stopped"
+        );
+    }
+    if let Some(l) = &r.lazy {
+        println!(
+            "{:<14}{} blocks: {} filled on a fault, {} zero, {} for devices, {} prefetched, {} pending at the end",
+            "lazy restore",
+            l.blocks,
+            l.fault_fills,
+            l.zero_fills,
+            l.host_fills,
+            l.prefetch_fills,
+            l.pending_at_end
+        );
+    }
     println!("{:<14}{}", "status", r.status);
 }
 

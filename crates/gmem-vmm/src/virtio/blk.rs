@@ -38,6 +38,9 @@ struct Answer {
 /// The block device.
 pub struct VirtioBlk {
     disk: File,
+    /// The image's path, if the device was opened by one: a snapshot
+    /// records it, and a restore reopens it.
+    path: Option<std::path::PathBuf>,
     capacity: u64,
     readonly: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -69,12 +72,39 @@ impl VirtioBlk {
         id[..9].copy_from_slice(b"gmem-disk");
         Ok(VirtioBlk {
             disk,
+            path: None,
             capacity,
             readonly,
             id,
             statuses: [0; 3],
             copy: Vec::new(),
         })
+    }
+
+    /// A device over the image at `path` (read-write unless `readonly`),
+    /// which a snapshot can record and a restore reopen (its absolute path).
+    ///
+    /// # Errors
+    /// Opening the image or reading its size.
+    pub fn open(path: &std::path::Path, readonly: bool) -> std::io::Result<VirtioBlk> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)?;
+        let mut blk = VirtioBlk::new(file, readonly)?;
+        blk.path = Some(std::path::absolute(path)?);
+        Ok(blk)
+    }
+
+    /// The capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The same device with its answer counts restored.
+    pub fn with_statuses(mut self, statuses: [u64; 3]) -> VirtioBlk {
+        self.statuses = statuses;
+        self
     }
 
     /// Serves one request: checks the chain whole ([`whole_chain`]), then
@@ -239,6 +269,19 @@ impl VirtioDevice for VirtioBlk {
             let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
             *b = at.and_then(|at| cfg.get(at)).copied().unwrap_or(0);
         }
+    }
+
+    fn save(&self) -> Result<crate::state::DeviceSnapshot, String> {
+        let path = self.path.clone().ok_or_else(|| {
+            "virtio-blk over a file without a path cannot be saved: open it with VirtioBlk::open"
+                .to_owned()
+        })?;
+        Ok(crate::state::DeviceSnapshot::Blk {
+            path,
+            capacity: self.capacity,
+            readonly: self.readonly,
+            statuses: self.statuses,
+        })
     }
 
     fn process(

@@ -35,6 +35,16 @@ impl VirtioConsole {
         }
     }
 
+    /// A console restored from a snapshot: `input` is what the guest had
+    /// not received yet.
+    pub fn restored(out: Console, input: Vec<u8>, transmitted: u64) -> VirtioConsole {
+        VirtioConsole {
+            out,
+            input: input.into(),
+            transmitted,
+        }
+    }
+
     /// transmitq: what the guest sends goes to the console. virtio-console
     /// has no status to answer with: a buffer the device may not read (or a
     /// chain cut short) leaves the device needing a reset.
@@ -134,6 +144,20 @@ impl VirtioDevice for VirtioConsole {
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+    }
+
+    fn save(&self) -> Result<crate::state::DeviceSnapshot, String> {
+        if self.input.len() > gmem::snapshot::MAX_STATE / 2 {
+            return Err(format!(
+                "virtio-console has {} bytes of input not yet received: a snapshot carries at most {}",
+                self.input.len(),
+                gmem::snapshot::MAX_STATE / 2
+            ));
+        }
+        Ok(crate::state::DeviceSnapshot::Console {
+            input: self.input.iter().copied().collect(),
+            transmitted: self.transmitted,
+        })
     }
 
     fn process(

@@ -294,6 +294,95 @@ impl MmioTransport {
             | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
     }
 
+    /// The registers' state and the model's, for a snapshot (between
+    /// requests: a transport holds no pin then).
+    ///
+    /// # Errors
+    /// The model's refusal ([`VirtioDevice::save`]).
+    pub fn save(&self) -> Result<crate::state::DeviceRecord, String> {
+        Ok(crate::state::DeviceRecord {
+            device: self.device.save()?,
+            transport: crate::state::TransportSnapshot {
+                status: self.status,
+                driver_features: self.driver_features,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                queue_sel: self.queue_sel,
+                interrupt_status: self.interrupt_status,
+                config_generation: 0,
+                refusals_total: self.refusals_total,
+                queues: self
+                    .bad
+                    .iter()
+                    .copied()
+                    .zip(self.queues.iter().map(Queue::state))
+                    .collect(),
+            },
+        })
+    }
+
+    /// A transport for `device` with the registers of `saved`, checked as
+    /// the driver's writes would have been: one queue per queue of the
+    /// device, each of the device's maximum size, a size virtio-queue
+    /// accepts (`try_from` uses `try_set_size` and the `try_set_*`
+    /// addresses), and a ready queue's rings valid in shared memory now.
+    ///
+    /// # Errors
+    /// What does not hold, naming the queue.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        saved: &crate::state::TransportSnapshot,
+        gate: &Gatekeeper,
+    ) -> Result<MmioTransport, String> {
+        let maxes = device.queue_max_sizes();
+        if saved.queues.len() != maxes.len() {
+            return Err(format!(
+                "{} has {} queues; the snapshot's had {}",
+                device.name(),
+                maxes.len(),
+                saved.queues.len()
+            ));
+        }
+        if saved.config_generation != 0 {
+            return Err(format!(
+                "config generation {}: this VMM's devices never change their configuration",
+                saved.config_generation
+            ));
+        }
+        let mut queues = Vec::with_capacity(maxes.len());
+        let mut bad = Vec::with_capacity(maxes.len());
+        let mem = DeviceMemory::new(gate);
+        for (i, ((b, state), &max)) in saved.queues.iter().zip(maxes).enumerate() {
+            if state.max_size != max {
+                return Err(format!(
+                    "queue {i}: the snapshot's maximum size {} is not the device's {max}",
+                    state.max_size
+                ));
+            }
+            let q = Queue::try_from(*state).map_err(|e| format!("queue {i}: {e}"))?;
+            if q.ready() && (*b != 0 || !q.is_valid(&mem)) {
+                return Err(format!(
+                    "queue {i} is ready, and its settings or rings are not valid in shared memory"
+                ));
+            }
+            queues.push(q);
+            bad.push(*b & (bad::SIZE | bad::DESC | bad::AVAIL | bad::USED));
+        }
+        Ok(MmioTransport {
+            device,
+            queues,
+            bad,
+            status: saved.status,
+            device_features_sel: saved.device_features_sel,
+            driver_features_sel: saved.driver_features_sel,
+            driver_features: saved.driver_features,
+            queue_sel: saved.queue_sel,
+            interrupt_status: saved.interrupt_status,
+            refusals: Vec::new(),
+            refusals_total: saved.refusals_total,
+        })
+    }
+
     /// Back to the state after power-on (status 0).
     pub fn reset(&mut self) {
         for q in &mut self.queues {
@@ -467,5 +556,55 @@ mod tests {
             (r(&t, VIRTIO_MMIO_STATUS), r(&t, VIRTIO_MMIO_QUEUE_READY)),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn a_saved_transport_is_checked_when_restored() {
+        let Some(g) = gate() else {
+            println!("skipped: no /dev/kvm");
+            return;
+        };
+        let mut t = MmioTransport::new(Box::new(Null));
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000, &g);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1, &g);
+        let saved = t.save().unwrap_err();
+        assert!(saved.contains("cannot be saved"), "{saved}");
+        // The registers alone, as a snapshot carries them.
+        let regs = crate::state::TransportSnapshot {
+            status: 0xf,
+            queues: t
+                .bad
+                .iter()
+                .copied()
+                .zip(t.queues.iter().map(Queue::state))
+                .collect(),
+            ..Default::default()
+        };
+        let back = MmioTransport::restore(Box::new(Null), &regs, &g).unwrap();
+        assert_eq!(r(&back, VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(r(&back, VIRTIO_MMIO_STATUS), 0xf);
+        // Another maximum size, another queue count, a size virtio-queue
+        // refuses, a ready queue whose rings are private: each refused.
+        let mut bad = regs.clone();
+        bad.queues[0].1.max_size = 32;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.queues.push(bad.queues[0]);
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.queues[0].1.size = 3;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        let mut bad = regs.clone();
+        bad.config_generation = 1;
+        assert!(MmioTransport::restore(Box::new(Null), &bad, &g).is_err());
+        g.convert(0x1000, 0x1000, gmem::Attribute::Private).unwrap();
+        match MmioTransport::restore(Box::new(Null), &regs, &g) {
+            Err(e) => assert!(e.contains("not valid in shared memory"), "{e}"),
+            Ok(_) => panic!("a ready queue with a private ring was restored"),
+        }
     }
 }

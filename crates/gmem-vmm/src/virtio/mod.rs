@@ -293,4 +293,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, QueueFault>;
     /// Forgets what the driver set up (a reset).
     fn reset(&mut self) {}
+    /// The model's state for a snapshot; an error names why this device
+    /// cannot be saved (the default: none can).
+    ///
+    /// # Errors
+    /// Why not, in words.
+    fn save(&self) -> Result<crate::state::DeviceSnapshot, String> {
+        Err(format!("{} cannot be saved in a snapshot", self.name()))
+    }
 }
