@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -446,33 +445,21 @@ pub struct RestoreSummary {
     pub backing: BackingKind,
 }
 
-/// The layout a snapshot's header names: one region at GPA 0, its length
-/// and backing. Read without the key, only to size the new machine: the
-/// library checks (and authenticates, when sealed) the layout itself.
-fn peek_layout(file: &File) -> Result<(u64, BackingKind), VmmError> {
+/// The layout and conversion policy a snapshot's header names, read with
+/// the library's `SnapshotInfo` (without the key, only to build the new
+/// machine: the restore checks, and when sealed authenticates, them again).
+fn peek_layout(file: &File) -> Result<(u64, BackingKind, gmem::Policy), VmmError> {
     let bad = |what: String| VmmError::SnapshotFile { what };
-    let mut h = [0u8; 80];
-    file.read_exact_at(&mut h, 0)
-        .map_err(|e| bad(format!("reading its header: {e}")))?;
-    if &h[..8] != gmem::snapshot::MAGIC {
-        return Err(VmmError::Restore(RestoreError::NotASnapshot));
+    let mut r = BufReader::new(file);
+    let info = gmem::snapshot::SnapshotInfo::read(&mut r).map_err(VmmError::Restore)?;
+    match info.regions.as_slice() {
+        [(0, len, backing)] => Ok((*len, *backing, info.conversion)),
+        regions => Err(bad(format!(
+            "it has {} regions, the first at {:#x}; this VMM's machines have one, at GPA 0",
+            regions.len(),
+            regions.first().map_or(0, |r| r.0)
+        ))),
     }
-    let word = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap_or_default());
-    let regions = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default());
-    if regions != 1 || word(40) != 0 {
-        return Err(bad(format!(
-            "it has {regions} regions, the first at {:#x}; this VMM's machines have one, at GPA 0",
-            word(40)
-        )));
-    }
-    let backing = match h[72] {
-        0 => BackingKind::GuestMemfd,
-        1 => BackingKind::Memfd,
-        2 => BackingKind::Hugetlb2M,
-        3 => BackingKind::Hugetlb1G,
-        v => return Err(bad(format!("backing code {v}"))),
-    };
-    Ok((word(48), backing))
 }
 
 /// Guest memory restored, and what is needed to finish the machine.
@@ -573,26 +560,21 @@ impl Machine {
         opts: RestoreOptions,
     ) -> Result<(Machine, RestoreSummary), VmmError> {
         let started = Instant::now();
-        let (mem_size, header_backing) = peek_layout(&file)?;
+        let (mem_size, header_backing, policy) = peek_layout(&file)?;
         let backing = opts.backing.unwrap_or(header_backing);
-        let mut config = MachineConfig::new(backing, mem_size);
-        let mut memory = restore_memory(config, &file, key, &opts)?;
+        let config = MachineConfig {
+            policy,
+            ..MachineConfig::new(backing, mem_size)
+        };
+        let memory = restore_memory(config, &file, key, &opts)?;
         let saved = memory.state.config;
-        if saved.mem_size != mem_size {
+        if saved.mem_size != mem_size || saved.policy != policy {
             return Err(VmmError::SnapshotFile {
                 what: format!(
-                    "its state says {:#x} bytes of RAM, its layout {mem_size:#x}",
-                    saved.mem_size
+                    "its state says {:#x} bytes of RAM and the {} policy, its header {mem_size:#x} and {policy}",
+                    saved.mem_size, saved.policy
                 ),
             });
-        }
-        if saved.policy != config.policy {
-            // The conversion policy is the gatekeeper's from its creation,
-            // and the snapshot's header does not carry it: build again
-            // with the saved one (a second restore of memory).
-            config.policy = saved.policy;
-            drop(memory);
-            memory = restore_memory(config, &file, key, &opts)?;
         }
         let Memory {
             mut machine,

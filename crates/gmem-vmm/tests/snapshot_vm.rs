@@ -109,7 +109,9 @@ fn restored_runs_end_as_uninterrupted_ones() {
         }
         if backing == BackingKind::Hugetlb1G {
             // One 1 GiB page is populated whole: a 1 GiB snapshot, sealed
-            // and opened five times, is minutes in a debug build.
+            // and opened five times, is minutes in a debug build (the
+            // snapshot-demo's private page makes the whole 1 GiB page
+            // private, and the AEAD, monomorphized in gmem, runs unoptimized).
             println!("skipped: hugetlb-1g: a 1 GiB page makes a 1 GiB snapshot, too slow here");
             gmem_testkit::log::skipped(
                 "snapshot round trip",

@@ -132,7 +132,9 @@ pub(super) fn first_touch_raw(
                 for &a in &faults {
                     let at = (a as usize - base) / page * page;
                     match mode {
-                        RawMode::Copy => uffd.copy(base + at, &data).map_err(|e| e.to_string())?,
+                        RawMode::Copy => uffd
+                            .copy(base + at, &data, false)
+                            .map_err(|e| e.to_string())?,
                         RawMode::Continue => {
                             // SAFETY: `[at, at + page)` lies inside the live
                             // filler mapping, which no reference covers.
