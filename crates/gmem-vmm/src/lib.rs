@@ -23,6 +23,7 @@ pub mod machine;
 pub mod runner;
 mod shared;
 pub mod snapshot;
+mod snapshot_plan;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;

@@ -10,7 +10,7 @@ use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
-use crate::snapshot::{SnapshotPlan, SnapshotTaken};
+use crate::snapshot_plan::{SnapshotPlan, SnapshotTaken};
 use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
 /// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
