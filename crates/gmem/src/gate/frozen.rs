@@ -283,7 +283,11 @@ impl WeakGate {
     /// Ends the lazy restore's hold on the gatekeeper, if it is alive.
     pub(crate) fn clear_lazy(&self) {
         if let Some(inner) = self.0.upgrade() {
-            *inner.lazy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            let mut held = inner.lazy.lock().unwrap_or_else(|e| e.into_inner());
+            inner
+                .has_lazy
+                .store(false, std::sync::atomic::Ordering::Release);
+            *held = None;
         }
     }
 }

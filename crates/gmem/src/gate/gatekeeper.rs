@@ -116,6 +116,9 @@ pub(crate) struct GateInner {
     pub(super) vm: Vm,
     /// A lazy restore filling the memory, while one is.
     pub(super) lazy: std::sync::Mutex<Option<Arc<dyn LazyFill>>>,
+    /// Whether `lazy` holds one: the host paths' lock-free check, so that a
+    /// gatekeeper no restore fills takes no extra lock per call.
+    pub(super) has_lazy: std::sync::atomic::AtomicBool,
     #[cfg(test)]
     pub(super) faults: std::sync::Mutex<Faults>,
     // Last: dropped after `Drop::drop` has read the state.
@@ -284,6 +287,7 @@ impl Gatekeeper {
             kernel,
             vm: vm.clone(),
             lazy: std::sync::Mutex::new(None),
+            has_lazy: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             faults: Default::default(),
             regions,
@@ -773,6 +777,9 @@ impl Gatekeeper {
 
     /// The lazy restore filling this memory, if one is.
     pub(crate) fn lazy_fill(&self) -> Option<Arc<dyn LazyFill>> {
+        if !self.0.has_lazy.load(Ordering::Acquire) {
+            return None;
+        }
         self.0
             .lazy
             .lock()
@@ -783,7 +790,9 @@ impl Gatekeeper {
     /// Starts (`Some`) or ends (`None`) a lazy restore's hold on the
     /// memory.
     pub(crate) fn set_lazy_fill(&self, lazy: Option<Arc<dyn LazyFill>>) {
-        *self.0.lazy.lock().unwrap_or_else(|e| e.into_inner()) = lazy;
+        let mut held = self.0.lazy.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.has_lazy.store(lazy.is_some(), Ordering::Release);
+        *held = lazy;
     }
 
     /// Fills what a lazy restore has not yet restored of `[gpa, gpa + len)`
