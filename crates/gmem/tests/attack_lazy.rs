@@ -15,18 +15,17 @@
 //!
 //! Real KVM (skipped without it, as the other tests are).
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gmem::snapshot::{LazyOptions, PrivatePages, RestoreError, SealKey};
-use gmem::{
-    Attribute, BackingKind, GateError, GateOptions, Gatekeeper, MemoryOptions, Policy, SlotRequest,
-    Vm, create_memory,
-};
+use gmem::{Attribute, BackingKind, GateError, GateOptions, Gatekeeper, Policy, Vm};
 use gmem_testkit::{kvm_or_skip, on_backing};
+
+mod common;
+use common::{file_of, key, read, tempfile};
 
 const P: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -38,37 +37,9 @@ struct Guest {
 }
 
 fn guest(kind: BackingKind, size: u64) -> Guest {
-    let vm = Vm::new().unwrap();
-    let memory = create_memory(MemoryOptions::new(kind, size), Some(&vm)).unwrap();
-    let b = vm.bind(&memory, SlotRequest::new(0, 0, size)).unwrap();
-    let gate = Gatekeeper::new(
-        &vm,
-        vec![b],
-        GateOptions::new(Attribute::Shared, Policy::InPlace),
-    )
-    .unwrap();
+    let opts = GateOptions::new(Attribute::Shared, Policy::InPlace);
+    let (vm, _memory, gate) = common::gate_on(kind, size, opts);
     Guest { gate, _vm: vm }
-}
-
-fn key() -> SealKey {
-    SealKey::new(*b"0123456789abcdef0123456789abcdef")
-}
-
-fn read(gate: &Gatekeeper, gpa: u64, len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    gate.read(gpa, &mut b).unwrap();
-    b
-}
-
-fn tempfile() -> std::fs::File {
-    let fd = rustix::fs::memfd_create("snapshot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    std::fs::File::from(fd)
-}
-
-fn file_of(bytes: &[u8]) -> std::fs::File {
-    let mut f = tempfile();
-    f.write_all(bytes).unwrap();
-    f
 }
 
 /// The byte page `i` (from GPA 0) holds in the patterned guests.

@@ -5,7 +5,6 @@
 //! gatekeeper poisoned, never a zero page served to the host). Guest
 //! (vCPU) faults are tried by the VMM's tests (`gmem-vmm/tests`).
 
-use std::io::Write;
 use std::time::Duration;
 
 use gmem::snapshot::{LazyOptions, PrivatePages, SealKey};
@@ -14,6 +13,9 @@ use gmem::{
     Vm, create_memory,
 };
 use gmem_testkit::{kvm_or_skip, on_backing};
+
+mod common;
+use common::{file_of, key, read};
 
 const P: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -25,26 +27,9 @@ struct Guest {
 }
 
 fn guest(kind: BackingKind, size: u64) -> Guest {
-    let vm = Vm::new().unwrap();
-    let memory = create_memory(MemoryOptions::new(kind, size), Some(&vm)).unwrap();
-    let b = vm.bind(&memory, SlotRequest::new(0, 0, size)).unwrap();
-    let gate = Gatekeeper::new(
-        &vm,
-        vec![b],
-        GateOptions::new(Attribute::Shared, Policy::InPlace),
-    )
-    .unwrap();
+    let opts = GateOptions::new(Attribute::Shared, Policy::InPlace);
+    let (vm, _memory, gate) = common::gate_on(kind, size, opts);
     Guest { gate, _vm: vm }
-}
-
-fn key() -> SealKey {
-    SealKey::new(*b"0123456789abcdef0123456789abcdef")
-}
-
-fn read(gate: &Gatekeeper, gpa: u64, len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    gate.read(gpa, &mut b).unwrap();
-    b
 }
 
 /// A snapshot file of a guest with `mib` MiB of patterned shared memory
@@ -61,17 +46,6 @@ fn snapshot_file(kind: BackingKind, size: u64, mib: u64) -> (std::fs::File, Vec<
         .snapshot_with_state(&mut stream, &PrivatePages::Seal(key()), b"vcpu state")
         .unwrap();
     (file_of(&stream), stream)
-}
-
-fn file_of(bytes: &[u8]) -> std::fs::File {
-    let mut f = tempfile();
-    f.write_all(bytes).unwrap();
-    f
-}
-
-fn tempfile() -> std::fs::File {
-    let fd = rustix::fs::memfd_create("snapshot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    std::fs::File::from(fd)
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! What the library's attack tests share: one gatekeeper over one file, and
-//! the kernel's own count of map entries.
+//! What the library's tests share: one gatekeeper over one file, the
+//! kernel's own count of map entries, and the snapshot tests' key, reads
+//! and files.
 #![allow(dead_code)] // each test file uses its part
 
 use std::sync::Arc;
@@ -43,4 +44,30 @@ pub fn all_vmas() -> usize {
         .unwrap()
         .lines()
         .count()
+}
+
+/// The snapshot tests' sealing key.
+pub fn key() -> gmem::snapshot::SealKey {
+    gmem::snapshot::SealKey::new(*b"0123456789abcdef0123456789abcdef")
+}
+
+/// `len` bytes of guest memory at `gpa`, through the gatekeeper.
+pub fn read(gate: &Gatekeeper, gpa: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    gate.read(gpa, &mut b).unwrap();
+    b
+}
+
+/// A memfd holding `bytes`: a snapshot file.
+pub fn file_of(bytes: &[u8]) -> std::fs::File {
+    use std::io::Write;
+    let mut f = tempfile();
+    f.write_all(bytes).unwrap();
+    f
+}
+
+/// An empty memfd, as a file.
+pub fn tempfile() -> std::fs::File {
+    let fd = rustix::fs::memfd_create("snapshot", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    std::fs::File::from(fd)
 }
