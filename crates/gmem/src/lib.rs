@@ -59,6 +59,7 @@ pub mod convert;
 mod error;
 pub mod gate;
 pub mod kvm;
+pub mod migrate;
 pub mod probe;
 pub mod range;
 pub mod range_set;
@@ -75,6 +76,8 @@ pub use convert::{ConversionStats, ConvertError, ConvertReport, Policy};
 pub use error::Error;
 #[cfg(feature = "vm-memory")]
 pub use gate::DeviceMemory;
-pub use gate::{DEFAULT_VIEW_BUDGET, GateError, GateOptions, Gatekeeper, MemoryEvent, Pin};
+pub use gate::{
+    DEFAULT_VIEW_BUDGET, DirtyError, GateError, GateOptions, Gatekeeper, MemoryEvent, Pin,
+};
 pub use kvm::{Binding, KvmError, SlotReservation, Vm, VmId, VmType};
 pub use range::{FileRange, PAGE_SIZE, RangeError};

@@ -294,3 +294,52 @@ impl GateError {
         }
     }
 }
+
+/// Why dirty tracking was refused or failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DirtyError {
+    /// Tracking is on already.
+    #[error("dirty tracking is already on for this gatekeeper; stop it before starting it again")]
+    AlreadyTracking,
+    /// Tracking is not on.
+    #[error("dirty tracking is not on: start it first")]
+    NotTracking,
+    /// A guest_memfd slot: the kernel logs no dirty pages there
+    /// (`KVM_MEM_LOG_DIRTY_PAGES` is refused with `KVM_MEM_GUEST_MEMFD`).
+    #[error(
+        "the binding at GPA {gpa:#x} (slot {slot}) is a guest_memfd slot, where KVM logs no dirty pages; dirty tracking needs memfd or hugetlb bindings"
+    )]
+    GuestMemfd {
+        /// The binding's GPA.
+        gpa: u64,
+        /// Its slot.
+        slot: u16,
+    },
+    /// KVM refused an ioctl.
+    #[error("{op} failed for the binding at GPA {gpa:#x}: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The binding's GPA.
+        gpa: u64,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The gatekeeper refused (poisoned).
+    #[error(transparent)]
+    Gate(GateError),
+}
+
+impl DirtyError {
+    /// The errno the kernel gives for the same misuse.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DirtyError::AlreadyTracking => libc::EBUSY,
+            DirtyError::NotTracking | DirtyError::GuestMemfd { .. } => libc::EINVAL,
+            DirtyError::Kvm { source, .. } => source.errno(),
+            DirtyError::Gate(e) => e.errno(),
+        }
+    }
+}

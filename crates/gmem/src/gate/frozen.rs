@@ -55,18 +55,12 @@ impl Gatekeeper {
 impl Frozen<'_> {
     /// The regions, in GPA order.
     pub(crate) fn layout(&self) -> Vec<RegionLayout> {
+        self.gate.layout()
+    }
+
+    /// The gatekeeper frozen.
+    pub(super) fn gate(&self) -> &Gatekeeper {
         self.gate
-            .0
-            .regions
-            .iter()
-            .map(|r| RegionLayout {
-                gpa: r.gpa,
-                len: r.len,
-                offset: r.offset,
-                kind: r.memory.kind(),
-                flags: r.memory.flags().bits(),
-            })
-            .collect()
     }
 
     /// The private runs, in GPA order.
@@ -76,35 +70,14 @@ impl Frozen<'_> {
 
     /// The parts of `range`, in order, each with whether it is private.
     pub(crate) fn split(&self, range: Range<u64>) -> Vec<(Range<u64>, bool)> {
-        let mut out = Vec::new();
-        let mut pos = range.start;
-        for run in self.st.attrs.private_runs_in(range.clone()) {
-            if run.start > pos {
-                out.push((pos..run.start, false));
-            }
-            pos = run.end;
-            out.push((run, true));
-        }
-        if range.end > pos {
-            out.push((pos..range.end, false));
-        }
-        out
+        super::live::split(&self.st.attrs, range)
     }
 
     /// The populated runs of guest memory, in GPA order: what the files
     /// hold in the bound ranges (4 KiB granules; whole huge pages on
     /// hugetlb).
     pub(crate) fn populated(&self) -> Result<Vec<Range<u64>>, BackingError> {
-        let mut out = Vec::new();
-        for r in &self.gate.0.regions {
-            for run in r.memory.populated()? {
-                let (s, e) = (run.start.max(r.offset), run.end.min(r.offset + r.len));
-                if s < e {
-                    out.push(r.to_gpa(s)..r.to_gpa(e));
-                }
-            }
-        }
-        Ok(out)
+        self.gate.populated_runs()
     }
 
     /// Whether `range` is inside one region.

@@ -119,6 +119,11 @@ pub(crate) struct GateInner {
     /// Whether `lazy` holds one: the host paths' lock-free check, so that a
     /// gatekeeper no restore fills takes no extra lock per call.
     pub(super) has_lazy: std::sync::atomic::AtomicBool,
+    /// What the host dirtied since the last take, while dirty tracking is
+    /// on (`gate/dirty.rs`).
+    pub(super) dirty: std::sync::Mutex<Option<crate::range_set::RangeSet>>,
+    /// Whether `dirty` holds a set: the host paths' lock-free check.
+    pub(super) dirty_on: std::sync::atomic::AtomicBool,
     #[cfg(test)]
     pub(super) faults: std::sync::Mutex<Faults>,
     // Last: dropped after `Drop::drop` has read the state.
@@ -288,6 +293,8 @@ impl Gatekeeper {
             vm: vm.clone(),
             lazy: std::sync::Mutex::new(None),
             has_lazy: std::sync::atomic::AtomicBool::new(false),
+            dirty: std::sync::Mutex::new(None),
+            dirty_on: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             faults: Default::default(),
             regions,
@@ -513,6 +520,7 @@ impl Gatekeeper {
             unsafe { copy_to_guest(r.file_ptr(part.start), &data[done..done + n]) };
             done += n;
         });
+        self.mark_dirty(gpa..gpa + len);
         Ok(())
     }
 
@@ -536,6 +544,7 @@ impl Gatekeeper {
                 )
             };
         });
+        self.mark_dirty(gpa..gpa + len);
         Ok(())
     }
 
@@ -624,7 +633,15 @@ impl Gatekeeper {
         let mut st = self.write_state();
         self.covered(gpa, len)
             .map_err(|_| ConvertError::OutsideMemory { gpa, len })?;
-        let report = self.convert_ranges(&mut st, &[range], to, self.0.policy, gpa, len)?;
+        let report = self.convert_ranges(
+            &mut st,
+            std::slice::from_ref(&range),
+            to,
+            self.0.policy,
+            gpa,
+            len,
+        )?;
+        self.mark_dirty(range);
         self.count(&mut st, &report);
         st.phase = Phase::Running;
         Ok(report)
@@ -698,6 +715,7 @@ impl Gatekeeper {
                 discarded: done,
                 source,
             })?;
+        self.mark_dirty(range.clone());
         st.notify(std::iter::once(MemoryEvent::Discarded { range }));
         st.stats.discards += 1;
         st.stats.bytes_freed += report.bytes_freed;
@@ -897,6 +915,8 @@ impl PinHolder for GateInner {
         let Some(range) = st.pins.remove(id) else {
             return;
         };
+        // The device is done with it: what it wrote is dirty.
+        gate.mark_dirty(range.clone());
         let Some(ri) = gate.region_index(range.start) else {
             return;
         };

@@ -63,11 +63,13 @@
 //! conversion, never a mix.
 
 mod conversion;
+mod dirty;
 mod error;
 mod event;
 pub(crate) mod frozen;
 mod gatekeeper;
 mod kernel;
+mod live;
 mod options;
 mod pin;
 mod pins;
@@ -77,7 +79,7 @@ mod view;
 mod vm_memory;
 mod windows;
 
-pub use error::GateError;
+pub use error::{DirtyError, GateError};
 pub use event::MemoryEvent;
 pub(crate) use gatekeeper::LazyFill;
 pub use gatekeeper::{DEFAULT_EVENT_QUEUE, Gatekeeper};

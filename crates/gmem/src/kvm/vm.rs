@@ -695,6 +695,51 @@ impl Binding {
     }
 }
 
+impl Binding {
+    /// Turns KVM's dirty log on or off for the slot: the memslot is set
+    /// again with `KVM_MEM_LOG_DIRTY_PAGES` added or removed (a flags-only
+    /// change, which KVM allows on a live slot). Off leaves the flags the
+    /// binding was made with, so a slot the VMM asked to log keeps logging.
+    /// Refused (`EINVAL`, before any ioctl) on a guest_memfd slot, where
+    /// the kernel does not log dirty pages.
+    pub(crate) fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
+        if self.files.guest_memfd().is_some() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let mut req = self.req;
+        if on {
+            req.flags |= crate::binding::MemslotFlags::LOG_DIRTY_PAGES;
+        }
+        let region = memslot(
+            Some(&self.files),
+            self.window.as_ref(),
+            self.req.address_space,
+            self.slot,
+            &req,
+            req.len,
+        );
+        // SAFETY: the same slot, GPA, size and userspace_addr this Binding
+        // created (its mapping, which it keeps alive until the slot is
+        // deleted); only the dirty-logging flag differs.
+        unsafe { self.vm.fd.set_user_memory_region2(region) }
+    }
+
+    /// Whether the slot is a guest_memfd slot (KVM logs no dirty pages
+    /// there).
+    pub(crate) fn is_guest_memfd(&self) -> bool {
+        self.files.guest_memfd().is_some()
+    }
+
+    /// `KVM_GET_DIRTY_LOG` for the slot: one bit per 4 KiB page written
+    /// by the guest since the last call (which the call clears).
+    pub(crate) fn take_dirty_log(&self) -> Result<Vec<u64>, kvm_ioctls::Error> {
+        self.vm.fd.get_dirty_log(
+            SlotRequest::kvm_slot(self.req.address_space, self.slot),
+            usize::try_from(self.req.len).unwrap_or(usize::MAX),
+        )
+    }
+}
+
 impl Drop for Binding {
     fn drop(&mut self) {
         let mut table = self.vm.slots.lock().unwrap_or_else(|e| e.into_inner());

@@ -38,6 +38,15 @@ pub(crate) enum Kind {
     State = 3,
     /// Part of the index: where each data record lies in the stream.
     Index = 4,
+    /// Migration only: a range the destination discards (a hole in the
+    /// source). Its payload is the length (8 bytes), its GPA the start.
+    Zero = 5,
+    /// Migration only: the end of a pre-copy round (its number the GPA
+    /// field); payload: the round's data and zeroed bytes (16 bytes).
+    Round = 6,
+    /// Migration only: private runs of the attribute map (their count the
+    /// GPA field), 16 bytes each.
+    Attributes = 7,
     /// The end: the record count and the bytes of data.
     End = 0xff,
 }
@@ -83,9 +92,15 @@ fn kind_of(c: u8) -> Option<BackingKind> {
 impl Header {
     /// The header's bytes, its CRC-32C last.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        self.encode_as(MAGIC, VERSION)
+    }
+
+    /// The header's bytes under another stream's magic and version (a
+    /// migration stream's).
+    pub(crate) fn encode_as(&self, magic: &[u8; 8], version: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(48 + 40 * self.regions.len() + 16 * self.private.len());
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(magic);
+        b.extend_from_slice(&version.to_le_bytes());
         let conversion = match self.conversion {
             crate::Policy::Discard => 1,
             _ => 0,
@@ -114,14 +129,23 @@ impl Header {
     /// Reads and checks a header; its bytes too (a sealed snapshot
     /// authenticates them).
     pub(crate) fn decode(r: &mut impl Read) -> Result<(Header, Vec<u8>), RestoreError> {
+        Header::decode_as(r, MAGIC, VERSION)
+    }
+
+    /// [`decode`](Self::decode) for another stream's magic and version.
+    pub(crate) fn decode_as(
+        r: &mut impl Read,
+        magic: &[u8; 8],
+        want: u32,
+    ) -> Result<(Header, Vec<u8>), RestoreError> {
         let mut fixed = [0u8; 40];
         read_exact(r, &mut fixed[..8], 0)?;
-        if &fixed[..8] != MAGIC {
+        if &fixed[..8] != magic {
             return Err(RestoreError::NotASnapshot);
         }
         read_exact(r, &mut fixed[8..], 8)?;
         let version = u32::from_le_bytes(fixed[8..12].try_into().unwrap_or_default());
-        if version != VERSION {
+        if version != want {
             return Err(RestoreError::Version { found: version });
         }
         let policy = match fixed[12] {
@@ -356,6 +380,9 @@ pub(crate) fn kind_from(code: u8) -> Option<Kind> {
         2 => Kind::Sealed,
         3 => Kind::State,
         4 => Kind::Index,
+        5 => Kind::Zero,
+        6 => Kind::Round,
+        7 => Kind::Attributes,
         0xff => Kind::End,
         _ => return None,
     })

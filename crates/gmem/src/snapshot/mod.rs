@@ -85,10 +85,10 @@
 //! ```
 
 mod error;
-mod format;
+pub(crate) mod format;
 mod lazy;
-mod restore;
-mod seal;
+pub(crate) mod restore;
+pub(crate) mod seal;
 mod write;
 
 pub use error::{RestoreError, SnapshotError};

@@ -216,6 +216,12 @@ pub(crate) fn read_record(
         Kind::Index => len + tag,
         Kind::End if len != END_PAYLOAD => return Err(bad_len("the end's")),
         Kind::End => len + tag,
+        Kind::Zero if len != 8 => return Err(bad_len("a length")),
+        Kind::Round if len != 16 => return Err(bad_len("two counts")),
+        Kind::Attributes if aux == 0 || aux > (CHUNK / 16) as u64 || len as u64 != aux * 16 => {
+            return Err(bad_len("its runs' bytes"));
+        }
+        Kind::Zero | Kind::Round | Kind::Attributes => len + tag,
     };
     let body = buf
         .get_mut(..payload)
@@ -251,12 +257,14 @@ pub(crate) fn open_record(
         Kind::Sealed | Kind::State => {
             sealer.open(ordinal, &aad(&rec.head), &mut buf[..rec.len], &tag)
         }
-        Kind::Shared | Kind::Index | Kind::End => sealer.open(
-            ordinal,
-            &tagged_aad(&rec.head, &buf[..rec.len]),
-            &mut [],
-            &tag,
-        ),
+        Kind::Shared | Kind::Index | Kind::End | Kind::Zero | Kind::Round | Kind::Attributes => {
+            sealer.open(
+                ordinal,
+                &tagged_aad(&rec.head, &buf[..rec.len]),
+                &mut [],
+                &tag,
+            )
+        }
     };
     if ok {
         Ok(())
@@ -371,6 +379,12 @@ fn read_records(
         report.records += 1;
         match rec.kind {
             Kind::State => return Err(corrupt(at, "a second state record".into())),
+            Kind::Zero | Kind::Round | Kind::Attributes => {
+                return Err(corrupt(
+                    at,
+                    format!("a {:?} record, which only a migration stream has", rec.kind),
+                ));
+            }
             Kind::Shared | Kind::Sealed => {
                 if index_at.is_some() {
                     return Err(corrupt(at, "a data record after the index".into()));

@@ -1,0 +1,375 @@
+//! The destination side: [`Incoming`] reads the header, builds nothing,
+//! and [`Incoming::receive`] applies the stream to a new gatekeeper.
+
+use std::io::Read;
+use std::ops::Range;
+
+use super::error::MigrateError;
+use super::{MAGIC, MAX_ROUNDS, VERSION};
+use crate::gate::Gatekeeper;
+use crate::range::PAGE_SIZE;
+use crate::snapshot::format::{
+    CHUNK, Header, Kind, MAX_RUNS, PolicyCode, TAG, corrupt, read_exact,
+};
+use crate::snapshot::restore::{open_record, read_record};
+use crate::snapshot::seal::{HEADER_INDEX, Sealer};
+use crate::snapshot::{RestoreError, SealKey};
+
+/// A migration stream's header, read before the destination VM exists:
+/// what the VMM needs to build it. Nothing is authenticated yet:
+/// [`receive`](Self::receive) checks the header's tag under the key
+/// before it applies a record.
+#[derive(Debug)]
+pub struct Incoming {
+    header: Header,
+    bytes: Vec<u8>,
+    tag: Option<[u8; TAG]>,
+}
+
+/// What a migration delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IncomingReport {
+    /// The VMM state the source sent (its vCPUs and devices).
+    pub state: Vec<u8>,
+    /// Guest bytes received in clear.
+    pub shared_bytes: u64,
+    /// Guest bytes received sealed.
+    pub sealed_bytes: u64,
+    /// Guest bytes the source sent as holes.
+    pub zeroed_bytes: u64,
+    /// Pre-copy rounds.
+    pub rounds: u64,
+    /// Records, the end included.
+    pub records: u64,
+    /// Bytes of stream read.
+    pub stream_bytes: u64,
+}
+
+impl Incoming {
+    /// Reads and checks a migration stream's header (its magic, version,
+    /// CRC, counts and bounds) and, if sealed, its tag.
+    ///
+    /// # Errors
+    /// [`MigrateError::Stream`] with [`RestoreError::NotASnapshot`] (not a
+    /// migration stream), [`RestoreError::Version`],
+    /// [`RestoreError::Corrupt`], [`RestoreError::Truncated`] or
+    /// [`RestoreError::Read`].
+    pub fn read_header(r: &mut impl Read) -> Result<Incoming, MigrateError> {
+        let (header, bytes) = Header::decode_as(r, MAGIC, VERSION)?;
+        if !header.private.is_empty() || header.policy == PolicyCode::Omit {
+            return Err(corrupt(
+                12,
+                "a migration header carries no attribute map and never omits private pages".into(),
+            )
+            .into());
+        }
+        let tag = if header.policy == PolicyCode::Seal {
+            let mut t = [0u8; TAG];
+            read_exact(r, &mut t, bytes.len() as u64)?;
+            Some(t)
+        } else {
+            None
+        };
+        Ok(Incoming { header, bytes, tag })
+    }
+
+    /// The regions: GPA, length and backing, in GPA order.
+    pub fn regions(&self) -> Vec<(u64, u64, crate::BackingKind)> {
+        self.header
+            .regions
+            .iter()
+            .map(|r| (r.gpa, r.len, r.kind))
+            .collect()
+    }
+
+    /// The source gatekeeper's conversion policy.
+    pub fn conversion(&self) -> crate::Policy {
+        self.header.conversion
+    }
+
+    /// Whether private pages and the state are sealed (receiving needs
+    /// the key).
+    pub fn sealed(&self) -> bool {
+        self.tag.is_some()
+    }
+
+    /// Receives the rest of the stream into `gate`, a new gatekeeper (in
+    /// its launch phase, no pin live) of the header's layout on any
+    /// backing: every record is checked (CRC, place, tag) before it is
+    /// applied; data is written, holes discarded, and the attribute map set
+    /// at the end. Returns once the end record has been checked: the VM
+    /// holds what the source held when it paused. The caller then answers
+    /// the source ([`ACK_RUNNING`](super::ACK_RUNNING)) and runs the VM.
+    ///
+    /// # Errors
+    /// Before a record is applied, nothing changed: [`RestoreError::Layout`],
+    /// [`RestoreError::NeedsKey`], [`RestoreError::NotSealed`],
+    /// [`RestoreError::WrongKey`], [`RestoreError::Gate`]. Afterwards
+    /// ([`RestoreError::Corrupt`], [`RestoreError::Truncated`] when the
+    /// connection drops, [`RestoreError::Read`]): the gatekeeper is
+    /// poisoned, so the half-received VM can never run.
+    pub fn receive(
+        self,
+        gate: &Gatekeeper,
+        r: &mut impl Read,
+        key: Option<&SealKey>,
+    ) -> Result<IncomingReport, MigrateError> {
+        let mut frozen = gate.freeze().map_err(RestoreError::Gate)?;
+        frozen.check_restorable().map_err(RestoreError::Gate)?;
+        let here = frozen.layout();
+        let same = here.len() == self.header.regions.len()
+            && here
+                .iter()
+                .zip(&self.header.regions)
+                .all(|(a, b)| a.gpa == b.gpa && a.len == b.len);
+        if !same {
+            let text = |v: Vec<(u64, u64)>| {
+                v.iter()
+                    .map(|(g, l)| format!("[{g:#x}, +{l:#x})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(RestoreError::Layout {
+                snapshot: self.header.regions.len(),
+                snapshot_layout: text(self.header.regions.iter().map(|r| (r.gpa, r.len)).collect()),
+                here: here.len(),
+                here_layout: text(here.iter().map(|r| (r.gpa, r.len)).collect()),
+            }
+            .into());
+        }
+        let sealer = match (&self.tag, key) {
+            (Some(_), None) => return Err(RestoreError::NeedsKey.into()),
+            (None, Some(_)) => return Err(RestoreError::NotSealed.into()),
+            (None, None) => None,
+            (Some(tag), Some(key)) => {
+                let s = Sealer::new(key, self.header.id);
+                if !s.open(HEADER_INDEX, &self.bytes, &mut [], tag) {
+                    return Err(RestoreError::WrongKey.into());
+                }
+                Some(s)
+            }
+        };
+        let start = (self.bytes.len() + self.tag.map_or(0, |t| t.len())) as u64;
+        if let Err(e) = frozen.begin_restore() {
+            frozen.poison(format!(
+                "an incoming migration could not discard the memory first ({e})"
+            ));
+            return Err(RestoreError::Gate(e).into());
+        }
+        let mut apply = Apply {
+            header: &self.header,
+            sealer: sealer.as_ref(),
+            report: IncomingReport::default(),
+            private: Vec::new(),
+            guest_bytes: self.header.regions.iter().map(|r| r.len).sum(),
+            round_bytes: 0,
+        };
+        let result = apply.stream(r, start, &mut |op| match op {
+            Op::Write(gpa, data) => frozen.write_raw(gpa, data),
+            Op::Zero(range) => frozen.discard_raw(range),
+        });
+        let result = result.and_then(|()| {
+            frozen.finish_restore(&apply.private).map_err(|e| {
+                corrupt(
+                    apply.report.stream_bytes,
+                    format!("the attribute map could not be set ({e})"),
+                )
+            })
+        });
+        match result {
+            Ok(()) => Ok(apply.report),
+            Err(e) => {
+                frozen.poison(format!(
+                    "an incoming migration stopped part-way ({e}): the VM's memory is not the source's"
+                ));
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// What applying a record does to the destination's memory.
+enum Op<'a> {
+    Write(u64, &'a [u8]),
+    Zero(Range<u64>),
+}
+
+/// The stream being applied: what the header says and what was counted.
+struct Apply<'h> {
+    header: &'h Header,
+    sealer: Option<&'h Sealer>,
+    report: IncomingReport,
+    private: Vec<Range<u64>>,
+    guest_bytes: u64,
+    round_bytes: u64,
+}
+
+impl Apply<'_> {
+    /// `[gpa, gpa + len)` if it is page-aligned, non-empty and inside one
+    /// region.
+    fn placed(&self, gpa: u64, len: u64, at: u64) -> Result<Range<u64>, RestoreError> {
+        let end = gpa
+            .checked_add(len)
+            .filter(|_| len > 0 && gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE));
+        match end {
+            Some(end)
+                if self
+                    .header
+                    .regions
+                    .iter()
+                    .any(|r| r.gpa <= gpa && end <= r.gpa + r.len) =>
+            {
+                Ok(gpa..end)
+            }
+            _ => Err(corrupt(
+                at + 8,
+                format!("a record at [{gpa:#x}, +{len:#x}) is not whole pages inside one region"),
+            )),
+        }
+    }
+
+    /// Reads and applies records from `at` to the end record.
+    fn stream(
+        &mut self,
+        r: &mut impl Read,
+        mut at: u64,
+        apply: &mut dyn FnMut(Op<'_>) -> Result<(), crate::GateError>,
+    ) -> Result<(), RestoreError> {
+        let mut buf = vec![0u8; CHUNK + TAG];
+        let sealed = self.sealer.is_some();
+        let mut state_seen = false;
+        loop {
+            let rec = read_record(r, at, &mut buf, sealed)?;
+            let ordinal = self.report.records;
+            self.report.records += 1;
+            if let Some(s) = self.sealer {
+                open_record(s, &rec, ordinal, &mut buf, at)?;
+            }
+            if state_seen && rec.kind != Kind::End {
+                return Err(corrupt(
+                    at,
+                    format!("a {:?} record after the state", rec.kind),
+                ));
+            }
+            let gate_err = |e: crate::GateError| RestoreError::Gate(e);
+            match rec.kind {
+                Kind::Shared | Kind::Sealed => {
+                    let range = self.placed(rec.aux, rec.len as u64, at)?;
+                    if range.start / CHUNK as u64 != (range.end - 1) / CHUNK as u64 {
+                        return Err(corrupt(at + 8, "a record crosses a 1 MiB boundary".into()));
+                    }
+                    if rec.kind == Kind::Sealed && !sealed {
+                        return Err(corrupt(
+                            at,
+                            "a sealed record in a stream without a key".into(),
+                        ));
+                    }
+                    self.round_bytes += rec.len as u64;
+                    if self.round_bytes > self.guest_bytes {
+                        return Err(corrupt(
+                            at,
+                            "a round sends more data than the guest has memory".into(),
+                        ));
+                    }
+                    if rec.kind == Kind::Sealed {
+                        self.report.sealed_bytes += rec.len as u64;
+                    } else {
+                        self.report.shared_bytes += rec.len as u64;
+                    }
+                    apply(Op::Write(range.start, &buf[..rec.len])).map_err(gate_err)?;
+                }
+                Kind::Zero => {
+                    let len = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+                    let range = self.placed(rec.aux, len, at)?;
+                    self.report.zeroed_bytes += len;
+                    apply(Op::Zero(range)).map_err(gate_err)?;
+                }
+                Kind::Round => {
+                    let u =
+                        |a: usize| u64::from_le_bytes(buf[a..a + 8].try_into().unwrap_or_default());
+                    if rec.aux != self.report.rounds + 1 || rec.aux > u64::from(MAX_ROUNDS) {
+                        return Err(corrupt(
+                            at + 8,
+                            format!(
+                                "round {} after round {} (at most {MAX_ROUNDS})",
+                                rec.aux, self.report.rounds
+                            ),
+                        ));
+                    }
+                    if u(0) != self.round_bytes {
+                        return Err(corrupt(
+                            at,
+                            format!(
+                                "round {} says {:#x} bytes of data, the stream held {:#x}",
+                                rec.aux,
+                                u(0),
+                                self.round_bytes
+                            ),
+                        ));
+                    }
+                    self.report.rounds = rec.aux;
+                    self.round_bytes = 0;
+                }
+                Kind::Attributes => {
+                    let last = self.private.last().map_or(0, |p| p.end);
+                    for (i, e) in buf[..rec.len].chunks_exact(16).enumerate() {
+                        let s = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+                        let end = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
+                        let range = self.placed(s, end.wrapping_sub(s), at)?;
+                        if range.start < last.max(self.private.last().map_or(0, |p| p.end))
+                            || self.private.len() >= MAX_RUNS as usize
+                        {
+                            return Err(corrupt(
+                                at + 16 + 16 * i as u64,
+                                format!(
+                                    "private run [{s:#x}, {end:#x}) out of order, overlapping, or past {MAX_RUNS} runs"
+                                ),
+                            ));
+                        }
+                        self.private.push(range);
+                    }
+                }
+                Kind::State => {
+                    self.report.state = buf[..rec.len].to_vec();
+                    state_seen = true;
+                }
+                Kind::End => {
+                    let u =
+                        |a: usize| u64::from_le_bytes(buf[a..a + 8].try_into().unwrap_or_default());
+                    let counted = (
+                        self.report.shared_bytes,
+                        self.report.sealed_bytes,
+                        self.report.zeroed_bytes,
+                        self.report.rounds,
+                    );
+                    if !state_seen
+                        || rec.aux != self.report.records
+                        || (u(0), u(8), u(16), u(24)) != counted
+                    {
+                        return Err(corrupt(
+                            at,
+                            format!(
+                                "the end record ({} records, {:?}) disagrees with the stream ({} records, {counted:?}, state {})",
+                                rec.aux,
+                                (u(0), u(8), u(16), u(24)),
+                                self.report.records,
+                                if state_seen { "seen" } else { "missing" }
+                            ),
+                        ));
+                    }
+                    self.report.stream_bytes = rec.next;
+                    return Ok(());
+                }
+                Kind::Index => {
+                    return Err(corrupt(
+                        at,
+                        "an index record, which only a snapshot has".into(),
+                    ));
+                }
+            }
+            at = rec.next;
+            self.report.stream_bytes = at;
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! The source side: [`Gatekeeper::migrate_to`] and [`MigrationSource`].
+
+use std::io::Write;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::error::MigrateError;
+use super::{DEFAULT_CONVERGE_BYTES, DEFAULT_MAX_ROUNDS, MAGIC, VERSION};
+use crate::gate::{GateError, Gatekeeper};
+use crate::range_set::RangeSet;
+use crate::snapshot::SealKey;
+use crate::snapshot::format::{
+    CHUNK, Header, Kind, MAX_STATE, PolicyCode, TAG, aad, record_header, tagged_aad, write_record,
+};
+use crate::snapshot::seal::{HEADER_INDEX, Sealer};
+
+/// How a migration runs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MigrationOptions {
+    /// The key both sides hold: private pages and the VMM state are
+    /// sealed under it, and every other record is authenticated. Without
+    /// one, a VM with private pages is refused
+    /// ([`MigrateError::PrivateWithoutKey`]).
+    pub key: Option<SealKey>,
+    /// The most pre-copy rounds [`MigrationSource::precopy`] sends.
+    pub max_rounds: u32,
+    /// Pre-copy stops once what is left to send is at most this many
+    /// bytes: the stop-and-copy sends it, with the vCPUs paused.
+    pub converge_bytes: u64,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            key: None,
+            max_rounds: DEFAULT_MAX_ROUNDS,
+            converge_bytes: DEFAULT_CONVERGE_BYTES,
+        }
+    }
+}
+
+impl MigrationOptions {
+    /// No key, [`DEFAULT_MAX_ROUNDS`] rounds, converged at
+    /// [`DEFAULT_CONVERGE_BYTES`].
+    pub fn new() -> MigrationOptions {
+        MigrationOptions::default()
+    }
+
+    /// Seals private pages and the state under `key`.
+    pub fn with_key(mut self, key: SealKey) -> MigrationOptions {
+        self.key = Some(key);
+        self
+    }
+
+    /// At most `rounds` pre-copy rounds (0: the stop-and-copy sends
+    /// everything).
+    pub fn with_max_rounds(mut self, rounds: u32) -> MigrationOptions {
+        self.max_rounds = rounds;
+        self
+    }
+
+    /// Pre-copy converges at `bytes` left to send.
+    pub fn with_converge_bytes(mut self, bytes: u64) -> MigrationOptions {
+        self.converge_bytes = bytes;
+        self
+    }
+}
+
+/// One pre-copy round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoundReport {
+    /// Its number, from 1.
+    pub round: u32,
+    /// Guest bytes sent (populated pages).
+    pub data_bytes: u64,
+    /// Guest bytes sent as holes (a zero record each run).
+    pub zeroed_bytes: u64,
+    /// Stream bytes the round wrote.
+    pub stream_bytes: u64,
+    /// Bytes dirtied while it ran: the next round's (or the
+    /// stop-and-copy's) to send.
+    pub dirty_after: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// What a whole migration sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MigrationReport {
+    /// The pre-copy rounds.
+    pub rounds: Vec<RoundReport>,
+    /// Guest bytes the stop-and-copy sent (with the vCPUs paused).
+    pub final_data_bytes: u64,
+    /// Bytes of the whole stream.
+    pub stream_bytes: u64,
+    /// Guest bytes sent in clear (shared pages), in all rounds.
+    pub shared_bytes: u64,
+    /// Guest bytes sent sealed (private pages).
+    pub sealed_bytes: u64,
+    /// Guest bytes sent as holes.
+    pub zeroed_bytes: u64,
+    /// Records written, the end included.
+    pub records: u64,
+    /// How long the stop-and-copy took (until the stream was flushed).
+    pub stop_and_copy: Duration,
+}
+
+/// Dirty tracking, stopped when the migration ends whichever way.
+struct Tracking(Gatekeeper);
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        if self.0.is_tracking_dirty() {
+            // Nothing to report to: the source goes on either way, and a
+            // slot left logging only costs KVM its bitmap.
+            let _ = self.0.stop_dirty_tracking();
+        }
+    }
+}
+
+/// The stream being written: the writer, the sealer and the counts.
+struct Out<W: Write> {
+    w: W,
+    sealer: Option<Sealer>,
+    records: u64,
+    stream_bytes: u64,
+    shared: u64,
+    sealed: u64,
+    zeroed: u64,
+    buf: Vec<u8>,
+    parts: Vec<(Range<u64>, bool)>,
+}
+
+/// A live migration's source, from [`Gatekeeper::migrate_to`]: the header
+/// is sent and dirty tracking is on. Send pre-copy rounds while the guest
+/// runs ([`precopy`](Self::precopy) or [`send_round`](Self::send_round)),
+/// pause the vCPUs, then [`complete`](Self::complete) with their state.
+/// Dropping it abandons the migration (dirty tracking stops); the VM is
+/// never changed by any of it.
+pub struct MigrationSource<W: Write> {
+    gate: Gatekeeper,
+    out: Out<W>,
+    /// Dirty, not yet sent (the first round: everything populated).
+    pending: Vec<Range<u64>>,
+    rounds: Vec<RoundReport>,
+    opts: MigrationOptions,
+    tracking: Tracking,
+    failed: bool,
+}
+
+impl<W: Write> std::fmt::Debug for MigrationSource<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationSource")
+            .field("rounds", &self.rounds.len())
+            .field("pending_bytes", &self.pending_bytes())
+            .field("stream_bytes", &self.out.stream_bytes)
+            .finish()
+    }
+}
+
+fn bytes_of(runs: &[Range<u64>]) -> u64 {
+    runs.iter().map(|r| r.end - r.start).sum()
+}
+
+/// The parts of `run`, in order, each with whether `populated` (sorted,
+/// disjoint) holds it.
+fn pieces(run: &Range<u64>, populated: &[Range<u64>]) -> Vec<(Range<u64>, bool)> {
+    let mut out = Vec::new();
+    let mut pos = run.start;
+    let first = populated.partition_point(|p| p.end <= run.start);
+    for p in &populated[first..] {
+        if p.start >= run.end {
+            break;
+        }
+        let (s, e) = (p.start.max(run.start), p.end.min(run.end));
+        if s > pos {
+            out.push((pos..s, false));
+        }
+        out.push((s..e, true));
+        pos = e;
+    }
+    if pos < run.end {
+        out.push((pos..run.end, false));
+    }
+    out
+}
+
+impl Gatekeeper {
+    /// Starts migrating this VM's memory to `w` (a connection to the
+    /// destination): dirty tracking starts
+    /// ([`start_dirty_tracking`](Self::start_dirty_tracking)), then the
+    /// header (the layout and the policies) is written. The stream is
+    /// `docs/migration-stream.md`; the destination reads it with
+    /// [`Incoming`](super::Incoming).
+    ///
+    /// A lazily restored VM is filled first. The guest may run meanwhile
+    /// and afterwards: the source reads memory a chunk at a time.
+    ///
+    /// # Errors
+    /// [`MigrateError::PrivateWithoutKey`] (`EPERM`) without a key if any
+    /// page is private now; [`MigrateError::Gate`] (poisoned, two
+    /// backings); [`MigrateError::Dirty`] (a guest_memfd binding, KVM's
+    /// refusal, tracking already on); [`MigrateError::Populated`];
+    /// [`MigrateError::Send`]. Dirty tracking is off again then.
+    pub fn migrate_to<W: Write>(
+        &self,
+        w: W,
+        opts: MigrationOptions,
+    ) -> Result<MigrationSource<W>, MigrateError> {
+        if let Some(lazy) = self.lazy_fill() {
+            lazy.fill_all()?;
+        }
+        self.check_readable()?;
+        if opts.key.is_none() {
+            let private = self.private_runs_now();
+            if let Some(first) = private.first() {
+                return Err(MigrateError::PrivateWithoutKey {
+                    bytes: bytes_of(&private),
+                    first_gpa: first.start,
+                });
+            }
+        }
+        self.start_dirty_tracking()?;
+        let tracking = Tracking(self.clone());
+        // Tracking is on before the population is read: a page written
+        // after this is in the first take, whatever the first round read.
+        let pending = self.populated_runs().map_err(MigrateError::Populated)?;
+        let mut id = [0u8; 16];
+        rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty())
+            .map_err(|e| MigrateError::Send(crate::snapshot::SnapshotError::Random(e.into())))?;
+        let header = Header {
+            policy: if opts.key.is_some() {
+                PolicyCode::Seal
+            } else {
+                PolicyCode::Refuse
+            },
+            conversion: self.policy(),
+            id,
+            regions: self.layout(),
+            private: Vec::new(),
+        };
+        let bytes = header.encode_as(MAGIC, VERSION);
+        let mut out = Out {
+            w,
+            sealer: opts.key.as_ref().map(|k| Sealer::new(k, id)),
+            records: 0,
+            stream_bytes: 0,
+            shared: 0,
+            sealed: 0,
+            zeroed: 0,
+            buf: vec![0u8; CHUNK + TAG],
+            parts: Vec::new(),
+        };
+        out.raw(&bytes)?;
+        if let Some(s) = &out.sealer {
+            let tag = s.seal(HEADER_INDEX, &bytes, &mut []);
+            out.raw(&tag)?;
+        }
+        Ok(MigrationSource {
+            gate: self.clone(),
+            out,
+            pending,
+            rounds: Vec::new(),
+            opts,
+            tracking,
+            failed: false,
+        })
+    }
+}
+
+impl<W: Write> MigrationSource<W> {
+    /// Bytes dirty and not yet sent: what the next round (or the
+    /// stop-and-copy) sends, as of the last round.
+    pub fn pending_bytes(&self) -> u64 {
+        bytes_of(&self.pending)
+    }
+
+    /// The rounds sent so far.
+    pub fn rounds(&self) -> &[RoundReport] {
+        &self.rounds
+    }
+
+    /// Bytes of stream written so far.
+    pub fn stream_bytes(&self) -> u64 {
+        self.out.stream_bytes
+    }
+
+    /// Sends one pre-copy round while the guest runs: every page pending
+    /// (the first round: every populated page; later ones: what was
+    /// dirtied since the round before), read a chunk at a time under the
+    /// gatekeeper's read lock, holes as zero records; then takes what was
+    /// dirtied meanwhile as the next round's.
+    ///
+    /// # Errors
+    /// [`MigrateError::Finished`] after a failure; as
+    /// [`migrate_to`](Gatekeeper::migrate_to), and
+    /// [`MigrateError::PrivateWithoutKey`] if a page became private
+    /// without a key. The migration cannot go on after an error (the
+    /// stream is cut part-way); the VM is unchanged.
+    pub fn send_round(&mut self) -> Result<RoundReport, MigrateError> {
+        if self.failed {
+            return Err(MigrateError::Finished);
+        }
+        self.failed = true;
+        let started = Instant::now();
+        let before = self.out.stream_bytes;
+        let runs = std::mem::take(&mut self.pending);
+        let populated = self
+            .gate
+            .populated_runs()
+            .map_err(MigrateError::Populated)?;
+        let gate = &self.gate;
+        let (data, zeroed) = self
+            .out
+            .send_runs(&runs, &populated, &mut |gpa, buf, parts| {
+                gate.read_live(gpa, buf, parts)
+            })?;
+        let round = self.rounds.len() as u32 + 1;
+        let mut counts = [0u8; 16];
+        counts[..8].copy_from_slice(&data.to_le_bytes());
+        counts[8..].copy_from_slice(&zeroed.to_le_bytes());
+        self.out
+            .authenticated(Kind::Round, u64::from(round), &counts)?;
+        self.pending = self.gate.take_dirty()?;
+        let report = RoundReport {
+            round,
+            data_bytes: data,
+            zeroed_bytes: zeroed,
+            stream_bytes: self.out.stream_bytes - before,
+            dirty_after: bytes_of(&self.pending),
+            elapsed: started.elapsed(),
+        };
+        self.rounds.push(report);
+        self.failed = false;
+        Ok(report)
+    }
+
+    /// Sends pre-copy rounds until what is left is at most
+    /// [`MigrationOptions::converge_bytes`], or
+    /// [`MigrationOptions::max_rounds`] are sent. The rounds so far.
+    ///
+    /// # Errors
+    /// As [`send_round`](Self::send_round).
+    pub fn precopy(&mut self) -> Result<&[RoundReport], MigrateError> {
+        while (self.rounds.len() as u32) < self.opts.max_rounds {
+            self.send_round()?;
+            if self.pending_bytes() <= self.opts.converge_bytes {
+                break;
+            }
+        }
+        Ok(&self.rounds)
+    }
+
+    /// The stop-and-copy, once the caller has paused every vCPU (and no
+    /// device holds a pin): with the gatekeeper frozen, sends what is
+    /// dirty, the attribute map, `state` (the VMM's vCPUs and devices, at
+    /// most [`MAX_STATE`] bytes, sealed under the key) and the end; flushes
+    /// the stream and stops dirty tracking. The writer is handed back, for
+    /// the destination's answer ([`ACK_RUNNING`](super::ACK_RUNNING)).
+    ///
+    /// The VM is not changed: if the destination does not take over, the
+    /// caller resumes the vCPUs.
+    ///
+    /// # Errors
+    /// [`MigrateError::StateTooLarge`] before anything is sent;
+    /// [`MigrateError::Gate`] with [`GateError::Pinned`] while a pin is
+    /// live; [`MigrateError::PrivateWithoutKey`]; as
+    /// [`send_round`](Self::send_round).
+    pub fn complete(mut self, state: &[u8]) -> Result<(MigrationReport, W), MigrateError> {
+        if self.failed {
+            return Err(MigrateError::Finished);
+        }
+        if state.len() > MAX_STATE {
+            return Err(MigrateError::StateTooLarge {
+                len: state.len(),
+                max: MAX_STATE,
+            });
+        }
+        let started = Instant::now();
+        let gate = self.gate.clone();
+        let frozen = gate.freeze()?;
+        let mut runs = RangeSet::new();
+        for r in self.pending.drain(..).chain(gate.take_dirty()?) {
+            runs.insert(r);
+        }
+        let private = frozen.private_runs();
+        if let (None, Some(first)) = (&self.out.sealer, private.first()) {
+            return Err(MigrateError::PrivateWithoutKey {
+                bytes: bytes_of(&private),
+                first_gpa: first.start,
+            });
+        }
+        let populated = frozen.populated().map_err(MigrateError::Populated)?;
+        let runs = runs.to_vec();
+        let (data, _) = self
+            .out
+            .send_runs(&runs, &populated, &mut |gpa, buf, parts| {
+                *parts = frozen.split(gpa..gpa + buf.len() as u64);
+                frozen.read_raw(gpa, buf)
+            })?;
+        for part in private.chunks(CHUNK / 16) {
+            let mut payload = Vec::with_capacity(part.len() * 16);
+            for run in part {
+                payload.extend_from_slice(&run.start.to_le_bytes());
+                payload.extend_from_slice(&run.end.to_le_bytes());
+            }
+            self.out
+                .authenticated(Kind::Attributes, part.len() as u64, &payload)?;
+        }
+        let n = state.len();
+        let mut buf = std::mem::take(&mut self.out.buf);
+        buf[..n].copy_from_slice(state);
+        let sealed = self.out.sealer.is_some();
+        let result = self.out.record(Kind::State, 0, &mut buf[..n], sealed);
+        self.out.buf = buf;
+        result?;
+        let mut end = [0u8; 32];
+        end[..8].copy_from_slice(&self.out.shared.to_le_bytes());
+        end[8..16].copy_from_slice(&self.out.sealed.to_le_bytes());
+        end[16..24].copy_from_slice(&self.out.zeroed.to_le_bytes());
+        end[24..].copy_from_slice(&(self.rounds.len() as u64).to_le_bytes());
+        let records = self.out.records + 1;
+        self.out.authenticated(Kind::End, records, &end)?;
+        self.out
+            .w
+            .flush()
+            .map_err(|e| MigrateError::Send(crate::snapshot::SnapshotError::Write(e)))?;
+        drop(frozen);
+        let MigrationSource {
+            out,
+            rounds,
+            tracking,
+            ..
+        } = self;
+        drop(tracking);
+        let report = MigrationReport {
+            rounds,
+            final_data_bytes: data,
+            stream_bytes: out.stream_bytes,
+            shared_bytes: out.shared,
+            sealed_bytes: out.sealed,
+            zeroed_bytes: out.zeroed,
+            records: out.records,
+            stop_and_copy: started.elapsed(),
+        };
+        Ok((report, out.w))
+    }
+}
+
+/// Reads one chunk of guest memory at a GPA into a buffer, with its
+/// attribute split.
+type ReadChunk<'a> =
+    dyn FnMut(u64, &mut [u8], &mut Vec<(Range<u64>, bool)>) -> Result<(), GateError> + 'a;
+
+impl<W: Write> Out<W> {
+    fn send_err(e: std::io::Error) -> MigrateError {
+        MigrateError::Send(crate::snapshot::SnapshotError::Write(e))
+    }
+
+    /// Writes bytes outside any record (the header and its tag).
+    fn raw(&mut self, b: &[u8]) -> Result<(), MigrateError> {
+        self.w.write_all(b).map_err(Self::send_err)?;
+        self.stream_bytes += b.len() as u64;
+        Ok(())
+    }
+
+    /// Sends `runs`: their populated parts as data records (never across
+    /// a 1 MiB-aligned boundary, private parts sealed), their holes as
+    /// zero records. The data and zeroed bytes.
+    fn send_runs(
+        &mut self,
+        runs: &[Range<u64>],
+        populated: &[Range<u64>],
+        read: &mut ReadChunk<'_>,
+    ) -> Result<(u64, u64), MigrateError> {
+        let (mut data, mut zeroed) = (0, 0);
+        for run in runs {
+            for (piece, held) in pieces(run, populated) {
+                if !held {
+                    let len = piece.end - piece.start;
+                    self.authenticated(Kind::Zero, piece.start, &len.to_le_bytes())?;
+                    zeroed += len;
+                    self.zeroed += len;
+                    continue;
+                }
+                let mut gpa = piece.start;
+                while gpa < piece.end {
+                    let boundary = (gpa / CHUNK as u64 + 1) * CHUNK as u64;
+                    let n = (piece.end.min(boundary) - gpa) as usize;
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let mut parts = std::mem::take(&mut self.parts);
+                    let result = read(gpa, &mut buf[..n], &mut parts)
+                        .map_err(MigrateError::Gate)
+                        .and_then(|()| {
+                            for (part, private) in &parts {
+                                let at = (part.start - gpa) as usize;
+                                let len = (part.end - part.start) as usize;
+                                self.data(part.start, &mut buf[at..at + len], *private)?;
+                            }
+                            Ok(())
+                        });
+                    self.buf = buf;
+                    self.parts = parts;
+                    result?;
+                    data += n as u64;
+                    gpa += n as u64;
+                }
+            }
+        }
+        Ok((data, zeroed))
+    }
+
+    /// One data record: sealed if `private` (refused without a key).
+    fn data(&mut self, gpa: u64, bytes: &mut [u8], private: bool) -> Result<(), MigrateError> {
+        if private && self.sealer.is_none() {
+            return Err(MigrateError::PrivateWithoutKey {
+                bytes: bytes.len() as u64,
+                first_gpa: gpa,
+            });
+        }
+        if private {
+            self.sealed += bytes.len() as u64;
+            self.record(Kind::Sealed, gpa, bytes, true)
+        } else {
+            self.shared += bytes.len() as u64;
+            self.record(Kind::Shared, gpa, bytes, false)
+        }
+    }
+
+    /// Writes one record: encrypted in place and tagged if `encrypt` (and
+    /// sealed), tagged in clear under a key otherwise; the record's
+    /// ordinal is the nonce.
+    fn record(
+        &mut self,
+        kind: Kind,
+        aux: u64,
+        data: &mut [u8],
+        encrypt: bool,
+    ) -> Result<(), MigrateError> {
+        let head = record_header(kind, data.len() as u32, aux);
+        let written = match &self.sealer {
+            Some(s) if encrypt => {
+                let tag = s.seal(self.records, &aad(&head), data);
+                write_record(&mut self.w, &head, &[data, &tag])
+            }
+            Some(_) => return self.authenticated(kind, aux, data),
+            None => write_record(&mut self.w, &head, &[data]),
+        }
+        .map_err(MigrateError::Send)?;
+        self.stream_bytes += written;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Writes a record in clear, tagged under a key (its header and
+    /// payload the associated data).
+    fn authenticated(&mut self, kind: Kind, aux: u64, payload: &[u8]) -> Result<(), MigrateError> {
+        let head = record_header(kind, payload.len() as u32, aux);
+        let written = match &self.sealer {
+            Some(s) => {
+                let tag = s.seal(self.records, &tagged_aad(&head, payload), &mut []);
+                write_record(&mut self.w, &head, &[payload, &tag])
+            }
+            None => write_record(&mut self.w, &head, &[payload]),
+        }
+        .map_err(MigrateError::Send)?;
+        self.stream_bytes += written;
+        self.records += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn pieces_split_a_run_by_the_population() {
+        let pop = [0x1000..0x3000, 0x5000..0x6000];
+        assert_eq!(
+            pieces(&(0..0x7000), &pop),
+            vec![
+                (0..0x1000, false),
+                (0x1000..0x3000, true),
+                (0x3000..0x5000, false),
+                (0x5000..0x6000, true),
+                (0x6000..0x7000, false)
+            ]
+        );
+        assert_eq!(
+            pieces(&(0x2000..0x2800), &pop),
+            vec![(0x2000..0x2800, true)]
+        );
+        assert_eq!(
+            pieces(&(0x8000..0x9000), &pop),
+            vec![(0x8000..0x9000, false)]
+        );
+    }
+}
