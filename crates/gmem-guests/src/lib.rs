@@ -29,6 +29,11 @@ pub const ATTACKER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attacker.e
 /// a checksum of both; a restored run prints the same.
 pub const SNAPSHOT_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/snapshot-demo.elf"));
 
+/// `guests/migrate-demo`: rewrites 10 MiB of private and shared memory on
+/// every pass, converting and discarding a page each pass, and prints a
+/// checksum: what a migrated run must reproduce.
+pub const MIGRATE_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrate-demo.elf"));
+
 /// Every guest, by name.
 pub const ALL: &[(&str, &[u8])] = &[
     ("hello", HELLO),
@@ -36,4 +41,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("disk-sum", DISK_SUM),
     ("attacker", ATTACKER),
     ("snapshot-demo", SNAPSHOT_DEMO),
+    ("migrate-demo", MIGRATE_DEMO),
 ];

@@ -1,6 +1,7 @@
 //! Why a machine could not be built or run: every failure of the VMM, each
 //! naming the values and the rule.
 
+use gmem::migrate::MigrateError;
 use gmem::snapshot::{RestoreError, SnapshotError};
 use gmem::{BackingError, BindError, ConvertError, GateError, KvmError};
 use thiserror::Error;
@@ -251,5 +252,23 @@ pub enum VmmError {
     LazyRestore {
         /// The library's reason.
         reason: String,
+    },
+    /// The library refused or failed a migration (either side).
+    #[error("migrating the machine")]
+    Migrate(#[source] MigrateError),
+    /// The migration's connection could not be made, read or written.
+    #[error("the migration connection ({what})")]
+    MigrationIo {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The incoming stream does not describe a machine this VMM builds.
+    #[error("the incoming migration: {what}")]
+    MigrationStream {
+        /// What does not hold.
+        what: String,
     },
 }

@@ -58,6 +58,11 @@ pub struct RunReport {
     pub restored: bool,
     /// The lazy restore the run started on, if any.
     pub lazy: Option<LazyReport>,
+    /// The migration the run ended with (the destination runs the guest).
+    pub migration: Option<crate::migrate::MigrationTaken>,
+    /// Migrations asked for that failed or were not started, and why (the
+    /// guest ran on).
+    pub migration_notes: Vec<String>,
 }
 
 /// What a lazy restore did while the guest ran.
@@ -143,6 +148,20 @@ pub(crate) fn install_sigusr1_handler() {
     });
 }
 
+/// The migration plan's signal arrived. The handler only sets it; the
+/// runner's waiting thread starts the migration.
+static MIGRATE_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_migrate_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // An atomic store is async-signal-safe.
+    MIGRATE_SEEN.store(true, Ordering::Release);
+}
+
+/// Installs the handler of the migration plan's signal.
+pub(crate) fn install_migrate_handler(signal: i32) {
+    let _ = register_signal_handler(signal, on_migrate_signal);
+}
+
 /// What a vCPU thread hands back: its exits, how it ended, and when it ran.
 struct VcpuEnd {
     counts: ExitCounts,
@@ -182,6 +201,13 @@ fn vcpu_thread(
                         break Ok(None);
                     }
                     Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            if shared.migrate_now.swap(false, Ordering::AcqRel) {
+                match crate::migrate::pause_here(&mut vcpu, shared, console) {
+                    Ok(true) => break Ok(None),
+                    Ok(false) => {}
                     Err(e) => break Err(e),
                 }
             }
@@ -231,6 +257,10 @@ impl Machine {
             mut counts,
             ..
         } = self;
+        if shared.migration_plan().is_some() && MIGRATE_SEEN.swap(false, Ordering::AcqRel) {
+            // The signal came before the run: the migration starts with it.
+            crate::migrate::start(&shared);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut handles: Vec<JoinHandle<VcpuEnd>> = Vec::new();
@@ -286,6 +316,12 @@ impl Machine {
                         shared.snapshot_now.store(true, Ordering::Release);
                         kick_all(&handles);
                     }
+                    if MIGRATE_SEEN.swap(false, Ordering::AcqRel) {
+                        crate::migrate::start(&shared);
+                    }
+                    if shared.kick_now.swap(false, Ordering::AcqRel) {
+                        kick_all(&handles);
+                    }
                     if lazy_failure.is_none() {
                         lazy_failure = shared.lock_lazy().as_ref().and_then(|l| l.failure());
                         if lazy_failure.is_some() {
@@ -323,6 +359,16 @@ impl Machine {
                 }
             }
         }
+        shared.run_over.store(true, Ordering::Release);
+        let migration_thread = shared
+            .migration_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = migration_thread {
+            let _ = h.join();
+        }
+        let (migration, migration_notes) = std::mem::take(&mut *shared.lock_migrated());
         let lazy = shared.lock_lazy().take();
         let lazy_failure = lazy_failure.or_else(|| lazy.as_ref().and_then(|l| l.failure()));
         if let Some(reason) = lazy_failure {
@@ -391,6 +437,8 @@ impl Machine {
             stopped_for_snapshot: shared.stopped.load(Ordering::Acquire),
             restored: shared.restored.load(Ordering::Acquire),
             lazy,
+            migration,
+            migration_notes,
         })
     }
 }

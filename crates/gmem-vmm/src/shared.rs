@@ -10,6 +10,7 @@ use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
+use crate::migrate_plan::{MigrationPlan, MigrationTaken, PauseRequest};
 use crate::snapshot_plan::{SnapshotPlan, SnapshotTaken};
 use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
@@ -39,6 +40,22 @@ pub(crate) struct Shared {
     pub(crate) stopped: AtomicBool,
     /// The machine was restored from a snapshot.
     pub(crate) restored: AtomicBool,
+    /// Where the run migrates when its signal comes, if it does.
+    pub(crate) migration: Mutex<Option<MigrationPlan>>,
+    /// A migration thread is running.
+    pub(crate) migrating: AtomicBool,
+    /// The migration thread's pause request, for the vCPU.
+    pub(crate) pause: Mutex<Option<PauseRequest>>,
+    /// The vCPU is to pause at its next exit (the runner kicks it out).
+    pub(crate) migrate_now: AtomicBool,
+    /// The runner is to kick the vCPUs.
+    pub(crate) kick_now: AtomicBool,
+    /// The migration the run completed, and notes on failed ones.
+    pub(crate) migrated: Mutex<(Option<MigrationTaken>, Vec<String>)>,
+    /// Every vCPU has ended: a migration under way gives up.
+    pub(crate) run_over: AtomicBool,
+    /// The migration thread, joined when the run ends.
+    pub(crate) migration_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -64,7 +81,27 @@ impl Shared {
             snapshot_now: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             restored: AtomicBool::new(false),
+            migration: Mutex::new(None),
+            migrating: AtomicBool::new(false),
+            pause: Mutex::new(None),
+            migrate_now: AtomicBool::new(false),
+            kick_now: AtomicBool::new(false),
+            migrated: Mutex::default(),
+            run_over: AtomicBool::new(false),
+            migration_thread: Mutex::new(None),
         }
+    }
+
+    /// The migration plan, if the run has one.
+    pub(crate) fn migration_plan(&self) -> Option<MigrationPlan> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn lock_migrated(&self) -> MutexGuard<'_, (Option<MigrationTaken>, Vec<String>)> {
+        self.migrated.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock_lazy(&self) -> MutexGuard<'_, Option<gmem::snapshot::LazyRestore>> {

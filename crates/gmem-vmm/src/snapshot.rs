@@ -226,16 +226,15 @@ impl VcpuState {
     }
 }
 
-/// Writes the snapshot of `shared`'s memory and the state of `vcpus`
-/// (their I/O completed) to `w`; `regs` replaces the first vCPU's general
-/// registers in the saved state (the answer a restored guest reads).
-fn write_snapshot(
+/// The VMM state of `shared`'s machine: the state of `vcpus` (their I/O
+/// completed), the devices and the configuration, encoded; `regs`
+/// replaces the first vCPU's general registers (the answer a restored
+/// guest reads).
+pub(crate) fn capture_state(
     shared: &Shared,
     vcpus: &[&VcpuState],
     regs: Option<kvm_regs>,
-    w: &mut impl Write,
-    private: &PrivatePages,
-) -> Result<(SnapshotReport, usize), VmmError> {
+) -> Result<Vec<u8>, VmmError> {
     let mut saved = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         saved.push(v.capture(&shared.vm)?);
@@ -252,12 +251,24 @@ fn write_snapshot(
                 .map_err(|what| VmmError::DeviceState { index, what })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let blob = VmmState {
+    Ok(VmmState {
         config: shared.config,
         vcpus: saved,
         devices,
     }
-    .encode();
+    .encode())
+}
+
+/// Writes the snapshot of `shared`'s memory and the state of `vcpus`
+/// (see [`capture_state`]) to `w`.
+fn write_snapshot(
+    shared: &Shared,
+    vcpus: &[&VcpuState],
+    regs: Option<kvm_regs>,
+    w: &mut impl Write,
+    private: &PrivatePages,
+) -> Result<(SnapshotReport, usize), VmmError> {
+    let blob = capture_state(shared, vcpus, regs)?;
     let report = shared
         .gate
         .snapshot_with_state(w, private, &blob)
@@ -541,6 +552,38 @@ impl Machine {
             lazy,
             lazy_refused,
         } = memory;
+        machine.take_state(&state, backing, &opts.console, opts.disk.as_deref())?;
+        *machine.shared.lock_lazy() = lazy;
+        machine.launched = true;
+        machine.shared.restored.store(true, Ordering::Release);
+        let summary = RestoreSummary {
+            mode: match (opts.lazy, &lazy_refused) {
+                (true, None) => "lazy",
+                _ => "eager",
+            },
+            lazy_refused,
+            ready_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            state_bytes,
+            backing,
+        };
+        Ok((machine, summary))
+    }
+}
+
+impl Machine {
+    /// Sets a new machine's configuration, vCPUs and devices from a saved
+    /// state (a snapshot's or a migration's): the memory is restored
+    /// already. The console devices write to `console`; the disk image is
+    /// reopened at its saved path, or `disk`.
+    pub(crate) fn take_state(
+        &mut self,
+        state: &VmmState,
+        backing: BackingKind,
+        console: &Console,
+        disk: Option<&std::path::Path>,
+    ) -> Result<(), VmmError> {
+        let machine = self;
+        let saved = state.config;
         let shared =
             std::sync::Arc::get_mut(&mut machine.shared).ok_or_else(|| VmmError::SnapshotFile {
                 what: "the new machine is shared already".into(),
@@ -567,7 +610,7 @@ impl Machine {
             for (index, d) in state.devices.iter().enumerate() {
                 let model: Box<dyn crate::virtio::VirtioDevice> = match &d.device {
                     DeviceSnapshot::Console { input, transmitted } => Box::new(
-                        VirtioConsole::restored(opts.console.clone(), input.clone(), *transmitted),
+                        VirtioConsole::restored(console.clone(), input.clone(), *transmitted),
                     ),
                     DeviceSnapshot::Blk {
                         path,
@@ -575,7 +618,7 @@ impl Machine {
                         readonly,
                         statuses,
                     } => {
-                        let path = opts.disk.clone().unwrap_or_else(|| path.clone());
+                        let path = disk.map_or_else(|| path.clone(), std::path::Path::to_path_buf);
                         let blk = VirtioBlk::open(&path, *readonly).map_err(|e| {
                             VmmError::DeviceState {
                                 index,
@@ -600,20 +643,7 @@ impl Machine {
                 devices.push(t);
             }
         }
-        *machine.shared.lock_lazy() = lazy;
-        machine.launched = true;
-        machine.shared.restored.store(true, Ordering::Release);
-        let summary = RestoreSummary {
-            mode: match (opts.lazy, &lazy_refused) {
-                (true, None) => "lazy",
-                _ => "eager",
-            },
-            lazy_refused,
-            ready_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            state_bytes,
-            backing,
-        };
-        Ok((machine, summary))
+        Ok(())
     }
 }
 

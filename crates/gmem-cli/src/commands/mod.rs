@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod migrate;
 pub mod probe;
 pub mod restore;
 pub mod run;

@@ -21,7 +21,7 @@ pub struct Args {
     /// Guest RAM's backing: guest-memfd, memfd, hugetlb-2m or hugetlb-1g
     /// [default: guest-memfd where the kernel has it, else memfd].
     #[arg(long)]
-    backing: Option<BackingKind>,
+    pub(crate) backing: Option<BackingKind>,
     /// Guest RAM, like 64M, 1G or 0x4000000 [default: 64M, rounded up to
     /// the backing's page size].
     #[arg(long, value_parser = parse_size)]
@@ -44,7 +44,7 @@ pub struct Args {
     /// A disk image for a virtio-blk device: FILE or FILE,readonly [the
     /// demo: a small read-only image of its own].
     #[arg(long, value_parser = parse_disk)]
-    disk: Option<Disk>,
+    pub(crate) disk: Option<Disk>,
     /// What the guest receives on its virtio-console (a file) [default:
     /// nothing].
     #[arg(long)]
@@ -54,17 +54,20 @@ pub struct Args {
     no_devices: bool,
     /// Print the report as JSON (the guest's console then goes to stderr).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Where the guest's snapshot requests (port 0xf9) and SIGUSR1 write
     /// the snapshot; without it the guest's requests answer -ENOSYS.
     #[command(flatten)]
     pub(crate) snapshot: super::snapshot::SnapshotArgs,
+    /// Live migration: the source's and the destination's options.
+    #[command(flatten)]
+    pub(crate) migrate: super::migrate::MigrateArgs,
 }
 
 /// `--disk FILE[,readonly]`.
 #[derive(Clone, Debug)]
-struct Disk {
-    path: PathBuf,
+pub(crate) struct Disk {
+    pub(crate) path: PathBuf,
     readonly: bool,
 }
 
@@ -134,6 +137,9 @@ fn default_backing() -> BackingKind {
 
 /// Runs `gmem run`; the process exits with the guest's status.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Some(from) = &args.migrate.incoming {
+        return super::migrate::run_incoming(args, from);
+    }
     let backing = args.backing.unwrap_or_else(default_backing);
     let mem_size = args
         .mem
@@ -199,6 +205,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .context("loading the payload")?;
     }
     machine.set_snapshot_plan(args.snapshot.plan()?);
+    machine.set_migration_plan(args.migrate.plan(&args.snapshot)?);
     let report = machine
         .run_to_end(&console)
         .map_err(super::snapshot::explain)
@@ -295,6 +302,22 @@ pub(crate) fn print_report(r: &RunReport) {
     }
     for n in &r.snapshot_notes {
         println!("{:<14}{n}", "snapshot");
+    }
+    if let Some(m) = &r.migration {
+        println!(
+            "{:<14}to {} in {} round(s) + stop-and-copy: {} bytes sent for {} of RAM ({:.3}×), downtime {:.3} ms, total {:.1} ms; the guest runs there",
+            "migrated",
+            m.to,
+            m.rounds.len(),
+            m.stream_bytes,
+            m.guest_bytes,
+            m.bytes_per_guest_byte,
+            m.downtime_us as f64 / 1000.0,
+            m.total_us as f64 / 1000.0
+        );
+    }
+    for n in &r.migration_notes {
+        println!("{:<14}{n}", "migration");
     }
     if r.stopped_for_snapshot {
         println!(

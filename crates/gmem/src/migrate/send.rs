@@ -338,18 +338,36 @@ impl<W: Write> MigrationSource<W> {
         Ok(report)
     }
 
-    /// Sends pre-copy rounds until what is left is at most
-    /// [`MigrationOptions::converge_bytes`], or
-    /// [`MigrationOptions::max_rounds`] are sent. The rounds so far.
+    /// Whether pre-copy is over: what is left is at most
+    /// [`MigrationOptions::converge_bytes`], the round budget
+    /// ([`MigrationOptions::max_rounds`]) is spent, or it stopped
+    /// converging (the last two rounds each left at least 90% of what they
+    /// started with: the guest dirties memory as fast as it is sent, and
+    /// more rounds would only cost bandwidth).
+    pub fn precopy_done(&self) -> bool {
+        let n = self.rounds.len();
+        if n as u32 >= self.opts.max_rounds {
+            return true;
+        }
+        if n > 0 && self.pending_bytes() <= self.opts.converge_bytes {
+            return true;
+        }
+        // A round's share left: what it dirtied over what it sent.
+        let stalled = |r: &RoundReport| {
+            let sent = r.data_bytes + r.zeroed_bytes;
+            r.dirty_after.saturating_mul(10) >= sent.saturating_mul(9)
+        };
+        n >= 3 && self.rounds[n - 2..].iter().all(stalled)
+    }
+
+    /// Sends pre-copy rounds until [`precopy_done`](Self::precopy_done).
+    /// The rounds so far.
     ///
     /// # Errors
     /// As [`send_round`](Self::send_round).
     pub fn precopy(&mut self) -> Result<&[RoundReport], MigrateError> {
-        while (self.rounds.len() as u32) < self.opts.max_rounds {
+        while !self.precopy_done() {
             self.send_round()?;
-            if self.pending_bytes() <= self.opts.converge_bytes {
-                break;
-            }
         }
         Ok(&self.rounds)
     }

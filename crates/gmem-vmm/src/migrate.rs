@@ -1,0 +1,485 @@
+//! Live migration of a whole machine between processes (or hosts), pre-copy:
+//! guest memory through the library's stream (`gmem::migrate`), and at the
+//! stop-and-copy the VMM state beside it ([`crate::state`], the snapshot's).
+//!
+//! **Source** ([`Machine::set_migration_plan`]): the plan's signal starts a
+//! migration thread, which connects to the destination and sends pre-copy
+//! rounds while the guest runs; then it asks the vCPU to pause (the runner
+//! kicks it out of `KVM_RUN`), the vCPU hands over its state and waits, and
+//! the thread sends the last dirty pages, the attribute map and the state.
+//! If the destination answers [`ACK_RUNNING`](gmem::migrate::ACK_RUNNING),
+//! the run ends there (status 0); on any failure (the connection drops,
+//! the destination refuses or dies, a timeout) the vCPU resumes the guest
+//! as if nothing had happened, and the run's report says why.
+//!
+//! **Destination** ([`Machine::incoming`]): reads the header, builds a
+//! machine of its layout, receives every record, and only then sets the
+//! vCPUs and devices: a machine is never run on a stream it has not wholly
+//! received.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gmem::BackingKind;
+use gmem::migrate::{ACK_RUNNING, Incoming, MigrationOptions};
+use gmem::snapshot::SealKey;
+
+use crate::config::MachineConfig;
+use crate::console::Console;
+use crate::error::VmmError;
+use crate::machine::Machine;
+pub use crate::migrate_plan::{Endpoint, MigrationPlan, MigrationTaken, RoundTaken};
+use crate::migrate_plan::{PauseRequest, Paused, Verdict};
+use crate::shared::Shared;
+use crate::state::VmmState;
+use crate::vcpu::VcpuState;
+
+/// How long either side waits on the connection before it gives up (a
+/// destination that stalls cannot hold the source's guest paused longer).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A migration connection: a Unix or TCP stream.
+#[derive(Debug)]
+pub enum Connection {
+    /// A Unix stream socket.
+    Unix(UnixStream),
+    /// A TCP stream.
+    Tcp(TcpStream),
+}
+
+impl Connection {
+    /// A second handle on the same connection (one reads, one writes).
+    ///
+    /// # Errors
+    /// `dup`'s.
+    pub fn try_clone(&self) -> std::io::Result<Connection> {
+        Ok(match self {
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Sets both timeouts.
+    ///
+    /// # Errors
+    /// `setsockopt`'s.
+    pub fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Connection::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Connection::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Connection::Unix(s) => s.read(buf),
+            Connection::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Connection::Unix(s) => s.write(buf),
+            Connection::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Connection::Unix(s) => s.flush(),
+            Connection::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Connects to a listening destination.
+    ///
+    /// # Errors
+    /// [`VmmError::MigrationIo`].
+    pub fn connect(&self) -> Result<Connection, VmmError> {
+        let io = |source| VmmError::MigrationIo {
+            what: format!("connecting to {self}"),
+            source,
+        };
+        Ok(match self {
+            Endpoint::Unix(p) => Connection::Unix(UnixStream::connect(p).map_err(io)?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect_timeout(a, IO_TIMEOUT).map_err(io)?;
+                // Records are written whole through a buffer: no Nagle delay.
+                s.set_nodelay(true).map_err(io)?;
+                Connection::Tcp(s)
+            }
+        })
+    }
+
+    /// Listens here (a stale Unix socket file is replaced) and accepts one
+    /// connection.
+    ///
+    /// # Errors
+    /// [`VmmError::MigrationIo`].
+    pub fn accept_one(&self) -> Result<Connection, VmmError> {
+        let io = |what: &str| {
+            let what = format!("{what} {self}");
+            move |source| VmmError::MigrationIo { what, source }
+        };
+        Ok(match self {
+            Endpoint::Unix(p) => {
+                if std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(p).map_err(io("removing the old socket"))?;
+                }
+                let l = UnixListener::bind(p).map_err(io("listening on"))?;
+                let (s, _) = l.accept().map_err(io("accepting on"))?;
+                drop(l);
+                let _ = std::fs::remove_file(p);
+                Connection::Unix(s)
+            }
+            Endpoint::Tcp(a) => {
+                let l = TcpListener::bind(a).map_err(io("listening on"))?;
+                let (s, _) = l.accept().map_err(io("accepting on"))?;
+                s.set_nodelay(true).map_err(io("configuring"))?;
+                Connection::Tcp(s)
+            }
+        })
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the same clock in every process of a host.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Starts the migration thread for the run's plan, unless one is running
+/// (a second signal meanwhile is ignored) or the machine has more than one
+/// vCPU (noted in the report).
+pub(crate) fn start(shared: &Arc<Shared>) {
+    let Some(plan) = shared.migration_plan() else {
+        return;
+    };
+    if shared.config.vcpus != 1 {
+        shared
+            .lock_migrated()
+            .1
+            .push("no migration: migration needs a machine of one vCPU".into());
+        return;
+    }
+    if shared.migrating.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("gmem-migrate".into())
+        .spawn(move || {
+            let result = run_source(&s, &plan);
+            match result {
+                Ok(taken) => s.lock_migrated().0 = Some(taken),
+                Err(why) => s.lock_migrated().1.push(format!(
+                    "the migration to {} failed, and the guest ran on: {why}",
+                    plan.to
+                )),
+            }
+            s.migrating.store(false, Ordering::Release);
+        });
+    match spawned {
+        Ok(h) => {
+            *shared
+                .migration_thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(h)
+        }
+        Err(e) => {
+            shared.migrating.store(false, Ordering::Release);
+            shared
+                .lock_migrated()
+                .1
+                .push(format!("no migration: its thread could not start ({e})"));
+        }
+    }
+}
+
+/// The source's migration thread: pre-copy, the pause, the stop-and-copy,
+/// the destination's answer. `Err` with why if the guest is to run on.
+fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, String> {
+    let started = Instant::now();
+    let conn = plan.to.connect().map_err(|e| error_text(&e))?;
+    conn.set_timeouts(Some(IO_TIMEOUT))
+        .map_err(|e| format!("configuring the connection: {e}"))?;
+    let mut reader = conn
+        .try_clone()
+        .map_err(|e| format!("duplicating the connection: {e}"))?;
+    let mut opts = MigrationOptions::new()
+        .with_max_rounds(plan.max_rounds)
+        .with_converge_bytes(plan.converge_bytes);
+    if let Some(k) = &plan.key {
+        opts = opts.with_key(k.clone());
+    }
+    let w = BufWriter::with_capacity(1 << 20, conn);
+    let mut source = shared
+        .gate
+        .migrate_to(w, opts)
+        .map_err(|e| error_text(&e))?;
+    let mut rounds = Vec::new();
+    while !source.precopy_done() {
+        if shared.run_over.load(Ordering::Acquire) {
+            return Err("the guest ended during pre-copy".into());
+        }
+        let r = source.send_round().map_err(|e| error_text(&e))?;
+        rounds.push(RoundTaken {
+            data_bytes: r.data_bytes,
+            dirty_after: r.dirty_after,
+            us: micros(r.elapsed),
+        });
+    }
+    let precopy = started.elapsed();
+    // The pause: the vCPU takes the request at its next exit.
+    let (state_tx, state_rx) = mpsc::channel::<Paused>();
+    let (verdict_tx, verdict_rx) = mpsc::channel::<Verdict>();
+    *shared.pause.lock().unwrap_or_else(|e| e.into_inner()) = Some(PauseRequest {
+        state: state_tx,
+        verdict: verdict_rx,
+    });
+    shared.migrate_now.store(true, Ordering::Release);
+    shared.kick_now.store(true, Ordering::Release);
+    let (state, paused, paused_at_ns) = loop {
+        match state_rx.recv_timeout(crate::snapshot::POLL) {
+            Ok(Ok(s)) => break s,
+            Ok(Err(why)) => return Err(format!("the vCPU's state could not be saved: {why}")),
+            Err(mpsc::RecvTimeoutError::Timeout) if !shared.run_over.load(Ordering::Acquire) => {}
+            Err(_) => {
+                shared
+                    .pause
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                return Err("the guest ended before the stop-and-copy".into());
+            }
+        }
+    };
+    // The vCPU waits for the verdict from here on: every path sends one.
+    let outcome = source
+        .complete(&state)
+        .map_err(|e| error_text(&e))
+        .and_then(|(report, _w)| {
+            let mut ack = [0u8; 1];
+            match reader.read_exact(&mut ack) {
+                Ok(()) if ack[0] == ACK_RUNNING => Ok(report),
+                Ok(()) => Err(format!(
+                    "the destination refused the stream (answer {:#x})",
+                    ack[0]
+                )),
+                Err(e) => Err(format!("no answer from the destination: {e}")),
+            }
+        });
+    let downtime = paused.elapsed();
+    match outcome {
+        Ok(report) => {
+            let _ = verdict_tx.send(Verdict::Migrated);
+            let guest_bytes = shared.config.mem_size;
+            Ok(MigrationTaken {
+                to: plan.to.to_string(),
+                rounds,
+                final_data_bytes: report.final_data_bytes,
+                stream_bytes: report.stream_bytes,
+                guest_bytes,
+                bytes_per_guest_byte: report.stream_bytes as f64 / guest_bytes as f64,
+                sealed_bytes: report.sealed_bytes,
+                precopy_us: micros(precopy),
+                downtime_us: micros(downtime),
+                total_us: micros(started.elapsed()),
+                paused_at_ns,
+            })
+        }
+        Err(why) => {
+            let _ = verdict_tx.send(Verdict::Resume);
+            Err(why)
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The vCPU's side of the pause, between two exits: completes the exit's
+/// I/O, hands its state to the migration thread, and waits for the
+/// verdict. True if the machine has migrated (the run ends).
+pub(crate) fn pause_here(
+    vcpu: &mut VcpuState,
+    shared: &Shared,
+    console: &Console,
+) -> Result<bool, VmmError> {
+    let Some(req) = shared
+        .pause
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return Ok(false);
+    };
+    let paused = Instant::now();
+    let paused_ns = monotonic_ns();
+    vcpu.complete_io()?;
+    vcpu.flush_serial(console);
+    let state = crate::snapshot::capture_state(shared, &[vcpu], None);
+    let sent = match state {
+        Ok(blob) => req.state.send(Ok((blob, paused, paused_ns))),
+        Err(e) => req.state.send(Err(error_text(&e))),
+    };
+    if sent.is_err() {
+        return Ok(false);
+    }
+    // Bounded: the thread gives up on the connection after IO_TIMEOUT.
+    Ok(req.verdict.recv() == Ok(Verdict::Migrated))
+}
+
+/// How [`Machine::incoming`] builds the machine.
+#[derive(Clone)]
+pub struct IncomingOptions {
+    /// Guest RAM's backing [default: the source's].
+    pub backing: Option<BackingKind>,
+    /// Where the console devices write.
+    pub console: Console,
+    /// Replaces the source's disk image path (the image must hold what the
+    /// source's did).
+    pub disk: Option<std::path::PathBuf>,
+}
+
+/// How an incoming migration went.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IncomingSummary {
+    /// Where it came from.
+    pub from: String,
+    /// From the first byte to the machine built, in µs.
+    pub receive_us: u64,
+    /// Bytes of stream.
+    pub stream_bytes: u64,
+    /// Pre-copy rounds.
+    pub rounds: u64,
+    /// Bytes of VMM state.
+    pub state_bytes: usize,
+    /// The backing of guest RAM.
+    pub backing: BackingKind,
+    /// `CLOCK_MONOTONIC` when the guest resumed here, in ns (set by the
+    /// caller when it runs the machine).
+    pub resumed_at_ns: u64,
+}
+
+impl Machine {
+    /// Migrates the machine to `plan.to` when the process gets
+    /// `plan.signal` during [`run_to_end`](Self::run_to_end): the signal's
+    /// handler is installed at once. A run that migrated ends with status 0
+    /// and its report's `migration`; a failed migration is in its
+    /// `migration_notes`, and the guest runs on.
+    pub fn set_migration_plan(&mut self, plan: Option<MigrationPlan>) {
+        if let Some(p) = &plan {
+            crate::runner::install_migrate_handler(p.signal);
+        }
+        *self
+            .shared
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = plan;
+    }
+
+    /// Builds a machine from the migration stream on `conn`: reads the
+    /// header, builds a machine of its layout (on `opts.backing`, or the
+    /// source's), receives every record (checked, under `key` if the
+    /// stream is sealed), then sets the vCPUs and devices from the state.
+    /// The caller answers the source
+    /// ([`ACK_RUNNING`](gmem::migrate::ACK_RUNNING)) and runs it.
+    ///
+    /// # Errors
+    /// [`VmmError::Migrate`] for a stream the library refuses (cut, flipped,
+    /// forged, a wrong or missing key), [`VmmError::MigrationStream`] for
+    /// a layout this VMM does not build, [`VmmError::State`],
+    /// [`VmmError::DeviceState`], [`VmmError::RestoreVcpu`]; nothing runs
+    /// on any error.
+    pub fn incoming(
+        conn: &Connection,
+        from: &Endpoint,
+        key: Option<&SealKey>,
+        opts: &IncomingOptions,
+    ) -> Result<(Machine, IncomingSummary), VmmError> {
+        let started = Instant::now();
+        let dup = conn.try_clone().map_err(|source| VmmError::MigrationIo {
+            what: "duplicating the connection".into(),
+            source,
+        })?;
+        let mut r = BufReader::with_capacity(1 << 20, dup);
+        let incoming = Incoming::read_header(&mut r).map_err(VmmError::Migrate)?;
+        let (mem_size, source_backing) = match incoming.regions().as_slice() {
+            [(0, len, backing)] => (*len, *backing),
+            regions => {
+                return Err(VmmError::MigrationStream {
+                    what: format!(
+                        "it has {} regions, the first at {:#x}; this VMM's machines have one, at GPA 0",
+                        regions.len(),
+                        regions.first().map_or(0, |r| r.0)
+                    ),
+                });
+            }
+        };
+        let backing = opts.backing.unwrap_or(source_backing);
+        let policy = incoming.conversion();
+        let config = MachineConfig {
+            policy,
+            ..MachineConfig::new(backing, mem_size)
+        };
+        let mut machine = Machine::bare(config)?;
+        let report = incoming
+            .receive(&machine.shared.gate, &mut r, key)
+            .map_err(VmmError::Migrate)?;
+        let state = VmmState::decode(&report.state)?;
+        if state.config.mem_size != mem_size || state.config.policy != policy {
+            return Err(VmmError::MigrationStream {
+                what: format!(
+                    "its state says {:#x} bytes of RAM and the {} policy, its header {mem_size:#x} and {policy}",
+                    state.config.mem_size, state.config.policy
+                ),
+            });
+        }
+        machine.take_state(&state, backing, &opts.console, opts.disk.as_deref())?;
+        machine.launched = true;
+        machine.shared.restored.store(true, Ordering::Release);
+        let summary = IncomingSummary {
+            from: from.to_string(),
+            receive_us: micros(started.elapsed()),
+            stream_bytes: report.stream_bytes,
+            rounds: report.rounds,
+            state_bytes: report.state.len(),
+            backing,
+            resumed_at_ns: 0,
+        };
+        Ok((machine, summary))
+    }
+}
