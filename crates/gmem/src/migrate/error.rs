@@ -46,6 +46,17 @@ pub enum MigrateError {
     /// Writing the stream failed (the connection dropped).
     #[error("sending the migration stream: {0}")]
     Send(#[source] SnapshotError),
+    /// A post-copy migration failed after the switch.
+    #[error(
+        "post-copy failed after the switch ({}): {why}",
+        if *took_over { "the destination had started the guest, which is lost" } else { "the destination had not started the guest" }
+    )]
+    Postcopy {
+        /// Whether the destination had said it runs the guest.
+        took_over: bool,
+        /// What failed.
+        why: String,
+    },
     /// The incoming stream was refused: not a migration stream, another
     /// version or layout, a missing or wrong key, a corrupt, forged or
     /// truncated record, or a read error. The destination gatekeeper is
@@ -65,6 +76,7 @@ impl MigrateError {
             MigrateError::Dirty(e) => e.errno(),
             MigrateError::Populated(e) => e.errno(),
             MigrateError::Send(e) => e.errno(),
+            MigrateError::Postcopy { .. } => libc::EIO,
             MigrateError::Stream(e) => e.errno(),
         }
     }

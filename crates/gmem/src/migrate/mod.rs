@@ -67,7 +67,10 @@ mod send;
 
 pub use error::MigrateError;
 pub use receive::{Incoming, IncomingReport};
-pub use send::{MigrationOptions, MigrationReport, MigrationSource, RoundReport};
+pub use receive::{Postcopy, Received};
+pub use send::{
+    MigrationOptions, MigrationReport, MigrationSource, PostcopyReport, PostcopySource, RoundReport,
+};
 
 /// A migration stream's first 8 bytes.
 pub const MAGIC: &[u8; 8] = b"GMEMMIGR";
@@ -87,3 +90,14 @@ pub const DEFAULT_CONVERGE_BYTES: u64 = 4 << 20;
 /// The most rounds a destination accepts: with every round at most the
 /// guest's size, a stream costs the destination bounded work.
 pub const MAX_ROUNDS: u32 = 1024;
+/// Post-copy, destination to source: every block is in.
+pub const POSTCOPY_DONE: u64 = u64::MAX;
+/// Post-copy, destination to source: the destination runs the guest (the
+/// source must never resume it).
+pub const POSTCOPY_RUNNING: u64 = u64::MAX - 1;
+/// Post-copy, destination to source: the stream was refused (the source
+/// may resume the guest).
+pub const POSTCOPY_FAILED: u64 = u64::MAX - 2;
+/// How long a post-copy source waits for the destination's last word, and
+/// a destination for a block it asked for.
+pub const POSTCOPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

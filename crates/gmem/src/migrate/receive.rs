@@ -11,6 +11,7 @@ use crate::range::PAGE_SIZE;
 use crate::snapshot::format::{
     CHUNK, Header, Kind, MAX_RUNS, PolicyCode, TAG, corrupt, read_exact,
 };
+use crate::snapshot::lazy::{LazyRestore, REMOTE_BLOCK, RemoteFill, start_remote};
 use crate::snapshot::restore::{open_record, read_record};
 use crate::snapshot::seal::{HEADER_INDEX, Sealer};
 use crate::snapshot::{RestoreError, SealKey};
@@ -115,6 +116,82 @@ impl Incoming {
         r: &mut impl Read,
         key: Option<&SealKey>,
     ) -> Result<IncomingReport, MigrateError> {
+        self.receive_impl(gate, r, key, None)
+            .map(|(report, _)| report)
+    }
+
+    /// [`receive`](Self::receive), for a stream that may switch to
+    /// post-copy: if it does, the guest can run as soon as this returns,
+    /// and what the source still sends comes in behind it: `r` (the
+    /// connection) moves to a receiver thread, and `back` (its other half)
+    /// carries the blocks a fault or a host access asks for, and the words
+    /// the destination tells the source ([`Postcopy::answer_running`]).
+    /// A stream without post-copy is received whole, as by `receive`.
+    ///
+    /// # Errors
+    /// As [`receive`](Self::receive); [`RestoreError::Lazy`] if the
+    /// destination's backing cannot be filled on fault (guest_memfd,
+    /// hugetlb-1g).
+    pub fn receive_with_postcopy<R, W>(
+        self,
+        gate: &Gatekeeper,
+        mut r: R,
+        back: W,
+        key: Option<&SealKey>,
+    ) -> Result<Received, MigrateError>
+    where
+        R: Read + Send + 'static,
+        W: std::io::Write + Send + 'static,
+    {
+        let sealer = match (&self.tag, key) {
+            (Some(_), Some(k)) => Some(Sealer::new(k, self.header.id)),
+            _ => None,
+        };
+        let regions = self.header.regions.clone();
+        let (report, started) = self.receive_impl(gate, &mut r, key, Some(Box::new(back)))?;
+        let Some((restore, fill, at, private)) = started else {
+            return Ok(Received {
+                report,
+                postcopy: None,
+            });
+        };
+        let tail = Tail {
+            fill: fill.clone(),
+            sealer,
+            regions,
+            private,
+            at,
+            records: report.records,
+            shared: report.shared_bytes,
+            sealed: report.sealed_bytes,
+            zeroed: report.zeroed_bytes,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("gmem-postcopy".into())
+            .spawn(move || tail.run(r));
+        if let Err(e) = spawned {
+            fill.fail(format!("the post-copy receiver thread: {e}"));
+        }
+        Ok(Received {
+            report,
+            postcopy: Some(Postcopy { restore, fill }),
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn receive_impl(
+        self,
+        gate: &Gatekeeper,
+        r: &mut impl Read,
+        key: Option<&SealKey>,
+        back: Option<Box<dyn std::io::Write + Send>>,
+    ) -> Result<
+        (
+            IncomingReport,
+            Option<(LazyRestore, RemoteFill, u64, Vec<Range<u64>>)>,
+        ),
+        MigrateError,
+    > {
         let mut frozen = gate.freeze().map_err(RestoreError::Gate)?;
         frozen.check_restorable().map_err(RestoreError::Gate)?;
         let here = frozen.layout();
@@ -164,21 +241,53 @@ impl Incoming {
             private: Vec::new(),
             guest_bytes: self.header.regions.iter().map(|r| r.len).sum(),
             round_bytes: 0,
+            postcopy: Vec::new(),
         };
         let result = apply.stream(r, start, &mut |op| match op {
             Op::Write(gpa, data) => frozen.write_raw(gpa, data),
             Op::Zero(range) => frozen.discard_raw(range),
         });
         let result = result.and_then(|()| {
-            frozen.finish_restore(&apply.private).map_err(|e| {
-                corrupt(
+            if apply.postcopy.is_empty() {
+                return frozen
+                    .finish_restore(&apply.private)
+                    .map(|()| None)
+                    .map_err(|e| {
+                        corrupt(
+                            apply.report.stream_bytes,
+                            format!("the attribute map could not be set ({e})"),
+                        )
+                    });
+            }
+            let Some(back) = back else {
+                return Err(corrupt(
                     apply.report.stream_bytes,
-                    format!("the attribute map could not be set ({e})"),
-                )
+                    "the stream switches to post-copy: receive it with receive_with_postcopy"
+                        .into(),
+                ));
+            };
+            let blocks = std::mem::take(&mut apply.postcopy);
+            let state = apply.report.state.clone();
+            start_remote(
+                gate,
+                &mut frozen,
+                blocks,
+                &apply.private,
+                back,
+                super::POSTCOPY_TIMEOUT,
+                state,
+            )
+            .map(|(restore, fill)| {
+                Some((
+                    restore,
+                    fill,
+                    apply.report.stream_bytes,
+                    apply.private.clone(),
+                ))
             })
         });
         match result {
-            Ok(()) => Ok(apply.report),
+            Ok(started) => Ok((apply.report, started)),
             Err(e) => {
                 frozen.poison(format!(
                     "an incoming migration stopped part-way ({e}): the VM's memory is not the source's"
@@ -203,6 +312,8 @@ struct Apply<'h> {
     private: Vec<Range<u64>>,
     guest_bytes: u64,
     round_bytes: u64,
+    /// The blocks a post-copy source still sends.
+    postcopy: Vec<Range<u64>>,
 }
 
 impl Apply<'_> {
@@ -246,7 +357,7 @@ impl Apply<'_> {
             if let Some(s) = self.sealer {
                 open_record(s, &rec, ordinal, &mut buf, at)?;
             }
-            if state_seen && rec.kind != Kind::End {
+            if state_seen && !matches!(rec.kind, Kind::End | Kind::Postcopy) {
                 return Err(corrupt(
                     at,
                     format!("a {:?} record after the state", rec.kind),
@@ -361,6 +472,40 @@ impl Apply<'_> {
                     self.report.stream_bytes = rec.next;
                     return Ok(());
                 }
+                Kind::Postcopy => {
+                    if !state_seen {
+                        return Err(corrupt(at, "post-copy blocks before the state".into()));
+                    }
+                    for (i, e) in buf[..rec.len].chunks_exact(16).enumerate() {
+                        let s = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+                        let end = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
+                        let range = self.placed(s, end.wrapping_sub(s), at)?;
+                        let last = self.postcopy.last().map_or(0, |p| p.end);
+                        let region = self
+                            .header
+                            .regions
+                            .iter()
+                            .find(|r| r.gpa <= s && s < r.gpa + r.len);
+                        let aligned = |x: u64| {
+                            x.is_multiple_of(REMOTE_BLOCK)
+                                || region.is_some_and(|r| x == r.gpa || x == r.gpa + r.len)
+                        };
+                        if range.start < last
+                            || !aligned(range.start)
+                            || !aligned(range.end)
+                            || range.end - range.start > REMOTE_BLOCK
+                            || range.start / REMOTE_BLOCK != (range.end - 1) / REMOTE_BLOCK
+                        {
+                            return Err(corrupt(
+                                at + 16 + 16 * i as u64,
+                                format!(
+                                    "post-copy block [{s:#x}, {end:#x}) is not a 2 MiB block in order"
+                                ),
+                            ));
+                        }
+                        self.postcopy.push(range);
+                    }
+                }
                 Kind::Index => {
                     return Err(corrupt(
                         at,
@@ -370,6 +515,198 @@ impl Apply<'_> {
             }
             at = rec.next;
             self.report.stream_bytes = at;
+        }
+    }
+}
+
+/// What [`Incoming::receive_with_postcopy`] delivered.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Received {
+    /// What came before the guest could run (everything, without
+    /// post-copy).
+    pub report: IncomingReport,
+    /// The post-copy phase under way, if the source switched to it.
+    pub postcopy: Option<Postcopy>,
+}
+
+/// A post-copy phase under way at the destination: the guest may run;
+/// blocks come in behind it, and a touch of one not yet in waits for it.
+pub struct Postcopy {
+    restore: LazyRestore,
+    fill: RemoteFill,
+}
+
+impl std::fmt::Debug for Postcopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postcopy")
+            .field("restore", &self.restore)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Postcopy {
+    /// Tells the source the destination runs the guest from now on
+    /// ([`POSTCOPY_RUNNING`](super::POSTCOPY_RUNNING)): it will never
+    /// resume it.
+    ///
+    /// # Errors
+    /// The connection's: then do not run the guest (the source may).
+    pub fn answer_running(&self) -> std::io::Result<()> {
+        self.fill.tell(super::POSTCOPY_RUNNING)
+    }
+
+    /// Tells the source the destination will not run the guest
+    /// ([`POSTCOPY_FAILED`](super::POSTCOPY_FAILED)); the source may
+    /// resume it. The restore is abandoned.
+    pub fn answer_failed(self) {
+        let _ = self.fill.tell(super::POSTCOPY_FAILED);
+        self.restore.abandon();
+    }
+
+    /// The restore filling the memory, for the VMM to keep while the
+    /// guest runs (and to watch: [`LazyRestore::failure`]).
+    pub fn into_restore(self) -> LazyRestore {
+        self.restore
+    }
+}
+
+/// The post-copy receiver: the stream after the switch.
+struct Tail {
+    fill: RemoteFill,
+    sealer: Option<Sealer>,
+    regions: Vec<crate::gate::frozen::RegionLayout>,
+    private: Vec<Range<u64>>,
+    at: u64,
+    records: u64,
+    shared: u64,
+    sealed: u64,
+    zeroed: u64,
+}
+
+impl Tail {
+    fn run(mut self, mut r: impl Read) {
+        if let Err(e) = self.receive(&mut r) {
+            self.fill.fail(e.to_string());
+        }
+    }
+
+    fn receive(&mut self, r: &mut impl Read) -> Result<(), RestoreError> {
+        let mut buf = vec![0u8; CHUNK + TAG];
+        let sealed = self.sealer.is_some();
+        let mut blocks_data = 0u64;
+        loop {
+            if self.fill.stopped() {
+                return Ok(());
+            }
+            let at = self.at;
+            let rec = read_record(r, at, &mut buf, sealed)?;
+            let ordinal = self.records;
+            self.records += 1;
+            if let Some(s) = &self.sealer {
+                open_record(s, &rec, ordinal, &mut buf, at)?;
+            }
+            let placed = |gpa: u64, len: u64| -> Result<Range<u64>, RestoreError> {
+                let end = gpa.checked_add(len).filter(|_| {
+                    len > 0 && gpa.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
+                });
+                match end {
+                    Some(end)
+                        if self
+                            .regions
+                            .iter()
+                            .any(|r| r.gpa <= gpa && end <= r.gpa + r.len) =>
+                    {
+                        Ok(gpa..end)
+                    }
+                    _ => Err(corrupt(
+                        at + 8,
+                        format!(
+                            "a record at [{gpa:#x}, +{len:#x}) is not whole pages inside one region"
+                        ),
+                    )),
+                }
+            };
+            match rec.kind {
+                Kind::Shared | Kind::Sealed => {
+                    let range = placed(rec.aux, rec.len as u64)?;
+                    let private: u64 = self
+                        .private
+                        .iter()
+                        .map(|p| {
+                            p.end
+                                .min(range.end)
+                                .saturating_sub(p.start.max(range.start))
+                        })
+                        .sum();
+                    let want = if rec.kind == Kind::Sealed {
+                        rec.len as u64
+                    } else {
+                        0
+                    };
+                    if private != want || (rec.kind == Kind::Sealed && !sealed) {
+                        return Err(corrupt(
+                            at,
+                            format!(
+                                "a {:?} record at {:#x} disagrees with the attribute map",
+                                rec.kind, rec.aux
+                            ),
+                        ));
+                    }
+                    if rec.kind == Kind::Sealed {
+                        self.sealed += rec.len as u64;
+                    } else {
+                        self.shared += rec.len as u64;
+                    }
+                    blocks_data += rec.len as u64;
+                    self.fill
+                        .deliver(range.start, Some(&buf[..rec.len]), rec.len as u64)
+                        .map_err(|e| corrupt(at, e))?;
+                }
+                Kind::Zero => {
+                    let len = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+                    let range = placed(rec.aux, len)?;
+                    self.zeroed += len;
+                    self.fill
+                        .deliver(range.start, None, len)
+                        .map_err(|e| corrupt(at, e))?;
+                }
+                Kind::End => {
+                    let u =
+                        |a: usize| u64::from_le_bytes(buf[a..a + 8].try_into().unwrap_or_default());
+                    let counted = (self.shared, self.sealed, self.zeroed);
+                    if rec.aux != self.records || (u(0), u(8), u(16)) != counted {
+                        return Err(corrupt(
+                            at,
+                            format!(
+                                "the post-copy end ({} records, {:?}) disagrees with the stream ({} records, {counted:?})",
+                                rec.aux,
+                                (u(0), u(8), u(16)),
+                                self.records
+                            ),
+                        ));
+                    }
+                    if !self.fill.is_complete() {
+                        return Err(corrupt(
+                            at,
+                            format!(
+                                "the post-copy end came before every block ({blocks_data:#x} bytes of data)"
+                            ),
+                        ));
+                    }
+                    self.fill
+                        .tell(super::POSTCOPY_DONE)
+                        .map_err(RestoreError::Read)?;
+                    return Ok(());
+                }
+                other => {
+                    return Err(corrupt(
+                        at,
+                        format!("a {other:?} record after the switch to post-copy"),
+                    ));
+                }
+            }
+            self.at = rec.next;
         }
     }
 }

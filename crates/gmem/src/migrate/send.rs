@@ -5,7 +5,10 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::error::MigrateError;
-use super::{DEFAULT_CONVERGE_BYTES, DEFAULT_MAX_ROUNDS, MAGIC, VERSION};
+use super::{
+    DEFAULT_CONVERGE_BYTES, DEFAULT_MAX_ROUNDS, MAGIC, POSTCOPY_DONE, POSTCOPY_FAILED,
+    POSTCOPY_RUNNING, POSTCOPY_TIMEOUT, VERSION,
+};
 use crate::gate::{GateError, Gatekeeper};
 use crate::range_set::RangeSet;
 use crate::snapshot::SealKey;
@@ -420,13 +423,8 @@ impl<W: Write> MigrationSource<W> {
                 frozen.read_raw(gpa, buf)
             })?;
         for part in private.chunks(CHUNK / 16) {
-            let mut payload = Vec::with_capacity(part.len() * 16);
-            for run in part {
-                payload.extend_from_slice(&run.start.to_le_bytes());
-                payload.extend_from_slice(&run.end.to_le_bytes());
-            }
             self.out
-                .authenticated(Kind::Attributes, part.len() as u64, &payload)?;
+                .authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;
         }
         let n = state.len();
         let mut buf = std::mem::take(&mut self.out.buf);
@@ -435,17 +433,7 @@ impl<W: Write> MigrationSource<W> {
         let result = self.out.record(Kind::State, 0, &mut buf[..n], sealed);
         self.out.buf = buf;
         result?;
-        let mut end = [0u8; 32];
-        end[..8].copy_from_slice(&self.out.shared.to_le_bytes());
-        end[8..16].copy_from_slice(&self.out.sealed.to_le_bytes());
-        end[16..24].copy_from_slice(&self.out.zeroed.to_le_bytes());
-        end[24..].copy_from_slice(&(self.rounds.len() as u64).to_le_bytes());
-        let records = self.out.records + 1;
-        self.out.authenticated(Kind::End, records, &end)?;
-        self.out
-            .w
-            .flush()
-            .map_err(|e| MigrateError::Send(crate::snapshot::SnapshotError::Write(e)))?;
+        self.out.end(self.rounds.len() as u64)?;
         drop(frozen);
         let MigrationSource {
             out,
@@ -468,6 +456,333 @@ impl<W: Write> MigrationSource<W> {
     }
 }
 
+impl<W: Write> MigrationSource<W> {
+    /// The switch to post-copy, once the caller has paused every vCPU (as
+    /// for [`complete`](Self::complete)): with the gatekeeper frozen, sends
+    /// the attribute map, `state`, the blocks still to send (every 2 MiB
+    /// block holding a dirty page) and the end of this phase, then stops
+    /// dirty tracking. The destination can run the guest from here; the
+    /// [`PostcopySource`] sends it the blocks, those it faults on first.
+    ///
+    /// # Errors
+    /// As [`complete`](Self::complete). The VM is unchanged: if the
+    /// destination does not take over, the caller resumes the vCPUs.
+    pub fn switch_to_postcopy(mut self, state: &[u8]) -> Result<PostcopySource<W>, MigrateError> {
+        if self.failed {
+            return Err(MigrateError::Finished);
+        }
+        if state.len() > MAX_STATE {
+            return Err(MigrateError::StateTooLarge {
+                len: state.len(),
+                max: MAX_STATE,
+            });
+        }
+        let started = Instant::now();
+        let gate = self.gate.clone();
+        let frozen = gate.freeze()?;
+        let mut runs = RangeSet::new();
+        for r in self.pending.drain(..).chain(gate.take_dirty()?) {
+            runs.insert(r);
+        }
+        let private = frozen.private_runs();
+        if let (None, Some(first)) = (&self.out.sealer, private.first()) {
+            return Err(MigrateError::PrivateWithoutKey {
+                bytes: bytes_of(&private),
+                first_gpa: first.start,
+            });
+        }
+        let populated = frozen.populated().map_err(MigrateError::Populated)?;
+        let regions: Vec<(u64, u64)> = frozen.layout().iter().map(|r| (r.gpa, r.len)).collect();
+        let blocks = crate::snapshot::lazy::remote_blocks(&runs.to_vec(), &regions);
+        for part in private.chunks(CHUNK / 16) {
+            self.out
+                .authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;
+        }
+        let n = state.len();
+        let mut buf = std::mem::take(&mut self.out.buf);
+        buf[..n].copy_from_slice(state);
+        let sealed = self.out.sealer.is_some();
+        let result = self.out.record(Kind::State, 0, &mut buf[..n], sealed);
+        self.out.buf = buf;
+        result?;
+        for part in blocks.chunks(CHUNK / 16) {
+            self.out
+                .authenticated(Kind::Postcopy, part.len() as u64, &runs_payload(part))?;
+        }
+        self.out.end(self.rounds.len() as u64)?;
+        drop(frozen);
+        let MigrationSource {
+            gate,
+            out,
+            rounds,
+            tracking,
+            ..
+        } = self;
+        drop(tracking);
+        let report = MigrationReport {
+            rounds,
+            final_data_bytes: 0,
+            stream_bytes: out.stream_bytes,
+            shared_bytes: out.shared,
+            sealed_bytes: out.sealed,
+            zeroed_bytes: out.zeroed,
+            records: out.records,
+            stop_and_copy: started.elapsed(),
+        };
+        Ok(PostcopySource {
+            gate,
+            out,
+            blocks,
+            populated,
+            report,
+        })
+    }
+}
+
+/// Runs as 16-byte `[start, end)` pairs.
+fn runs_payload(runs: &[Range<u64>]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(runs.len() * 16);
+    for run in runs {
+        payload.extend_from_slice(&run.start.to_le_bytes());
+        payload.extend_from_slice(&run.end.to_le_bytes());
+    }
+    payload
+}
+
+/// What a post-copy phase did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostcopyReport {
+    /// The pre-copy phase: its rounds and the switch (`stop_and_copy` is
+    /// the switch's time, with the vCPUs paused).
+    pub switch: MigrationReport,
+    /// Blocks sent after the switch.
+    pub blocks: usize,
+    /// Of those, sent because the destination asked (a fault or a host
+    /// access there).
+    pub requested: usize,
+    /// Guest bytes sent after the switch.
+    pub data_bytes: u64,
+    /// Bytes of the whole stream, both phases.
+    pub stream_bytes: u64,
+    /// From the switch's end to the destination's word that it runs the
+    /// guest.
+    pub until_running: Duration,
+    /// From the switch's end to the destination's word that it holds every
+    /// block.
+    pub elapsed: Duration,
+}
+
+/// A post-copy migration's source after the switch
+/// ([`MigrationSource::switch_to_postcopy`]): the guest is paused here and
+/// [`serve`](Self::serve) sends what the destination does not hold yet.
+pub struct PostcopySource<W: Write> {
+    gate: Gatekeeper,
+    out: Out<W>,
+    blocks: Vec<Range<u64>>,
+    populated: Vec<Range<u64>>,
+    report: MigrationReport,
+}
+
+impl<W: Write> std::fmt::Debug for PostcopySource<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopySource")
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the destination said on the back channel.
+#[derive(Default)]
+struct Back {
+    asked: std::collections::VecDeque<u64>,
+    running: bool,
+    done: bool,
+    failed: bool,
+    closed: Option<String>,
+}
+
+impl<W: Write> PostcopySource<W> {
+    /// Blocks to send.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Sends every block, the ones the destination asks for (8-byte GPAs
+    /// on `back`, the connection's other half) first, then the end, and
+    /// waits for the destination's word that it holds them all. `running`
+    /// is called once, when the destination says it runs the guest: from
+    /// then on the source must never resume it.
+    ///
+    /// # Errors
+    /// [`MigrateError::Postcopy`]: the destination refused the stream, or
+    /// the connection failed; `took_over` says whether the destination had
+    /// started the guest (then the VM is lost with the connection: the
+    /// risk post-copy takes), or not (the caller may resume it here).
+    pub fn serve<R: std::io::Read + Send + 'static>(
+        mut self,
+        back: R,
+        mut running: impl FnMut(),
+    ) -> Result<PostcopyReport, MigrateError> {
+        let started = Instant::now();
+        let n = self.blocks.len();
+        let state = std::sync::Arc::new((
+            std::sync::Mutex::new(Back::default()),
+            std::sync::Condvar::new(),
+        ));
+        let st = std::sync::Arc::clone(&state);
+        // Detached: it ends when the connection does.
+        let reader = std::thread::Builder::new()
+            .name("gmem-postcopy".into())
+            .spawn(move || read_back(back, &st, n))
+            .map_err(|e| MigrateError::Postcopy {
+                took_over: false,
+                why: format!("the back channel's thread: {e}"),
+            })?;
+        drop(reader);
+        let mut sent = vec![false; n];
+        let (mut next, mut requested, mut data) = (0usize, 0usize, 0u64);
+        let mut until_running = None;
+        let fail = |took_over: bool, why: String| MigrateError::Postcopy { took_over, why };
+        loop {
+            let asked = {
+                let mut b = lock_back(&state);
+                if until_running.is_none() && (b.running || b.done) {
+                    until_running = Some(started.elapsed());
+                    drop(b);
+                    running();
+                    b = lock_back(&state);
+                }
+                if b.failed {
+                    return Err(fail(
+                        until_running.is_some(),
+                        "the destination refused the stream".into(),
+                    ));
+                }
+                if let Some(why) = b.closed.as_ref().filter(|_| !b.done) {
+                    return Err(fail(until_running.is_some(), why.clone()));
+                }
+                let mut pick = None;
+                while let Some(gpa) = b.asked.pop_front() {
+                    let i = self.blocks.partition_point(|r| r.end <= gpa);
+                    if i < n && self.blocks[i].start <= gpa && !sent[i] {
+                        pick = Some(i);
+                        break;
+                    }
+                }
+                pick
+            };
+            let bi = match asked {
+                Some(i) => {
+                    requested += 1;
+                    i
+                }
+                None => {
+                    while next < n && sent[next] {
+                        next += 1;
+                    }
+                    if next == n {
+                        break;
+                    }
+                    next
+                }
+            };
+            let gate = &self.gate;
+            let block = self.blocks[bi].clone();
+            let (d, _) = self
+                .out
+                .send_runs(
+                    std::slice::from_ref(&block),
+                    &self.populated,
+                    &mut |gpa, buf, parts| gate.read_live(gpa, buf, parts),
+                )
+                .map_err(|e| fail(until_running.is_some(), e.to_string()))?;
+            // A block asked for goes out at once; pushed ones ride the
+            // buffer.
+            if asked.is_some() {
+                self.out
+                    .w
+                    .flush()
+                    .map_err(|e| fail(until_running.is_some(), e.to_string()))?;
+            }
+            sent[bi] = true;
+            data += d;
+        }
+        self.out
+            .end(n as u64)
+            .map_err(|e| fail(until_running.is_some(), e.to_string()))?;
+        self.out
+            .w
+            .flush()
+            .map_err(|e| fail(until_running.is_some(), e.to_string()))?;
+        let deadline = Instant::now() + POSTCOPY_TIMEOUT;
+        loop {
+            let mut b = lock_back(&state);
+            if until_running.is_none() && (b.running || b.done) {
+                until_running = Some(started.elapsed());
+                drop(b);
+                running();
+                b = lock_back(&state);
+            }
+            if b.done {
+                break;
+            }
+            if b.failed || b.closed.is_some() || Instant::now() >= deadline {
+                let why = b
+                    .closed
+                    .clone()
+                    .unwrap_or_else(|| "the destination did not confirm every block".into());
+                return Err(fail(until_running.is_some(), why));
+            }
+            let _ = state.1.wait_timeout(b, Duration::from_millis(50));
+        }
+        Ok(PostcopyReport {
+            switch: self.report,
+            blocks: n,
+            requested,
+            data_bytes: data,
+            stream_bytes: self.out.stream_bytes,
+            until_running: until_running.unwrap_or_default(),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn lock_back(s: &(std::sync::Mutex<Back>, std::sync::Condvar)) -> std::sync::MutexGuard<'_, Back> {
+    s.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The back channel's reader: 8-byte words (a GPA asked for, or one of
+/// the `POSTCOPY_*` words) until the connection ends. At most two asks a
+/// block are queued: a destination that asks more is ignored, not
+/// buffered.
+fn read_back<R: std::io::Read>(
+    mut back: R,
+    state: &(std::sync::Mutex<Back>, std::sync::Condvar),
+    blocks: usize,
+) {
+    let mut word = [0u8; 8];
+    loop {
+        let r = back.read_exact(&mut word);
+        let mut b = state.0.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Err(e) => {
+                b.closed = Some(format!("the back channel: {e}"));
+                state.1.notify_all();
+                return;
+            }
+            Ok(()) => match u64::from_le_bytes(word) {
+                POSTCOPY_DONE => b.done = true,
+                POSTCOPY_RUNNING => b.running = true,
+                POSTCOPY_FAILED => b.failed = true,
+                gpa if b.asked.len() < 2 * blocks + 16 => b.asked.push_back(gpa),
+                _ => {}
+            },
+        }
+        state.1.notify_all();
+    }
+}
+
 /// Reads one chunk of guest memory at a GPA into a buffer, with its
 /// attribute split.
 type ReadChunk<'a> =
@@ -476,6 +791,19 @@ type ReadChunk<'a> =
 impl<W: Write> Out<W> {
     fn send_err(e: std::io::Error) -> MigrateError {
         MigrateError::Send(crate::snapshot::SnapshotError::Write(e))
+    }
+
+    /// Writes the end record: the stream's totals and `count` (rounds, or
+    /// post-copy blocks).
+    fn end(&mut self, count: u64) -> Result<(), MigrateError> {
+        let mut end = [0u8; 32];
+        end[..8].copy_from_slice(&self.shared.to_le_bytes());
+        end[8..16].copy_from_slice(&self.sealed.to_le_bytes());
+        end[16..24].copy_from_slice(&self.zeroed.to_le_bytes());
+        end[24..].copy_from_slice(&count.to_le_bytes());
+        let records = self.records + 1;
+        self.authenticated(Kind::End, records, &end)?;
+        self.w.flush().map_err(Self::send_err)
     }
 
     /// Writes bytes outside any record (the header and its tag).

@@ -47,6 +47,9 @@ pub(crate) enum Kind {
     /// Migration only: private runs of the attribute map (their count the
     /// GPA field), 16 bytes each.
     Attributes = 7,
+    /// Migration only: the blocks the source sends after the switch to
+    /// post-copy (their count the GPA field), 16 bytes each.
+    Postcopy = 8,
     /// The end: the record count and the bytes of data.
     End = 0xff,
 }
@@ -383,6 +386,7 @@ pub(crate) fn kind_from(code: u8) -> Option<Kind> {
         5 => Kind::Zero,
         6 => Kind::Round,
         7 => Kind::Attributes,
+        8 => Kind::Postcopy,
         0xff => Kind::End,
         _ => return None,
     })

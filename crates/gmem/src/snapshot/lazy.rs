@@ -170,15 +170,35 @@ struct Fill {
     /// One block's bytes, and one record's (hugetlb blocks hold several).
     block: Vec<u8>,
     record: Vec<u8>,
+    /// Remote: the blocks asked for.
+    requested: Vec<bool>,
+    /// Remote: the block being delivered, and its bytes so far.
+    assembling: Option<(usize, u64)>,
     /// The mappings are unregistered: nothing more is filled.
     done: bool,
 }
 
+/// Where a lazy restore's blocks come from.
+enum Source {
+    /// A snapshot file, read by position: any thread fills a block itself.
+    File {
+        file: File,
+        sealer: Option<Sealer>,
+        entries: Vec<IndexEntry>,
+    },
+    /// A post-copy migration's source, over a connection: a block is asked
+    /// for (its GPA, 8 bytes, on `requests`) and the migration's receiver
+    /// thread delivers it ([`RemoteFill`]); whoever needs it waits.
+    Remote {
+        requests: Mutex<Box<dyn std::io::Write + Send>>,
+        /// How long a host path waits for a block before the restore fails.
+        timeout: Duration,
+    },
+}
+
 /// The shared state of one lazy restore.
 struct Lazy {
-    file: File,
-    sealer: Option<Sealer>,
-    entries: Vec<IndexEntry>,
+    source: Source,
     /// The fill units, in GPA order, disjoint.
     blocks: Vec<Range<u64>>,
     regions: Vec<LazyRegion>,
@@ -325,10 +345,11 @@ impl Gatekeeper {
         }
         let n = blocks.len();
         let lazy = Arc::new(Lazy {
-            file,
-
-            sealer,
-            entries,
+            source: Source::File {
+                file,
+                sealer,
+                entries,
+            },
             blocks,
             regions,
             uffd,
@@ -344,6 +365,8 @@ impl Gatekeeper {
                 touched: Vec::new(),
                 block: vec![0u8; block_max as usize + TAG],
                 record: vec![0u8; CHUNK + TAG],
+                requested: Vec::new(),
+                assembling: None,
                 done: false,
             }),
             filled: Condvar::new(),
@@ -542,22 +565,26 @@ impl Lazy {
             .find(|r| r.gpa <= gpa && gpa < r.gpa + r.len)
     }
 
-    /// Fills block `bi` (pending) and marks it filled.
+    /// Fills block `bi` (pending) and marks it filled: read from the file,
+    /// or (remote) asked for, and waited for unless `why` is a fault (the
+    /// faulting thread waits in the kernel until the block is placed).
     fn fill_block(&self, f: &mut Fill, bi: usize, why: Why) -> Result<(), String> {
+        let Source::File { entries, .. } = &self.source else {
+            return self.request(f, bi);
+        };
         let b = self.blocks[bi].clone();
         let r = self
             .region_of(b.start)
             .ok_or_else(|| format!("block {:#x} outside the layout", b.start))?;
         let n = (b.end - b.start) as usize;
-        let lo = self.entries.partition_point(|e| e.range().end <= b.start);
-        let hi = self.entries.partition_point(|e| e.gpa < b.end);
+        let lo = entries.partition_point(|e| e.range().end <= b.start);
+        let hi = entries.partition_point(|e| e.gpa < b.end);
         let Fill { block, record, .. } = f;
-        let single = hi == lo + 1 && self.entries[lo].range() == b;
+        let single = hi == lo + 1 && entries[lo].range() == b;
         if !single {
             block[..n].fill(0);
         }
-        for i in lo..hi {
-            let e = self.entries[i];
+        for (i, &e) in entries.iter().enumerate().take(hi).skip(lo) {
             let buf = if single {
                 &mut block[..]
             } else {
@@ -572,6 +599,13 @@ impl Lazy {
         self.uffd
             .copy(r.host + (b.start - r.gpa) as usize, &block[..n], false)
             .map_err(|e| format!("UFFDIO_COPY of [{:#x}, {:#x}): {e}", b.start, b.end))?;
+        self.filled_block(f, bi, why);
+        Ok(())
+    }
+
+    /// Marks block `bi` filled.
+    fn filled_block(&self, f: &mut Fill, bi: usize, why: Why) {
+        let b = self.blocks[bi].clone();
         f.pending[bi] = false;
         f.remaining -= 1;
         f.progress.pending = f.remaining;
@@ -586,21 +620,78 @@ impl Lazy {
         if f.remaining == 0 {
             self.complete(f);
         }
-        Ok(())
+        self.filled.notify_all();
+    }
+
+    /// Remote: asks for block `bi`, once.
+    fn request(&self, f: &mut Fill, bi: usize) -> Result<(), String> {
+        let Source::Remote { requests, .. } = &self.source else {
+            return Ok(());
+        };
+        if f.requested[bi] {
+            return Ok(());
+        }
+        f.requested[bi] = true;
+        let gpa = self.blocks[bi].start;
+        let mut w = requests.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&gpa.to_le_bytes())
+            .and_then(|()| w.flush())
+            .map_err(|e| format!("asking the migration source for [{gpa:#x}, ..): {e}"))
+    }
+
+    /// Remote: waits until no block in `lo..hi` is pending, or the restore
+    /// fails, or the wait times out (which fails it).
+    fn wait_filled<'a>(
+        &'a self,
+        mut f: MutexGuard<'a, Fill>,
+        lo: usize,
+        hi: usize,
+    ) -> (MutexGuard<'a, Fill>, Result<(), String>) {
+        let Source::Remote { timeout, .. } = &self.source else {
+            return (f, Ok(()));
+        };
+        let deadline = Instant::now() + *timeout;
+        loop {
+            if let Some(reason) = self.failure.get() {
+                return (f, Err(reason.clone()));
+            }
+            if f.done || !f.pending[lo..hi].iter().any(|&p| p) {
+                return (f, Ok(()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (
+                    f,
+                    Err(format!(
+                        "the migration source sent no block of [{:#x}, {:#x}) in {timeout:?}",
+                        self.blocks[lo].start,
+                        self.blocks[hi - 1].end
+                    )),
+                );
+            }
+            f = self
+                .filled
+                .wait_timeout(f, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Reads entry `i`'s record into `buf` and checks it: its CRC, that it
     /// is the record the index says, and (sealed) its tag, decrypting it.
     fn read_entry(&self, i: usize, e: &IndexEntry, buf: &mut [u8]) -> Result<(), RestoreError> {
-        let sealed = self.sealer.is_some();
-        let rec = read_record(&mut at(&self.file, e.offset), e.offset, buf, sealed)?;
+        let Source::File { file, sealer, .. } = &self.source else {
+            return Err(corrupt(0, "a remote restore reads no file".into()));
+        };
+        let sealed = sealer.is_some();
+        let rec = read_record(&mut at(file, e.offset), e.offset, buf, sealed)?;
         if rec.kind != e.kind || rec.len != e.len as usize || rec.aux != e.gpa {
             return Err(corrupt(
                 e.offset,
                 "the record is not the one its index entry names".into(),
             ));
         }
-        if let Some(s) = &self.sealer {
+        if let Some(s) = sealer {
             open_record(s, &rec, 1 + i as u64, buf, e.offset)?;
         }
         Ok(())
@@ -638,6 +729,15 @@ impl Lazy {
         let _ = self
             .failure
             .set(format!("a lazy restore could not fill guest memory: {why}"));
+        if matches!(self.source, Source::Remote { .. }) {
+            // The source is gone: what is pending can never come. The
+            // mappings stay registered, so that a vCPU waits in its fault
+            // (a kick interrupts it) rather than run on zeroes, until the
+            // VMM, which sees the failure, stops it and drops the restore.
+            self.stop.store(true, Ordering::Release);
+            self.filled.notify_all();
+            return;
+        }
         self.complete(f);
     }
 
@@ -761,6 +861,15 @@ impl Lazy {
             }
             bi += 1;
         }
+        if bi > lo {
+            let (mut f, waited) = self.wait_filled(f, lo, bi);
+            if let Err(e) = waited {
+                self.fail(&mut f, e.clone());
+                drop(f);
+                self.poison_gate();
+                return Err(GateError::Poisoned { reason: e });
+            }
+        }
         Ok(())
     }
 }
@@ -771,6 +880,18 @@ impl LazyFill for Lazy {
     }
 
     fn forget(&self, range: Range<u64>) {
+        if matches!(self.source, Source::Remote { .. }) {
+            // A block that stays in part is delivered first (the punch then
+            // drops the rest); whole ones are dropped below.
+            for edge in [range.start, range.end.saturating_sub(1)] {
+                if let Some(bi) = self.block_of(edge) {
+                    let b = self.blocks[bi].clone();
+                    if !(range.start <= b.start && b.end <= range.end) {
+                        let _ = self.resolve_range(b, Why::Host);
+                    }
+                }
+            }
+        }
         let mut f = self.lock();
         if f.done {
             return;
@@ -887,10 +1008,16 @@ impl LazyRestore {
     }
 
     fn stop_threads(&mut self) {
-        if !self.lazy.lock().done {
+        if !self.lazy.lock().done && self.lazy.failure.get().is_none() {
             // Called from Drop with blocks left: fill them (a failure is
             // recorded by the fill).
             let _ = self.lazy.fill_all();
+        }
+        {
+            // A failed remote restore kept its registration (see `fail`):
+            // end it now that the VMM is done with the VM.
+            let mut f = self.lazy.lock();
+            self.lazy.complete(&mut f);
         }
         self.lazy.poison_gate();
         self.lazy.stop.store(true, Ordering::Release);
@@ -906,9 +1033,282 @@ impl Drop for LazyRestore {
     }
 }
 
+/// A post-copy restore's block unit: 2 MiB, aligned, clamped to its
+/// region (a whole huge page on hugetlb-2m, 512 pages on memfd), so that
+/// the source needs no knowledge of the destination's backing.
+pub(crate) const REMOTE_BLOCK: u64 = 2 << 20;
+
+/// What a post-copy migration's receiver thread drives: the blocks the
+/// source delivers, placed as they come. Made by [`start_remote`].
+#[derive(Clone)]
+pub(crate) struct RemoteFill(Arc<Lazy>);
+
+impl RemoteFill {
+    /// Delivers `len` bytes at `gpa` (`data`, or zeroes if `None`): the
+    /// next bytes of one block, in order, a block at a time. A block
+    /// dropped meanwhile (a discard) takes its bytes and ignores them.
+    pub(crate) fn deliver(&self, gpa: u64, data: Option<&[u8]>, len: u64) -> Result<(), String> {
+        let lazy = &self.0;
+        let mut f = lazy.lock();
+        let bi = lazy
+            .block_of(gpa)
+            .ok_or_else(|| format!("[{gpa:#x}, +{len:#x}) lies in no pending block"))?;
+        let b = lazy.blocks[bi].clone();
+        let got = match f.assembling {
+            Some((cur, got)) if cur == bi => got,
+            Some((cur, _)) => {
+                return Err(format!(
+                    "bytes at {gpa:#x} came before block [{:#x}, {:#x}) was whole",
+                    lazy.blocks[cur].start, lazy.blocks[cur].end
+                ));
+            }
+            None => 0,
+        };
+        let blen = b.end - b.start;
+        if gpa != b.start + got || len == 0 || got + len > blen {
+            return Err(format!(
+                "[{gpa:#x}, +{len:#x}) is not the next part of block [{:#x}, {:#x})",
+                b.start, b.end
+            ));
+        }
+        let live = f.pending[bi] && !f.done;
+        if live {
+            let dst = &mut f.block[got as usize..(got + len) as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(d),
+                None => dst.fill(0),
+            }
+        }
+        let got = got + len;
+        if got < blen {
+            f.assembling = Some((bi, got));
+            return Ok(());
+        }
+        f.assembling = None;
+        if live {
+            let r = lazy
+                .region_of(b.start)
+                .ok_or_else(|| format!("block {:#x} outside the layout", b.start))?;
+            lazy.uffd
+                .copy(
+                    r.host + (b.start - r.gpa) as usize,
+                    &f.block[..blen as usize],
+                    false,
+                )
+                .map_err(|e| format!("UFFDIO_COPY of [{:#x}, {:#x}): {e}", b.start, b.end))?;
+            let why = if f.requested[bi] {
+                Why::Fault
+            } else {
+                Why::Prefetch
+            };
+            lazy.filled_block(&mut f, bi, why);
+        }
+        Ok(())
+    }
+
+    /// The source failed (or sent a bad record): the restore fails, and
+    /// the gatekeeper is poisoned.
+    pub(crate) fn fail(&self, why: String) {
+        {
+            let mut f = self.0.lock();
+            self.0.fail(&mut f, why);
+        }
+        self.0.poison_gate();
+    }
+
+    /// Whether every block is in.
+    pub(crate) fn is_complete(&self) -> bool {
+        let f = self.0.lock();
+        f.remaining == 0
+    }
+
+    /// Whether the restore has stopped (failed or abandoned): the receiver
+    /// reads no more.
+    pub(crate) fn stopped(&self) -> bool {
+        self.0.failure.get().is_some()
+    }
+
+    /// Writes one 8-byte word to the source, after any request.
+    pub(crate) fn tell(&self, word: u64) -> std::io::Result<()> {
+        let Source::Remote { requests, .. } = &self.0.source else {
+            return Ok(());
+        };
+        let mut w = requests.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&word.to_le_bytes())?;
+        w.flush()
+    }
+}
+
+/// The pending runs, rounded out to [`REMOTE_BLOCK`]s inside their
+/// regions, merged: the post-copy blocks, the same on both sides.
+pub(crate) fn remote_blocks(runs: &[Range<u64>], regions: &[(u64, u64)]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for run in runs {
+        for &(rg, rl) in regions {
+            let (lo, hi) = (run.start.max(rg), run.end.min(rg.saturating_add(rl)));
+            if lo >= hi {
+                continue;
+            }
+            let mut s = (lo / REMOTE_BLOCK * REMOTE_BLOCK).max(rg);
+            let end = hi
+                .div_ceil(REMOTE_BLOCK)
+                .saturating_mul(REMOTE_BLOCK)
+                .min(rg + rl);
+            while s < end {
+                let e = ((s / REMOTE_BLOCK + 1) * REMOTE_BLOCK).min(end);
+                if out.last().is_none_or(|last| last.end <= s) {
+                    out.push(s..e);
+                }
+                s = e;
+            }
+        }
+    }
+    out
+}
+
+/// Starts a post-copy restore on a frozen gatekeeper that holds the
+/// pre-copy rounds: the mappings are registered with userfaultfd, the
+/// `blocks` (what the source still has to send) discarded, the attributes
+/// set, and a fault thread started; a fault or host access on a block
+/// asks for it on `requests`, and the migration's receiver delivers it
+/// through the [`RemoteFill`].
+pub(crate) fn start_remote(
+    gate: &Gatekeeper,
+    frozen: &mut crate::gate::frozen::Frozen<'_>,
+    blocks: Vec<Range<u64>>,
+    private: &[Range<u64>],
+    requests: Box<dyn std::io::Write + Send>,
+    timeout: Duration,
+    state: Vec<u8>,
+) -> Result<(LazyRestore, RemoteFill), RestoreError> {
+    let started = Instant::now();
+    let regions = frozen.lazy_regions();
+    if let Some(r) = regions
+        .iter()
+        .find(|r| r.memory.kind() == crate::BackingKind::GuestMemfd || r.granule > REMOTE_BLOCK)
+    {
+        return Err(RestoreError::Lazy {
+            why: format!(
+                "the region at {:#x} is {}: post-copy places 2 MiB blocks with userfaultfd, which this kernel refuses on guest_memfd and which cannot fill part of a 1 GiB page",
+                r.gpa,
+                r.memory.kind()
+            ),
+        });
+    }
+    let uffd =
+        Userfaultfd::new(FEATURE_MISSING_SHMEM | FEATURE_MISSING_HUGETLBFS).map_err(|e| {
+            RestoreError::Lazy {
+                why: format!("userfaultfd: {e}"),
+            }
+        })?;
+    for (i, r) in regions.iter().enumerate() {
+        // SAFETY: as in `restore_lazy`: the region's binding mapping, kept
+        // for the gatekeeper's life, reached by host code only through the
+        // gatekeeper's copies; unregistered when the restore completes or
+        // is dropped.
+        let reg = unsafe { uffd.register(r.host, r.len as usize, MODE_MISSING) };
+        if let Err(e) = reg {
+            for r in &regions[..i] {
+                let _ = uffd.unregister(r.host, r.len as usize);
+            }
+            return Err(RestoreError::Lazy {
+                why: format!("registering the region at {:#x}: {e}", r.gpa),
+            });
+        }
+    }
+    for r in &regions {
+        r.memory.core().set_filling(true);
+    }
+    let mut begun = Ok(());
+    for b in &blocks {
+        begun = begun.and_then(|()| frozen.discard_raw(b.clone()));
+    }
+    if let Err(e) = begun.and_then(|()| frozen.finish_restore(private)) {
+        for r in &regions {
+            let _ = uffd.unregister(r.host, r.len as usize);
+            r.memory.core().set_filling(false);
+        }
+        return Err(e.into());
+    }
+    let largest = regions.iter().map(|r| r.granule).max().unwrap_or(4096);
+    let n = blocks.len();
+    let lazy = Arc::new(Lazy {
+        source: Source::Remote {
+            requests: Mutex::new(requests),
+            timeout,
+        },
+        blocks,
+        regions,
+        uffd,
+        zeroes: vec![0u8; largest as usize],
+        fill: Mutex::new(Fill {
+            pending: vec![true; n],
+            remaining: n,
+            progress: LazyProgress {
+                blocks: n,
+                pending: n,
+                ..LazyProgress::default()
+            },
+            touched: Vec::new(),
+            block: vec![0u8; REMOTE_BLOCK as usize],
+            record: Vec::new(),
+            requested: vec![false; n],
+            assembling: None,
+            done: false,
+        }),
+        filled: Condvar::new(),
+        stop: AtomicBool::new(false),
+        failure: std::sync::OnceLock::new(),
+        gate: gate.downgrade(),
+    });
+    gate.set_lazy_fill(Some(Arc::clone(&lazy) as Arc<dyn LazyFill>));
+    {
+        let mut f = lazy.lock();
+        if f.remaining == 0 {
+            lazy.complete(&mut f);
+        }
+    }
+    let mut threads = Vec::new();
+    let l = Arc::clone(&lazy);
+    let t = std::thread::Builder::new()
+        .name("gmem-uffd".into())
+        .spawn(move || l.serve_faults())
+        .map_err(|e| RestoreError::Lazy {
+            why: format!("the fault thread: {e}"),
+        })?;
+    threads.push(t);
+    let fill = RemoteFill(Arc::clone(&lazy));
+    Ok((
+        LazyRestore {
+            lazy,
+            state,
+            threads,
+            started,
+        },
+        fill,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one run each
+    fn remote_blocks_are_aligned_2_mib_blocks_inside_their_regions() {
+        use super::remote_blocks;
+        let regions = [(0, 5 << 20), (8 << 20, 4 << 20)];
+        assert_eq!(
+            remote_blocks(&[0x1000..0x2000, 0x3000..0x4000], &regions),
+            vec![0..2 << 20]
+        );
+        // Clamped to the region's end; a run over two regions split.
+        assert_eq!(
+            remote_blocks(&[(4 << 20) + 0x1000..(9 << 20)], &regions),
+            vec![(4 << 20)..(5 << 20), (8 << 20)..(10 << 20)]
+        );
+        assert!(remote_blocks(&[(6 << 20)..(7 << 20)], &regions).is_empty());
+    }
 
     #[test]
     fn prefetch_orders_round_trip_and_refuse_bad_bytes() {

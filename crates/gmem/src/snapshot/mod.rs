@@ -86,7 +86,7 @@
 
 mod error;
 pub(crate) mod format;
-mod lazy;
+pub(crate) mod lazy;
 pub(crate) mod restore;
 pub(crate) mod seal;
 mod write;

@@ -218,10 +218,12 @@ pub(crate) fn read_record(
         Kind::End => len + tag,
         Kind::Zero if len != 8 => return Err(bad_len("a length")),
         Kind::Round if len != 16 => return Err(bad_len("two counts")),
-        Kind::Attributes if aux == 0 || aux > (CHUNK / 16) as u64 || len as u64 != aux * 16 => {
+        Kind::Attributes | Kind::Postcopy
+            if aux == 0 || aux > (CHUNK / 16) as u64 || len as u64 != aux * 16 =>
+        {
             return Err(bad_len("its runs' bytes"));
         }
-        Kind::Zero | Kind::Round | Kind::Attributes => len + tag,
+        Kind::Zero | Kind::Round | Kind::Attributes | Kind::Postcopy => len + tag,
     };
     let body = buf
         .get_mut(..payload)
@@ -257,14 +259,18 @@ pub(crate) fn open_record(
         Kind::Sealed | Kind::State => {
             sealer.open(ordinal, &aad(&rec.head), &mut buf[..rec.len], &tag)
         }
-        Kind::Shared | Kind::Index | Kind::End | Kind::Zero | Kind::Round | Kind::Attributes => {
-            sealer.open(
-                ordinal,
-                &tagged_aad(&rec.head, &buf[..rec.len]),
-                &mut [],
-                &tag,
-            )
-        }
+        Kind::Shared
+        | Kind::Index
+        | Kind::End
+        | Kind::Zero
+        | Kind::Round
+        | Kind::Attributes
+        | Kind::Postcopy => sealer.open(
+            ordinal,
+            &tagged_aad(&rec.head, &buf[..rec.len]),
+            &mut [],
+            &tag,
+        ),
     };
     if ok {
         Ok(())
@@ -379,7 +385,7 @@ fn read_records(
         report.records += 1;
         match rec.kind {
             Kind::State => return Err(corrupt(at, "a second state record".into())),
-            Kind::Zero | Kind::Round | Kind::Attributes => {
+            Kind::Zero | Kind::Round | Kind::Attributes | Kind::Postcopy => {
                 return Err(corrupt(
                     at,
                     format!("a {:?} record, which only a migration stream has", rec.kind),
