@@ -61,6 +61,11 @@ fn backing_name(b: BackingKind) -> &'static str {
     }
 }
 
+thread_local! {
+    /// Extra source arguments for this test's migrations (`--postcopy`).
+    static EXTRA: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn source_cmd(elf: &Path, backing: BackingKind, to: &Path, key: Option<&Path>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gmem"));
     c.arg("run")
@@ -77,6 +82,7 @@ fn source_cmd(elf: &Path, backing: BackingKind, to: &Path, key: Option<&Path>) -
     if let Some(k) = key {
         c.arg("--key").arg(k);
     }
+    EXTRA.with(|e| c.args(e.borrow().iter()));
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     c
 }
@@ -245,7 +251,10 @@ fn assert_source_ran_on(src: &Output, dst: &Output, want: &(Vec<String>, Option<
     );
 }
 
-fn round_trip(backing: BackingKind, test: &str) {
+fn round_trip(backing: BackingKind, test: &str, postcopy: bool) {
+    if postcopy {
+        EXTRA.with(|e| e.borrow_mut().push("--postcopy"));
+    }
     if !kvm_or_skip(test) {
         return;
     }
@@ -294,12 +303,22 @@ fn round_trip(backing: BackingKind, test: &str) {
 
 #[test]
 fn a_migrated_guest_ends_as_an_uninterrupted_one_on_memfd() {
-    round_trip(BackingKind::Memfd, "migrate_memfd");
+    round_trip(BackingKind::Memfd, "migrate_memfd", false);
+}
+
+#[test]
+fn a_guest_migrated_post_copy_ends_as_an_uninterrupted_one_on_memfd() {
+    round_trip(BackingKind::Memfd, "migrate_postcopy_memfd", true);
+}
+
+#[test]
+fn a_guest_migrated_post_copy_ends_as_an_uninterrupted_one_on_hugetlb_2m() {
+    round_trip(BackingKind::Hugetlb2M, "migrate_postcopy_hugetlb_2m", true);
 }
 
 #[test]
 fn a_migrated_guest_ends_as_an_uninterrupted_one_on_hugetlb_2m() {
-    round_trip(BackingKind::Hugetlb2M, "migrate_hugetlb_2m");
+    round_trip(BackingKind::Hugetlb2M, "migrate_hugetlb_2m", false);
 }
 
 #[test]
@@ -424,5 +443,52 @@ fn a_source_killed_mid_stream_leaves_the_destination_stopped_with_an_error() {
     } else {
         assert!(guest_lines(&dst).is_empty(), "{}", text(&dst.stdout));
         assert!(text(&dst.stderr).contains("error"), "{}", text(&dst.stderr));
+    }
+}
+
+#[test]
+fn post_copy_cut_before_the_destination_runs_resumes_the_source_and_after_it_stops_both() {
+    let test = "migrate_postcopy_faults";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    EXTRA.with(|e| e.borrow_mut().push("--postcopy"));
+    let elf = guest();
+    let want = uninterrupted(&elf, BackingKind::Memfd);
+    let k = key(7);
+    // Cut in the first round: before the switch, the source runs on.
+    let (src, dst, _) = migrate(
+        &elf,
+        BackingKind::Memfd,
+        Some(&k),
+        Some(&k),
+        Fault::CutAt(3 << 20),
+    );
+    assert_source_ran_on(&src, &dst, &want, "post-copy, cut before the switch");
+    // A clean post-copy run's stream, then one cut a few bytes before its
+    // end: the destination may run the guest by then; either way, no side
+    // ends with a wrong result, and a side that fails says so.
+    let (_, _, wire) = migrate(&elf, BackingKind::Memfd, Some(&k), Some(&k), Fault::None);
+    let (src, dst, _) = migrate(
+        &elf,
+        BackingKind::Memfd,
+        Some(&k),
+        Some(&k),
+        Fault::CutAt(wire.len() as u64 - 64),
+    );
+    let src_lines = guest_lines(&src);
+    let dst_lines = guest_lines(&dst);
+    let mut lines = src_lines.clone();
+    lines.extend(dst_lines.iter().cloned());
+    if dst.status.success() {
+        assert_eq!((lines, dst.status.code()), want, "{}", text(&dst.stdout));
+    } else if src.status.code() == want.1 && src_lines == want.0 {
+        // Cut before the switch in this run: the source ran on.
+    } else {
+        // Cut after the destination took over: both stop with an error,
+        // neither prints a checksum.
+        assert!(!src.status.success(), "{}", text(&src.stdout));
+        assert!(text(&src.stderr).contains("lost") || text(&dst.stderr).contains("error"));
+        assert!(!lines.iter().any(|l| l.contains("checksum")), "{lines:?}");
     }
 }

@@ -271,4 +271,13 @@ pub enum VmmError {
         /// What does not hold.
         what: String,
     },
+    /// A post-copy migration failed after the destination had started the
+    /// guest: neither side holds all of it any more.
+    #[error(
+        "post-copy migration failed after the destination took over, and the guest is lost: {why}"
+    )]
+    MigrationLost {
+        /// What failed.
+        why: String,
+    },
 }

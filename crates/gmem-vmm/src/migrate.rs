@@ -33,7 +33,7 @@ use crate::config::MachineConfig;
 use crate::console::Console;
 use crate::error::VmmError;
 use crate::machine::Machine;
-pub use crate::migrate_plan::{Endpoint, MigrationPlan, MigrationTaken, RoundTaken};
+pub use crate::migrate_plan::{Endpoint, MigrationPlan, MigrationTaken, PostcopyTaken, RoundTaken};
 use crate::migrate_plan::{PauseRequest, Paused, Verdict};
 use crate::shared::Shared;
 use crate::state::VmmState;
@@ -241,7 +241,8 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
         .migrate_to(w, opts)
         .map_err(|e| error_text(&e))?;
     let mut rounds = Vec::new();
-    while !source.precopy_done() {
+    // Post-copy moves the guest after one round.
+    while !source.precopy_done() && !(plan.postcopy && !rounds.is_empty()) {
         if shared.run_over.load(Ordering::Acquire) {
             return Err("the guest ended during pre-copy".into());
         }
@@ -278,6 +279,20 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
         }
     };
     // The vCPU waits for the verdict from here on: every path sends one.
+    if plan.postcopy {
+        return postcopy(
+            shared,
+            plan,
+            source,
+            state,
+            (paused, paused_at_ns),
+            rounds,
+            reader,
+            verdict_tx,
+            started,
+            precopy,
+        );
+    }
     let outcome = source
         .complete(&state)
         .map_err(|e| error_text(&e))
@@ -309,11 +324,79 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
                 downtime_us: micros(downtime),
                 total_us: micros(started.elapsed()),
                 paused_at_ns,
+                postcopy: None,
             })
         }
         Err(why) => {
             let _ = verdict_tx.send(Verdict::Resume);
             Err(why)
+        }
+    }
+}
+
+/// The switch to post-copy and the post-copy phase: the vCPU ends once
+/// the destination runs the guest; a failure before that resumes it here,
+/// one after it loses it (the run ends with the error).
+#[allow(clippy::too_many_arguments)]
+fn postcopy(
+    shared: &Shared,
+    plan: &MigrationPlan,
+    source: gmem::migrate::MigrationSource<BufWriter<Connection>>,
+    state: Vec<u8>,
+    (paused, paused_at_ns): (Instant, u64),
+    rounds: Vec<RoundTaken>,
+    reader: Connection,
+    verdict_tx: mpsc::Sender<Verdict>,
+    started: Instant,
+    precopy: Duration,
+) -> Result<MigrationTaken, String> {
+    let ps = match source.switch_to_postcopy(&state) {
+        Ok(ps) => ps,
+        Err(e) => {
+            let _ = verdict_tx.send(Verdict::Resume);
+            return Err(error_text(&e));
+        }
+    };
+    let mut downtime = None;
+    let result = ps.serve(reader, || {
+        downtime = Some(paused.elapsed());
+        let _ = verdict_tx.send(Verdict::Migrated);
+    });
+    let took_over = downtime.is_some();
+    match result {
+        Ok(report) => {
+            let guest_bytes = shared.config.mem_size;
+            Ok(MigrationTaken {
+                to: plan.to.to_string(),
+                rounds,
+                final_data_bytes: report.data_bytes,
+                stream_bytes: report.stream_bytes,
+                guest_bytes,
+                bytes_per_guest_byte: report.stream_bytes as f64 / guest_bytes as f64,
+                sealed_bytes: report.switch.sealed_bytes,
+                precopy_us: micros(precopy),
+                downtime_us: micros(downtime.unwrap_or_default()),
+                total_us: micros(started.elapsed()),
+                paused_at_ns,
+                postcopy: Some(PostcopyTaken {
+                    blocks: report.blocks,
+                    requested: report.requested,
+                    data_bytes: report.data_bytes,
+                    elapsed_us: micros(report.elapsed),
+                }),
+            })
+        }
+        Err(e) if took_over => {
+            let why = error_text(&e);
+            *shared
+                .migration_lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+            Err(why)
+        }
+        Err(e) => {
+            let _ = verdict_tx.send(Verdict::Resume);
+            Err(error_text(&e))
         }
     }
 }
@@ -389,6 +472,9 @@ pub struct IncomingSummary {
     pub state_bytes: usize,
     /// The backing of guest RAM.
     pub backing: BackingKind,
+    /// Whether the source switched to post-copy (the rest comes in while
+    /// the guest runs).
+    pub postcopy: bool,
     /// `CLOCK_MONOTONIC` when the guest resumed here, in ns (set by the
     /// caller when it runs the machine).
     pub resumed_at_ns: u64,
@@ -429,9 +515,13 @@ impl Machine {
         from: &Endpoint,
         key: Option<&SealKey>,
         opts: &IncomingOptions,
-    ) -> Result<(Machine, IncomingSummary), VmmError> {
+    ) -> Result<(Machine, IncomingSummary, Answer), VmmError> {
         let started = Instant::now();
         let dup = conn.try_clone().map_err(|source| VmmError::MigrationIo {
+            what: "duplicating the connection".into(),
+            source,
+        })?;
+        let back = conn.try_clone().map_err(|source| VmmError::MigrationIo {
             what: "duplicating the connection".into(),
             source,
         })?;
@@ -456,9 +546,44 @@ impl Machine {
             ..MachineConfig::new(backing, mem_size)
         };
         let mut machine = Machine::bare(config)?;
-        let report = incoming
-            .receive(&machine.shared.gate, &mut r, key)
+        let received = incoming
+            .receive_with_postcopy(&machine.shared.gate, r, back, key)
             .map_err(VmmError::Migrate)?;
+        let report = received.report;
+        let answer = Answer {
+            postcopy: received.postcopy,
+        };
+        match Self::incoming_state(&mut machine, &report, mem_size, policy, backing, opts) {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(p) = answer.postcopy {
+                    p.answer_failed();
+                }
+                return Err(e);
+            }
+        }
+        let summary = IncomingSummary {
+            from: from.to_string(),
+            receive_us: micros(started.elapsed()),
+            stream_bytes: report.stream_bytes,
+            rounds: report.rounds,
+            state_bytes: report.state.len(),
+            backing,
+            postcopy: answer.postcopy.is_some(),
+            resumed_at_ns: 0,
+        };
+        Ok((machine, summary, answer))
+    }
+
+    /// The vCPUs and devices of an incoming machine, from its state.
+    fn incoming_state(
+        machine: &mut Machine,
+        report: &gmem::migrate::IncomingReport,
+        mem_size: u64,
+        policy: gmem::Policy,
+        backing: BackingKind,
+        opts: &IncomingOptions,
+    ) -> Result<(), VmmError> {
         let state = VmmState::decode(&report.state)?;
         if state.config.mem_size != mem_size || state.config.policy != policy {
             return Err(VmmError::MigrationStream {
@@ -471,15 +596,42 @@ impl Machine {
         machine.take_state(&state, backing, &opts.console, opts.disk.as_deref())?;
         machine.launched = true;
         machine.shared.restored.store(true, Ordering::Release);
-        let summary = IncomingSummary {
-            from: from.to_string(),
-            receive_us: micros(started.elapsed()),
-            stream_bytes: report.stream_bytes,
-            rounds: report.rounds,
-            state_bytes: report.state.len(),
-            backing,
-            resumed_at_ns: 0,
-        };
-        Ok((machine, summary))
+        Ok(())
     }
+
+    /// Tells the source this machine runs the guest from now on (the
+    /// answer of [`incoming`](Self::incoming)); under post-copy, the
+    /// restore that fills the rest is kept with the machine. If the source
+    /// cannot be told, do not run the guest (the source may resume it).
+    ///
+    /// # Errors
+    /// [`VmmError::MigrationIo`].
+    pub fn answer_running(
+        &mut self,
+        conn: &mut Connection,
+        answer: Answer,
+    ) -> Result<(), VmmError> {
+        let io = |source| VmmError::MigrationIo {
+            what: "answering the source".into(),
+            source,
+        };
+        match answer.postcopy {
+            None => conn
+                .write_all(&[ACK_RUNNING])
+                .and_then(|()| conn.flush())
+                .map_err(io),
+            Some(p) => {
+                p.answer_running().map_err(io)?;
+                *self.shared.lock_lazy() = Some(p.into_restore());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the destination answers the source with, once it has built the
+/// machine ([`Machine::answer_running`]).
+#[derive(Debug)]
+pub struct Answer {
+    postcopy: Option<gmem::migrate::Postcopy>,
 }

@@ -64,6 +64,22 @@ pub struct MigrationPlan {
     pub max_rounds: u32,
     /// Pre-copy stops once this many bytes are left to send.
     pub converge_bytes: u64,
+    /// Post-copy: after one pre-copy round the guest moves at once, and
+    /// the destination faults in what it does not hold yet.
+    pub postcopy: bool,
+}
+
+/// The post-copy phase of a migration.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PostcopyTaken {
+    /// 2 MiB blocks sent after the switch.
+    pub blocks: usize,
+    /// Of those, sent because the destination asked (a fault there).
+    pub requested: usize,
+    /// Guest bytes sent after the switch.
+    pub data_bytes: u64,
+    /// From the switch to every block in at the destination, in µs.
+    pub elapsed_us: u64,
 }
 
 /// One pre-copy round, as the run reports it.
@@ -106,6 +122,8 @@ pub struct MigrationTaken {
     /// `CLOCK_MONOTONIC` at the vCPU's pause, in ns (with the
     /// destination's `resumed_at_ns` on the same host: the exact downtime).
     pub paused_at_ns: u64,
+    /// The post-copy phase, if the migration had one.
+    pub postcopy: Option<PostcopyTaken>,
 }
 
 /// What the migration thread tells the paused vCPU.

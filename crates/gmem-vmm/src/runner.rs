@@ -369,6 +369,14 @@ impl Machine {
             let _ = h.join();
         }
         let (migration, migration_notes) = std::mem::take(&mut *shared.lock_migrated());
+        let lost = shared
+            .migration_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(why) = lost {
+            return Err(VmmError::MigrationLost { why });
+        }
         let lazy = shared.lock_lazy().take();
         let lazy_failure = lazy_failure.or_else(|| lazy.as_ref().and_then(|l| l.failure()));
         if let Some(reason) = lazy_failure {

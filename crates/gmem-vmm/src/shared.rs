@@ -52,6 +52,9 @@ pub(crate) struct Shared {
     pub(crate) kick_now: AtomicBool,
     /// The migration the run completed, and notes on failed ones.
     pub(crate) migrated: Mutex<(Option<MigrationTaken>, Vec<String>)>,
+    /// A post-copy migration failed after the destination took over: the
+    /// guest is lost, and the run ends with this error.
+    pub(crate) migration_lost: Mutex<Option<String>>,
     /// Every vCPU has ended: a migration under way gives up.
     pub(crate) run_over: AtomicBool,
     /// The migration thread, joined when the run ends.
@@ -87,6 +90,7 @@ impl Shared {
             migrate_now: AtomicBool::new(false),
             kick_now: AtomicBool::new(false),
             migrated: Mutex::default(),
+            migration_lost: Mutex::new(None),
             run_over: AtomicBool::new(false),
             migration_thread: Mutex::new(None),
         }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gmem::migrate::{ACK_FAILED, ACK_RUNNING};
+use gmem::migrate::ACK_FAILED;
 use gmem_vmm::migrate::{IO_TIMEOUT, monotonic_ns};
 use gmem_vmm::{Console, Endpoint, IncomingOptions, Machine, MigrationPlan};
 
@@ -22,8 +22,11 @@ pub struct MigrateArgs {
     /// Where the destination listens: unix:PATH or tcp:ADDR:PORT.
     #[arg(long, value_name = "ENDPOINT", requires = "migrate_on")]
     pub to: Option<Endpoint>,
-    /// Post-copy (the destination starts at once and faults pages in over
-    /// the connection): not built yet, and refused.
+    /// Post-copy: after one pre-copy round the guest moves at once, and
+    /// the destination faults in over the connection what it does not hold
+    /// yet while the source pushes the rest (memfd and hugetlb-2m
+    /// destinations). Once the destination runs the guest, a failure of
+    /// the connection loses it.
     #[arg(long, requires = "migrate_on")]
     pub postcopy: bool,
     /// The most pre-copy rounds before the stop-and-copy.
@@ -59,11 +62,6 @@ impl MigrateArgs {
         let (Some(signal), Some(to)) = (self.migrate_on, &self.to) else {
             return Ok(None);
         };
-        if self.postcopy {
-            anyhow::bail!(
-                "--postcopy: post-copy migration is not built yet; leave it out to migrate pre-copy"
-            );
-        }
         if signal == libc::SIGUSR1 && snapshot.snapshot.is_some() {
             anyhow::bail!(
                 "--migrate-on SIGUSR1: SIGUSR1 takes the --snapshot already; choose SIGUSR2"
@@ -80,6 +78,7 @@ impl MigrateArgs {
             key,
             max_rounds: self.max_rounds,
             converge_bytes: gmem::migrate::DEFAULT_CONVERGE_BYTES,
+            postcopy: self.postcopy,
         }))
     }
 }
@@ -107,19 +106,20 @@ pub fn run_incoming(args: &super::run::Args, from: &Endpoint) -> anyhow::Result<
     let mut conn = from.accept_one().context("waiting for the migration")?;
     conn.set_timeouts(Some(IO_TIMEOUT))
         .context("configuring the migration connection")?;
-    let (mut machine, mut summary) = match Machine::incoming(&conn, from, key.as_ref(), &opts) {
-        Ok(m) => m,
-        Err(e) => {
-            // The source resumes its guest on this answer (or on none).
-            let _ = conn.write_all(&[ACK_FAILED]);
-            return Err(super::snapshot::explain(e))
-                .context(format!("receiving the migration on {from}"));
-        }
-    };
+    let (mut machine, mut summary, answer) =
+        match Machine::incoming(&conn, from, key.as_ref(), &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                // The source resumes its guest on this answer (or on none).
+                let _ = conn.write_all(&[ACK_FAILED]);
+                return Err(super::snapshot::explain(e))
+                    .context(format!("receiving the migration on {from}"));
+            }
+        };
     // Only a source that heard the answer stops: if it cannot be told,
     // this side does not run the guest (the source runs on).
-    conn.write_all(&[ACK_RUNNING])
-        .and_then(|()| conn.flush())
+    machine
+        .answer_running(&mut conn, answer)
         .context("answering the source: the guest is not run here")?;
     summary.resumed_at_ns = monotonic_ns();
     drop(conn);
