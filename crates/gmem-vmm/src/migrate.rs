@@ -242,7 +242,7 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
         .map_err(|e| error_text(&e))?;
     let mut rounds = Vec::new();
     // Post-copy moves the guest after one round.
-    while !source.precopy_done() && !(plan.postcopy && !rounds.is_empty()) {
+    while !source.precopy_done() && (!plan.postcopy || rounds.is_empty()) {
         if shared.run_over.load(Ordering::Acquire) {
             return Err("the guest ended during pre-copy".into());
         }
