@@ -19,6 +19,15 @@ use gmem_testkit::{kvm_or_skip, on_backing};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// One test's guests at a time: each runs two 64 MiB guests and their
+/// VMMs, on a host of 2 cores; run together they only slow each other
+/// (and a guest that ends before its migration could fail a round trip).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A fresh path under the temp dir.
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -258,6 +267,7 @@ fn round_trip(backing: BackingKind, test: &str, postcopy: bool) {
     if !kvm_or_skip(test) {
         return;
     }
+    let _serial = serial();
     // Two 64 MiB guests at once.
     let pages = 2 * (64 << 20) / backing.page_size() + 8;
     let Some(_pool) = on_backing(test, backing, pages) else {
@@ -327,6 +337,7 @@ fn whatever_breaks_the_stream_the_source_runs_on_and_the_destination_runs_nothin
     if !kvm_or_skip(test) {
         return;
     }
+    let _serial = serial();
     let elf = guest();
     let want = uninterrupted(&elf, BackingKind::Memfd);
     let k = key(7);
@@ -383,6 +394,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     if !kvm_or_skip(test) {
         return;
     }
+    let _serial = serial();
     let elf = guest();
     let want = uninterrupted(&elf, BackingKind::Memfd);
     let k = key(7);
@@ -418,6 +430,7 @@ fn a_source_killed_mid_stream_leaves_the_destination_stopped_with_an_error() {
     if !kvm_or_skip(test) {
         return;
     }
+    let _serial = serial();
     let elf = guest();
     let k = key(7);
     let dsock = temp("dest.sock");
@@ -452,6 +465,7 @@ fn post_copy_cut_before_the_destination_runs_resumes_the_source_and_after_it_sto
     if !kvm_or_skip(test) {
         return;
     }
+    let _serial = serial();
     EXTRA.with(|e| e.borrow_mut().push("--postcopy"));
     let elf = guest();
     let want = uninterrupted(&elf, BackingKind::Memfd);

@@ -4,14 +4,21 @@
 //! folded into each word), one page per pass is converted to shared and
 //! back, and one is discarded and rewritten. Every 256 passes it prints
 //! its progress; at the end a checksum of all of it, and it exits with a
-//! status derived from the checksum. Nothing depends on when (or whether)
-//! the guest moved: a migrated run prints and returns what an
-//! uninterrupted one does.
+//! status derived from the checksum. Its lines go to virtio-console when
+//! the machine has one (so that a migration carries a device mid-use),
+//! else to the serial port. Nothing depends on when (or whether) the guest
+//! moved: a migrated run prints and returns what an uninterrupted one does.
 #![no_std]
 #![no_main]
 
+use core::fmt::Write;
+
 use gmem_guest::mem::{self, Attribute};
+use gmem_guest::virtio::{self, GmemHal};
 use gmem_guest::{Boot, println};
+use virtio_drivers::device::console::VirtIOConsole;
+use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::transport::{DeviceType, Transport};
 
 gmem_guest::entry!(main);
 
@@ -47,10 +54,59 @@ fn fnv1a(mut h: u64, words: &[u64]) -> u64 {
     h
 }
 
+struct Line {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+type Console = Option<VirtIOConsole<GmemHal, MmioTransport<'static>>>;
+
+/// One line, to virtio-console if there is one, else to the serial port.
+fn say(console: &mut Console, args: core::fmt::Arguments<'_>) {
+    let mut line = Line {
+        buf: [0; 128],
+        len: 0,
+    };
+    let _ = line.write_fmt(args);
+    let _ = line.write_str("\n");
+    match console {
+        Some(c) => {
+            if c.send_bytes(&line.buf[..line.len]).is_err() {
+                println!("virtio-console refused a line");
+            }
+        }
+        None => gmem_guest::print!(
+            "{}",
+            core::str::from_utf8(&line.buf[..line.len]).unwrap_or("?")
+        ),
+    }
+}
+
 fn main(boot: Boot) -> i32 {
     if boot.ram_size < (32 << 20) {
         println!("migrate-demo: needs 32 MiB of RAM");
         return 20;
+    }
+    let mut console: Console = None;
+    if virtio::init(&boot).is_ok() {
+        for i in 0..8 {
+            // SAFETY: one transport per device window, made once.
+            let Some(t) = (unsafe { virtio::transport(i) }) else {
+                break;
+            };
+            if t.device_type() == DeviceType::Console {
+                console = VirtIOConsole::<GmemHal, _>::new(t).ok();
+            }
+        }
     }
     if mem::convert(SHARED, (SHARED_LEN / 4096) as u64, Attribute::Shared).is_err() {
         println!("migrate-demo: the shared area was refused");
@@ -99,10 +155,16 @@ fn main(boot: Boot) -> i32 {
         }
         hole_words[0] = p;
         if p % 256 == 255 {
-            println!("migrate-demo: pass {} of {PASSES}", p + 1);
+            say(
+                &mut console,
+                format_args!("migrate-demo: pass {} of {PASSES}", p + 1),
+            );
         }
     }
     let h = fnv1a(fnv1a(0xcbf2_9ce4_8422_2325, private), shared);
-    println!("migrate-demo: checksum {h:016x}");
+    say(
+        &mut console,
+        format_args!("migrate-demo: checksum {h:016x}"),
+    );
     (h % 100) as i32 + 1
 }
