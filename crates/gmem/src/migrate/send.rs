@@ -748,6 +748,28 @@ impl<W: Write> PostcopySource<W> {
     }
 }
 
+/// Reads one 8-byte word. A read timeout on the connection is not the end
+/// of it (a quiet destination is not a gone one: `serve` has its own
+/// deadline), and the bytes of a word read before one are kept.
+fn read_word<R: std::io::Read>(back: &mut R, word: &mut [u8; 8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < word.len() {
+        match back.read(&mut word[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn lock_back(s: &(std::sync::Mutex<Back>, std::sync::Condvar)) -> std::sync::MutexGuard<'_, Back> {
     s.0.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -763,7 +785,7 @@ fn read_back<R: std::io::Read>(
 ) {
     let mut word = [0u8; 8];
     loop {
-        let r = back.read_exact(&mut word);
+        let r = read_word(&mut back, &mut word);
         let mut b = state.0.lock().unwrap_or_else(|e| e.into_inner());
         match r {
             Err(e) => {
