@@ -241,6 +241,7 @@ impl Incoming {
             private: Vec::new(),
             guest_bytes: self.header.regions.iter().map(|r| r.len).sum(),
             round_bytes: 0,
+            round_zeroed: 0,
             postcopy: Vec::new(),
         };
         let result = apply.stream(r, start, &mut |op| match op {
@@ -311,7 +312,10 @@ struct Apply<'h> {
     report: IncomingReport,
     private: Vec<Range<u64>>,
     guest_bytes: u64,
+    /// The round's data bytes, and its zeroed bytes (together at most the
+    /// guest's memory).
     round_bytes: u64,
+    round_zeroed: u64,
     /// The blocks a post-copy source still sends.
     postcopy: Vec<Range<u64>>,
 }
@@ -377,7 +381,7 @@ impl Apply<'_> {
                         ));
                     }
                     self.round_bytes += rec.len as u64;
-                    if self.round_bytes > self.guest_bytes {
+                    if self.round_bytes + self.round_zeroed > self.guest_bytes {
                         return Err(corrupt(
                             at,
                             "a round sends more data than the guest has memory".into(),
@@ -393,6 +397,13 @@ impl Apply<'_> {
                 Kind::Zero => {
                     let len = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
                     let range = self.placed(rec.aux, len, at)?;
+                    self.round_zeroed = self.round_zeroed.saturating_add(len);
+                    if self.round_bytes + self.round_zeroed > self.guest_bytes {
+                        return Err(corrupt(
+                            at,
+                            "a round sends more holes and data than the guest has memory".into(),
+                        ));
+                    }
                     self.report.zeroed_bytes += len;
                     apply(Op::Zero(range)).map_err(gate_err)?;
                 }
@@ -408,19 +419,22 @@ impl Apply<'_> {
                             ),
                         ));
                     }
-                    if u(0) != self.round_bytes {
+                    if u(0) != self.round_bytes || u(8) != self.round_zeroed {
                         return Err(corrupt(
                             at,
                             format!(
-                                "round {} says {:#x} bytes of data, the stream held {:#x}",
+                                "round {} says {:#x} bytes of data and {:#x} of holes, the stream held {:#x} and {:#x}",
                                 rec.aux,
                                 u(0),
-                                self.round_bytes
+                                u(8),
+                                self.round_bytes,
+                                self.round_zeroed
                             ),
                         ));
                     }
                     self.report.rounds = rec.aux;
                     self.round_bytes = 0;
+                    self.round_zeroed = 0;
                 }
                 Kind::Attributes => {
                     let last = self.private.last().map_or(0, |p| p.end);

@@ -174,6 +174,8 @@ struct Fill {
     requested: Vec<bool>,
     /// Remote: the block being delivered, and its bytes so far.
     assembling: Option<(usize, u64)>,
+    /// Remote: the blocks delivered whole (each is sent once).
+    delivered: Vec<bool>,
     /// The mappings are unregistered: nothing more is filled.
     done: bool,
 }
@@ -367,6 +369,7 @@ impl Gatekeeper {
                 record: vec![0u8; CHUNK + TAG],
                 requested: Vec::new(),
                 assembling: None,
+                delivered: Vec::new(),
                 done: false,
             }),
             filled: Condvar::new(),
@@ -1062,6 +1065,12 @@ impl RemoteFill {
                     lazy.blocks[cur].start, lazy.blocks[cur].end
                 ));
             }
+            None if f.delivered[bi] => {
+                return Err(format!(
+                    "block [{:#x}, {:#x}) was sent twice",
+                    b.start, b.end
+                ));
+            }
             None => 0,
         };
         let blen = b.end - b.start;
@@ -1085,6 +1094,7 @@ impl RemoteFill {
             return Ok(());
         }
         f.assembling = None;
+        f.delivered[bi] = true;
         if live {
             let r = lazy
                 .region_of(b.start)
@@ -1254,6 +1264,7 @@ pub(crate) fn start_remote(
             record: Vec::new(),
             requested: vec![false; n],
             assembling: None,
+            delivered: vec![false; n],
             done: false,
         }),
         filled: Condvar::new(),
