@@ -556,9 +556,8 @@ impl Machine {
         match Self::incoming_state(&mut machine, &report, mem_size, policy, backing, opts) {
             Ok(()) => {}
             Err(e) => {
-                if let Some(p) = answer.postcopy {
-                    p.answer_failed();
-                }
+                // Dropping the answer refuses a post-copy source.
+                drop(answer);
                 return Err(e);
             }
         }
@@ -609,13 +608,13 @@ impl Machine {
     pub fn answer_running(
         &mut self,
         conn: &mut Connection,
-        answer: Answer,
+        mut answer: Answer,
     ) -> Result<(), VmmError> {
         let io = |source| VmmError::MigrationIo {
             what: "answering the source".into(),
             source,
         };
-        match answer.postcopy {
+        match answer.postcopy.take() {
             None => conn
                 .write_all(&[ACK_RUNNING])
                 .and_then(|()| conn.flush())
@@ -630,8 +629,18 @@ impl Machine {
 }
 
 /// What the destination answers the source with, once it has built the
-/// machine ([`Machine::answer_running`]).
+/// machine ([`Machine::answer_running`]). Dropped unanswered, it tells a
+/// post-copy source the guest is not run here (so the source resumes it);
+/// a pre-copy source resumes on the caller's refusal or on no answer.
 #[derive(Debug)]
 pub struct Answer {
     postcopy: Option<gmem::migrate::Postcopy>,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(p) = self.postcopy.take() {
+            p.answer_failed();
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gmem::migrate::ACK_FAILED;
 use gmem_vmm::migrate::{IO_TIMEOUT, monotonic_ns};
-use gmem_vmm::{Console, Endpoint, IncomingOptions, Machine, MigrationPlan};
+use gmem_vmm::{Console, Endpoint, IncomingOptions, Machine, MigrationPlan, VmmError};
 
 /// The migration options of `gmem run`.
 #[derive(Debug, clap::Args)]
@@ -33,9 +33,10 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = gmem::migrate::DEFAULT_MAX_ROUNDS, requires = "migrate_on")]
     pub max_rounds: u32,
     /// Receive a migrating guest on ENDPOINT (unix:PATH or
-    /// tcp:ADDR:PORT) and run it: no payload, RAM size or devices are
-    /// given, they come with it (--backing, --disk and --key apply).
-    #[arg(long, value_name = "ENDPOINT", conflicts_with_all = ["migrate_on", "payload", "mem", "vcpus", "conversion", "initial", "console_in", "no_devices"])]
+    /// tcp:ADDR:PORT) and run it: no payload is given, and the RAM, vCPUs,
+    /// policy and devices come with it (--mem, if given, must be the
+    /// source's; --backing, --disk, --key, --json and --migrate-on apply).
+    #[arg(long, value_name = "ENDPOINT", conflicts_with_all = ["payload", "console_in"])]
     pub incoming: Option<Endpoint>,
 }
 
@@ -107,7 +108,17 @@ pub fn run_incoming(args: &super::run::Args, from: &Endpoint) -> anyhow::Result<
     conn.set_timeouts(Some(IO_TIMEOUT))
         .context("configuring the migration connection")?;
     let (mut machine, mut summary, answer) =
-        match Machine::incoming(&conn, from, key.as_ref(), &opts) {
+        match Machine::incoming(&conn, from, key.as_ref(), &opts).and_then(|(m, s, a)| {
+            match args.mem {
+                Some(mem) if mem != m.config().mem_size => Err(VmmError::MigrationStream {
+                    what: format!(
+                        "the source's guest has {:#x} bytes of RAM, and --mem says {mem:#x}",
+                        m.config().mem_size
+                    ),
+                }),
+                _ => Ok((m, s, a)),
+            }
+        }) {
             Ok(m) => m,
             Err(e) => {
                 // The source resumes its guest on this answer (or on none).

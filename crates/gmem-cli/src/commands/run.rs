@@ -25,7 +25,7 @@ pub struct Args {
     /// Guest RAM, like 64M, 1G or 0x4000000 [default: 64M, rounded up to
     /// the backing's page size].
     #[arg(long, value_parser = parse_size)]
-    mem: Option<u64>,
+    pub(crate) mem: Option<u64>,
     /// vCPUs, one thread each.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
