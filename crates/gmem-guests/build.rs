@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "disk-sum",
     "attacker",
     "snapshot-demo",
+    "blk-bench",
 ];
 /// The one target installed on this project's machines.
 const TARGET: &str = "x86_64-unknown-linux-gnu";

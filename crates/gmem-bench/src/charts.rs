@@ -428,6 +428,8 @@ mod tests {
             raw: raw.map(s),
             ratio: None,
             goal: None,
+            targets: Vec::new(),
+            limit: None,
             note: None,
         }
     }

@@ -29,6 +29,12 @@ pub const ATTACKER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attacker.e
 /// a checksum of both; a restored run prints the same.
 pub const SNAPSHOT_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/snapshot-demo.elf"));
 
+/// `guests/blk-bench`: `gmem bench`'s virtio-blk guest; runs the requests
+/// its disk's sector 0 asks for (sequential reads or writes, random reads),
+/// over the bounce pool where RAM is private and on its own buffers where
+/// RAM is all shared, and reports on port `0x10` around them.
+pub const BLK_BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blk-bench.elf"));
+
 /// Every guest, by name.
 pub const ALL: &[(&str, &[u8])] = &[
     ("hello", HELLO),
@@ -36,4 +42,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("disk-sum", DISK_SUM),
     ("attacker", ATTACKER),
     ("snapshot-demo", SNAPSHOT_DEMO),
+    ("blk-bench", BLK_BENCH),
 ];

@@ -176,6 +176,51 @@ unsafe impl Hal for GmemHal {
     }
 }
 
+/// The `virtio-drivers` `Hal` of a guest whose RAM is all shared (the
+/// machine's RAM is shared after launch, ABI key `Initial` = 1, and the
+/// guest converts none of it to private): the device is given the driver's
+/// own buffers, with no bounce copy. DMA memory (the rings) still comes
+/// from the pool, so [`init`] must have run.
+///
+/// This is the plain baseline that `gmem bench` holds the confidential
+/// path ([`GmemHal`]) against; in a guest with private memory a buffer
+/// there would be refused by the device.
+pub struct DirectHal;
+
+// SAFETY: dma_alloc and dma_dealloc are GmemHal's (pool pages, zeroed,
+// never aliased until freed); share hands the device the caller's own
+// buffer, identity-mapped, which stays valid and unaliased for as long as
+// virtio-drivers holds it (the caller's contract for `share`), and which
+// the device can reach because all of RAM is shared (this Hal's rule).
+unsafe impl Hal for DirectHal {
+    fn dma_alloc(pages: usize, direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        GmemHal::dma_alloc(pages, direction)
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        // SAFETY: the caller's contract, which is GmemHal's too.
+        unsafe { GmemHal::dma_dealloc(paddr, vaddr, pages) }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        // SAFETY: the caller's contract, which is GmemHal's too.
+        unsafe { GmemHal::mmio_phys_to_virt(paddr, size) }
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        // Identity-mapped: the buffer's address is its physical address.
+        buffer.cast::<u8>().as_ptr() as usize as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+/// Whether the machine's RAM is shared after launch (ABI key `Initial`),
+/// so that [`DirectHal`] may be used.
+pub fn ram_is_shared() -> bool {
+    abi::query(abi::Key::Initial) == 1
+}
+
 /// The `index`-th device's transport, if there is such a device.
 ///
 /// # Safety
