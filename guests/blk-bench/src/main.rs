@@ -21,6 +21,7 @@
 //! | 24..32 | the data's first sector |
 //! | 32..40 | the data's sectors |
 //! | 40..48 | the random reads' seed |
+//! | 48..52 | the buffer: 0 the guest's own (bounced where RAM is private), 1 a [`SharedBuffer`] in the pool (never bounced) |
 //!
 //! The data holds, at every 8-byte-aligned disk offset, that offset (a
 //! little-endian u64): each read checks the first word of its buffer.
@@ -34,7 +35,7 @@
 
 use core::cell::UnsafeCell;
 
-use gmem_guest::virtio::{self, DirectHal, GmemHal};
+use gmem_guest::virtio::{self, DirectHal, GmemHal, SharedBuffer};
 use gmem_guest::{Boot, abi, io, println};
 use virtio_drivers::Hal;
 use virtio_drivers::device::blk::VirtIOBlk;
@@ -72,6 +73,7 @@ struct Plan {
     data_start: u64,
     data_sectors: u64,
     seed: u64,
+    pool_buffer: bool,
 }
 
 impl Plan {
@@ -96,6 +98,11 @@ impl Plan {
             data_start: u64_at(24)?,
             data_sectors: u64_at(32)?,
             seed: u64_at(40)?,
+            pool_buffer: match u32_at(48)? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
         };
         let fits = request > 0
             && request <= MAX_REQUEST
@@ -137,13 +144,22 @@ fn run<H: Hal>(t: MmioTransport<'static>, index: u32) -> i32 {
         return 12;
     };
     // SAFETY: the one reference to BUFFER there is (`run` runs once).
-    let buf = unsafe { &mut *BUFFER.0.get() };
-    if blk.read_blocks(0, &mut buf[..SECTOR]).is_err() {
+    let own = unsafe { &mut *BUFFER.0.get() };
+    if blk.read_blocks(0, &mut own[..SECTOR]).is_err() {
         return 13;
     }
-    let Some(plan) = Plan::parse(&buf[..SECTOR]) else {
+    let Some(plan) = Plan::parse(&own[..SECTOR]) else {
         println!("blk-bench: sector 0 holds no plan");
         return 14;
+    };
+    let mut pool = None;
+    let buf = if plan.pool_buffer {
+        match SharedBuffer::new(MAX_REQUEST) {
+            Some(b) => pool.insert(b).as_mut_slice(),
+            None => return 16,
+        }
+    } else {
+        own
     };
     let len = plan.request;
     let per = (len / SECTOR) as u64;

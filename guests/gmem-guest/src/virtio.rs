@@ -2,7 +2,10 @@
 //! so every buffer it sees lives in a bounce pool that the guest converts
 //! to shared at start (as Linux's SWIOTLB does); [`GmemHal`] is the
 //! `virtio-drivers` `Hal` that allocates rings there and copies buffers in
-//! and out in `share`/`unshare`. The drivers themselves are the
+//! and out in `share`/`unshare`. Data the device must see anyway (disk
+//! blocks) can live in the pool from the start ([`SharedBuffer`]), and is
+//! then not copied at all. [`DirectHal`] is the plain baseline: all of RAM
+//! shared, no pool for buffers. The drivers themselves are the
 //! `virtio-drivers` crate's.
 //!
 //! (`virtio-drivers` 0.13 does not accept `VIRTIO_F_ACCESS_PLATFORM`; its
@@ -110,14 +113,68 @@ fn free(addr: usize, pages: usize) {
     });
 }
 
+/// Whether `len` bytes at `addr` lie wholly inside the pool.
+fn in_pool(addr: usize, len: usize) -> bool {
+    with_pool(|p| {
+        p.base != 0
+            && addr >= p.base
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= p.base + POOL_PAGES * PAGE)
+    })
+}
+
+/// A buffer in the shared pool, for data the device must see anyway (a
+/// disk's blocks, a packet): [`GmemHal`] hands it to the device as it is,
+/// with no bounce copy, so a request on it costs what it costs on a
+/// machine without confidentiality. The host can read and change its
+/// content at any time: never put a secret there, and copy out (or check)
+/// what must not change under the guest's feet. Its pages go back to the
+/// pool when it is dropped.
+pub struct SharedBuffer {
+    addr: usize,
+    len: usize,
+}
+
+impl SharedBuffer {
+    /// `len` bytes (at least one) of the pool, zeroed; `None` if the pool
+    /// has no room or [`init`] has not run.
+    pub fn new(len: usize) -> Option<SharedBuffer> {
+        let addr = alloc(len.div_ceil(PAGE).max(1))?;
+        // SAFETY: the pages just taken, shared and this buffer's alone.
+        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) };
+        Some(SharedBuffer { addr, len })
+    }
+
+    /// The bytes, for the driver (and the guest) to use.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes at `addr` are this buffer's pool pages, which
+        // no other allocation aliases while it lives; `&mut self` makes this
+        // the one reference. (The device writes them only while a request
+        // the driver made on this slice is in flight.)
+        unsafe { core::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        free(self.addr, self.len.div_ceil(PAGE).max(1));
+    }
+}
+
 /// The `virtio-drivers` `Hal` of a gmem guest: DMA memory and bounce
 /// buffers from the shared pool; guest RAM is identity-mapped, so a
-/// physical address is its virtual one.
+/// physical address is its virtual one. A buffer already in the pool (a
+/// [`SharedBuffer`]) is given to the device as it is: bounce copies are
+/// made only of what the device must see and cannot reach.
 pub struct GmemHal;
 
 // SAFETY: dma_alloc returns zeroed, page-aligned pages of the pool that no
 // other allocation aliases until dma_dealloc; share copies into pages of
-// the same kind and returns their (identity-mapped) address.
+// the same kind and returns their (identity-mapped) address, or, for a
+// buffer wholly inside the pool (shared memory the caller owns, such as a
+// SharedBuffer), that buffer's own address; unshare then copies nothing
+// and frees nothing.
 unsafe impl Hal for GmemHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let Some(addr) = alloc(pages) else {
@@ -144,6 +201,11 @@ unsafe impl Hal for GmemHal {
 
     unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
         let len = buffer.len();
+        let at = buffer.cast::<u8>().as_ptr() as usize;
+        if in_pool(at, len) {
+            // Shared already (a SharedBuffer): no bounce.
+            return at as PhysAddr;
+        }
         let pages = len.div_ceil(PAGE).max(1);
         let Some(bounce) = alloc(pages) else {
             crate::println!("gmem-guest: the bounce pool is exhausted ({len} bytes to share)");
@@ -161,6 +223,10 @@ unsafe impl Hal for GmemHal {
 
     unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
         let len = buffer.len();
+        if in_pool(buffer.cast::<u8>().as_ptr() as usize, len) {
+            // `share` passed it through: nothing was bounced.
+            return;
+        }
         if direction != BufferDirection::DriverToDevice {
             // SAFETY: the bounce pages `share` returned hold `len` bytes for
             // the caller's buffer of that length.
