@@ -25,10 +25,18 @@ use crate::{Boot, abi};
 pub const POOL_PAGES: usize = 1024;
 const PAGE: usize = 4096;
 
+/// Bounces of at most this many bytes (a request's header, its status
+/// byte) share the pool's first page, in slots of this size, so that the
+/// device pins one page for both rather than a page each.
+const SMALL: usize = 256;
+const SMALL_SLOTS: u32 = (PAGE / SMALL) as u32;
+
 struct Pool {
     base: usize,
-    /// A bit per page: in use.
+    /// A bit per page: in use. Page 0 is the small bounces' (always set).
     used: [u64; POOL_PAGES / 64],
+    /// A bit per small slot of page 0: in use.
+    small: u16,
 }
 
 struct Locked {
@@ -44,6 +52,7 @@ static POOL: Locked = Locked {
     pool: UnsafeCell::new(Pool {
         base: 0,
         used: [0; POOL_PAGES / 64],
+        small: 0,
     }),
 };
 
@@ -73,6 +82,8 @@ pub fn init(boot: &Boot) -> Result<(), Errno> {
     with_pool(|p| {
         p.base = base as usize;
         p.used = [0; POOL_PAGES / 64];
+        p.used[0] = 1; // page 0: the small bounces
+        p.small = 0;
     });
     Ok(())
 }
@@ -90,6 +101,14 @@ fn alloc(pages: usize) -> Option<usize> {
         let free = |i: usize| p.used[i / 64] & (1 << (i % 64)) == 0;
         let mut start = 0;
         while start + pages <= POOL_PAGES {
+            // Skip the used pages from `start` a word at a time (a request's
+            // header page would otherwise test every page of a large
+            // buffer before it, one by one).
+            let used = (!(p.used[start / 64] >> (start % 64))).trailing_zeros() as usize;
+            if used > 0 {
+                start += used.min(64 - start % 64);
+                continue;
+            }
             match (start..start + pages).find(|&i| !free(i)) {
                 Some(taken) => start = taken + 1,
                 None => {
@@ -111,6 +130,33 @@ fn free(addr: usize, pages: usize) {
             p.used[i / 64] &= !(1 << (i % 64));
         }
     });
+}
+
+/// A slot of the small bounces' page, if one is free.
+fn alloc_small() -> Option<usize> {
+    with_pool(|p| {
+        let slot = p.small.trailing_ones();
+        if p.base == 0 || slot >= SMALL_SLOTS {
+            return None;
+        }
+        p.small |= 1 << slot;
+        Some(p.base + slot as usize * SMALL)
+    })
+}
+
+/// Gives back a bounce of `len` bytes at `addr`: a small slot or pages.
+fn free_bounce(addr: usize, len: usize) {
+    let small = with_pool(|p| {
+        if addr >= p.base && addr < p.base + PAGE {
+            p.small &= !(1 << ((addr - p.base) / SMALL));
+            true
+        } else {
+            false
+        }
+    });
+    if !small {
+        free(addr, len.div_ceil(PAGE).max(1));
+    }
 }
 
 /// Whether `len` bytes at `addr` lie wholly inside the pool.
@@ -171,7 +217,9 @@ pub struct GmemHal;
 
 // SAFETY: dma_alloc returns zeroed, page-aligned pages of the pool that no
 // other allocation aliases until dma_dealloc; share copies into pages of
-// the same kind and returns their (identity-mapped) address, or, for a
+// the same kind (or, for a small buffer, a slot of the pool's first page
+// that no other bounce holds until it is unshared) and returns their
+// (identity-mapped) address, or, for a
 // buffer wholly inside the pool (shared memory the caller owns, such as a
 // SharedBuffer), that buffer's own address; unshare then copies nothing
 // and frees nothing.
@@ -207,13 +255,14 @@ unsafe impl Hal for GmemHal {
             return at as PhysAddr;
         }
         let pages = len.div_ceil(PAGE).max(1);
-        let Some(bounce) = alloc(pages) else {
+        let small = if len <= SMALL { alloc_small() } else { None };
+        let Some(bounce) = small.or_else(|| alloc(pages)) else {
             crate::println!("gmem-guest: the bounce pool is exhausted ({len} bytes to share)");
             crate::exit(102);
         };
         if direction != BufferDirection::DeviceToDriver {
             // SAFETY: `len` bytes at both: the caller's buffer and the
-            // bounce pages just taken; they do not overlap.
+            // bounce slot or pages just taken; they do not overlap.
             unsafe {
                 core::ptr::copy_nonoverlapping(buffer.cast::<u8>().as_ptr(), bounce as *mut u8, len)
             };
@@ -228,8 +277,8 @@ unsafe impl Hal for GmemHal {
             return;
         }
         if direction != BufferDirection::DriverToDevice {
-            // SAFETY: the bounce pages `share` returned hold `len` bytes for
-            // the caller's buffer of that length.
+            // SAFETY: the bounce slot or pages `share` returned hold `len`
+            // bytes for the caller's buffer of that length.
             unsafe {
                 core::ptr::copy_nonoverlapping(
                     paddr as *const u8,
@@ -238,7 +287,7 @@ unsafe impl Hal for GmemHal {
                 )
             };
         }
-        free(paddr as usize, len.div_ceil(PAGE).max(1));
+        free_bounce(paddr as usize, len);
     }
 }
 
