@@ -237,26 +237,37 @@ pub fn serve_queue<S, T>(
     fns: RequestFns<S, T>,
 ) -> Result<bool, QueueFault> {
     use virtio_queue::{QueueOwnedT, QueueT};
-    let pending = {
-        let mem = requests.memory();
-        let avail = queue.avail_idx(&mem, std::sync::atomic::Ordering::Acquire);
-        requests.done(mem);
-        let avail = avail.map_err(|e| QueueFault(format!("{what}: {e}")))?;
-        let pending = avail.0.wrapping_sub(queue.next_avail());
-        if pending > queue.size() {
-            return Err(QueueFault(format!(
-                "{what}: the avail index is {pending} chains ahead of the device, more than the queue's {}",
-                queue.size()
-            )));
+    // The avail index is read with the first request's memory, which the
+    // first chain then uses too: the avail ring's page is pinned once for
+    // both, not once for the index and again for the chain.
+    let first = requests.memory();
+    let pending = queue
+        .avail_idx(&first, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| QueueFault(format!("{what}: {e}")))
+        .and_then(|avail| {
+            let pending = avail.0.wrapping_sub(queue.next_avail());
+            if pending > queue.size() {
+                return Err(QueueFault(format!(
+                    "{what}: the avail index is {pending} chains ahead of the device, more than the queue's {}",
+                    queue.size()
+                )));
+            }
+            Ok(pending)
+        });
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => {
+            requests.done(first);
+            return Err(e);
         }
-        pending
     };
+    let mut first = Some(first);
     let mut used = false;
     for _ in 0..pending {
         if !(fns.want)(state) {
             break;
         }
-        let mut mem = requests.memory();
+        let mut mem = first.take().unwrap_or_else(|| requests.memory());
         let served = match queue.iter(&mem) {
             Err(e) => Err(QueueFault(format!("{what}: {e}"))),
             Ok(mut avail) => match avail.next() {
@@ -287,6 +298,9 @@ pub fn serve_queue<S, T>(
         requests.done(mem);
         answered?;
         used = true;
+    }
+    if let Some(mem) = first {
+        requests.done(mem);
     }
     Ok(used)
 }
