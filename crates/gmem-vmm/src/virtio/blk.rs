@@ -37,6 +37,9 @@ struct Answer {
     status: u8,
     status_at: u64,
     written: u32,
+    /// Whether the status byte is written already (under the request's
+    /// own pins, which cover it when the whole chain was pinned).
+    status_written: bool,
 }
 
 /// The block device.
@@ -162,10 +165,16 @@ impl VirtioBlk {
         } else {
             (VIRTIO_BLK_S_IOERR, 0)
         };
+        // With the whole chain pinned, the status byte's page is too: write
+        // it now, with no pin of its own. Otherwise it is written once the
+        // request's pins are released (a request refused for its pin bound
+        // may still be answered).
+        let status_written = pinned && mem.write_obj(status as u8, GuestAddress(status_at)).is_ok();
         Ok(Answer {
             status: status as u8,
             status_at,
             written: u32::try_from(written).unwrap_or(u32::MAX),
+            status_written,
         })
     }
 
@@ -440,10 +449,12 @@ impl VirtioDevice for VirtioBlk {
                 want: |_| true,
                 serve: VirtioBlk::serve_chain,
                 answer: |_, a: Answer, mem| {
-                    mem.write_obj(a.status, GuestAddress(a.status_at))
-                        .map_err(|e| {
-                            QueueFault(format!("the status byte at {:#x}: {e}", a.status_at))
-                        })?;
+                    if !a.status_written {
+                        mem.write_obj(a.status, GuestAddress(a.status_at))
+                            .map_err(|e| {
+                                QueueFault(format!("the status byte at {:#x}: {e}", a.status_at))
+                            })?;
+                    }
                     Ok(a.written + 1)
                 },
             },
