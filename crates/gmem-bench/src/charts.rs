@@ -107,6 +107,11 @@ const CURVES: &[Curve] = &[
                 suffix: " requests, bounced",
                 tag: ", bounced",
             },
+            Line {
+                prefix: "virtio-blk sequential read, ",
+                suffix: " requests, 16 in flight",
+                tag: ", 16 in flight",
+            },
         ],
         x_desc: "request size (KiB)",
         parse: kib,
@@ -121,6 +126,11 @@ const CURVES: &[Curve] = &[
                 prefix: "virtio-blk sequential write, ",
                 suffix: " requests, bounced",
                 tag: ", bounced",
+            },
+            Line {
+                prefix: "virtio-blk sequential write, ",
+                suffix: " requests, 16 in flight",
+                tag: ", 16 in flight",
             },
         ],
         x_desc: "request size (KiB)",

@@ -44,6 +44,8 @@ const DATA: u64 = 64 << 20;
 const EXIT_LOOPS: u32 = 1000;
 /// The port `guests/blk-bench` reports on.
 const MARK_PORT: u16 = 0x10;
+/// Requests in flight per notification in the batched rows.
+const DEPTH: u32 = 16;
 
 /// What the guest does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +65,8 @@ struct Job {
     /// pool (handed to the device as it is) rather than the guest's own
     /// private memory (bounced). The plain run always uses its own.
     zero_copy: bool,
+    /// Requests in flight per notification (1: `VirtIOBlk`, one at a time).
+    depth: u32,
 }
 
 impl Job {
@@ -83,6 +87,7 @@ impl Job {
         s[32..40].copy_from_slice(&(DATA / 512).to_le_bytes());
         s[40..48].copy_from_slice(&0x9e37_79b9_7f4a_7c15u64.to_le_bytes());
         s[48..52].copy_from_slice(&u32::from(self.zero_copy && !plain).to_le_bytes());
+        s[52..56].copy_from_slice(&self.depth.to_le_bytes());
         s
     }
 }
@@ -322,9 +327,14 @@ fn row(kind: BackingKind, metric: String, figure: Figure, job: Job, disks: &Rc<D
     .raw(side(true))
     .limit(move || limit_of(figure, job, &limit_runs.borrow()))
     .note(format!(
-        "guests/blk-bench, {} requests of {}; gmem: RAM private, {}; raw: RAM all shared, the guest's own buffer; same VMM",
+        "guests/blk-bench, {} requests of {}, {}; gmem: RAM private, {}; raw: RAM all shared, the guest's own buffer; same VMM",
         job.requests,
         size_name(job.request),
+        if job.depth > 1 {
+            format!("{} in flight per notification (gmem_guest::blk::BatchBlk)", job.depth)
+        } else {
+            "one at a time (virtio-drivers' VirtIOBlk)".to_owned()
+        },
         if job.zero_copy {
             "the data in a SharedBuffer of the shared pool (no bounce copy)"
         } else {
@@ -352,6 +362,7 @@ pub(crate) fn plans(backings: &[BackingKind]) -> Vec<Plan> {
                         request,
                         requests,
                         zero_copy,
+                        depth: 1,
                     };
                     let metric =
                         format!("virtio-blk {what}, {} requests{tail}", size_name(request));
@@ -370,6 +381,7 @@ pub(crate) fn plans(backings: &[BackingKind]) -> Vec<Plan> {
                 request: 4 * KIB,
                 requests: 2048,
                 zero_copy,
+                depth: 1,
             };
             plans.push(row(
                 k,
@@ -379,17 +391,79 @@ pub(crate) fn plans(backings: &[BackingKind]) -> Vec<Plan> {
                 &disks,
             ));
         }
-        for (request, requests) in sizes {
+        // Several requests in flight per notification.
+        for (mode, what, figure, request, requests) in [
+            (
+                Mode::SequentialRead,
+                "sequential read",
+                Figure::Throughput,
+                4 * KIB,
+                2048,
+            ),
+            (
+                Mode::SequentialRead,
+                "sequential read",
+                Figure::Throughput,
+                64 * KIB,
+                512,
+            ),
+            (
+                Mode::SequentialWrite,
+                "sequential write",
+                Figure::Throughput,
+                4 * KIB,
+                2048,
+            ),
+            (
+                Mode::SequentialWrite,
+                "sequential write",
+                Figure::Throughput,
+                64 * KIB,
+                512,
+            ),
+            (Mode::RandomRead, "random read", Figure::Iops, 4 * KIB, 2048),
+        ] {
+            let job = Job {
+                mode,
+                request,
+                requests,
+                zero_copy: true,
+                depth: DEPTH,
+            };
+            let metric = format!(
+                "virtio-blk {what}, {} requests, {DEPTH} in flight",
+                size_name(request)
+            );
+            let mut p = row(k, metric, figure, job, &disks);
+            if request >= 64 * KIB {
+                p = p.goal(0.8);
+            }
+            plans.push(p);
+        }
+        for (request, requests, depth) in [
+            (4 * KIB, 2048, 1),
+            (64 * KIB, 512, 1),
+            (KIB * KIB, 64, 1),
+            (4 * KIB, 2048, DEPTH),
+        ] {
             let job = Job {
                 mode: Mode::SequentialRead,
                 request,
                 requests,
                 zero_copy: true,
+                depth,
             };
-            let metric = format!(
-                "virtio-blk exits per MiB, {} sequential reads",
-                size_name(request)
-            );
+            let metric = if depth > 1 {
+                format!(
+                    "virtio-blk exits per MiB, {} sequential reads, {depth} in flight",
+                    size_name(request)
+                )
+            } else {
+                format!(
+                    "virtio-blk exits per MiB, {} sequential reads",
+                    size_name(request)
+                )
+            };
             let mut p = row(k, metric, Figure::ExitsPerMib, job, &disks);
             if request == KIB * KIB {
                 p = p.target(Target::AtMost(2.0));

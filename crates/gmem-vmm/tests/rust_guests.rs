@@ -388,8 +388,9 @@ fn blk_bench(backing: BackingKind, path: &std::path::Path, plan: &[u8], plain: b
 }
 
 /// blk-bench's plan: `mode`, `requests` of `request` bytes over the 3 MiB
-/// of data from sector 2048, the buffer in the pool if `pool`.
-fn blk_plan(mode: u32, request: u32, requests: u32, pool: bool) -> [u8; 512] {
+/// of data from sector 2048, the buffer in the pool if `pool`, `depth` in
+/// flight per notification.
+fn blk_plan(mode: u32, request: u32, requests: u32, pool: bool, depth: u32) -> [u8; 512] {
     let mut s = [0u8; 512];
     s[..8].copy_from_slice(b"GMEMBLK1");
     s[8..12].copy_from_slice(&mode.to_le_bytes());
@@ -400,12 +401,14 @@ fn blk_plan(mode: u32, request: u32, requests: u32, pool: bool) -> [u8; 512] {
     s[32..40].copy_from_slice(&(6144u64).to_le_bytes());
     s[40..48].copy_from_slice(&7u64.to_le_bytes());
     s[48..52].copy_from_slice(&u32::from(pool).to_le_bytes());
+    s[52..56].copy_from_slice(&depth.to_le_bytes());
     s
 }
 
 /// The bench's guest reads what the disk holds and writes what it means
 /// to, through the bounce pool, a SharedBuffer and (RAM all shared) its
-/// own buffer, with one exit (the notification) per request.
+/// own buffer, with one exit (the notification) per request, or per batch
+/// of requests in flight.
 #[test]
 fn blk_bench_moves_the_right_bytes_at_one_exit_a_request() {
     if !kvm_or_skip("blk-bench") {
@@ -421,12 +424,25 @@ fn blk_bench_moves_the_right_bytes_at_one_exit_a_request() {
         return;
     };
     for (plain, pool) in [(false, false), (false, true), (true, false)] {
-        for (mode, request, requests) in [(1, 1 << 20, 5), (3, 4096, 40), (2, 64 << 10, 8)] {
-            let plan = blk_plan(mode, request, requests, pool);
+        for (mode, request, requests, depth) in [
+            (1, 1 << 20, 5, 1),
+            (3, 4096, 40, 1),
+            (3, 4096, 40, 16),
+            (1, 64 << 10, 20, 16),
+            (2, 64 << 10, 8, 1),
+            (2, 64 << 10, 8, 3),
+        ] {
+            let plan = blk_plan(mode, request, requests, pool, depth);
             let (status, exits) = blk_bench(BackingKind::Memfd, &path, &plan, plain);
-            let what = format!("mode {mode}, {request} bytes, plain {plain}, pool {pool}");
+            let what = format!(
+                "mode {mode}, {request} bytes, {depth} in flight, plain {plain}, pool {pool}"
+            );
             assert_eq!(status, 0, "{what}");
-            assert_eq!(exits, u64::from(requests), "{what}: one exit a request");
+            assert_eq!(
+                exits,
+                u64::from(requests.div_ceil(depth)),
+                "{what}: one exit a batch"
+            );
         }
         // The writes put the guest's buffer (word i = 8 i) at the first
         // eight 64 KiB slots; the data's pattern comes back for the next run.

@@ -22,6 +22,7 @@
 //! | 32..40 | the data's sectors |
 //! | 40..48 | the random reads' seed |
 //! | 48..52 | the buffer: 0 the guest's own (bounced where RAM is private), 1 a [`SharedBuffer`] in the pool (never bounced) |
+//! | 52..56 | requests in flight per notification: 0 or 1, one at a time through `VirtIOBlk`; more, batches of that many through [`BatchBlk`] (at most [`MAX_BATCH`], and that many requests must fit in 1 MiB) |
 //!
 //! The data holds, at every 8-byte-aligned disk offset, that offset (a
 //! little-endian u64): each read checks the first word of its buffer.
@@ -35,6 +36,7 @@
 
 use core::cell::UnsafeCell;
 
+use gmem_guest::blk::{BatchBlk, Direction, MAX_BATCH, Request};
 use gmem_guest::virtio::{self, DirectHal, GmemHal, SharedBuffer};
 use gmem_guest::{Boot, abi, io, println};
 use virtio_drivers::Hal;
@@ -74,6 +76,7 @@ struct Plan {
     data_sectors: u64,
     seed: u64,
     pool_buffer: bool,
+    depth: usize,
 }
 
 impl Plan {
@@ -103,9 +106,11 @@ impl Plan {
                 1 => true,
                 _ => return None,
             },
+            depth: (u32_at(52)? as usize).max(1),
         };
         let fits = request > 0
-            && request <= MAX_REQUEST
+            && plan.depth <= MAX_BATCH
+            && request * plan.depth <= MAX_REQUEST
             && request.is_multiple_of(SECTOR)
             && plan.data_sectors >= (request / SECTOR) as u64;
         fits.then_some(plan)
@@ -123,15 +128,17 @@ fn main(boot: Boot) -> i32 {
         return 10;
     }
     for i in 0..8 {
-        // SAFETY: one transport per device window, made once.
+        // SAFETY: one transport per device window at a time: this one is
+        // dropped (or handed on) before the next is made.
         let Some(t) = (unsafe { virtio::transport(i) }) else {
             break;
         };
         if t.device_type() == DeviceType::Block {
+            drop(t);
             return if virtio::ram_is_shared() {
-                run::<DirectHal>(t, i)
+                run::<DirectHal>(i)
             } else {
-                run::<GmemHal>(t, i)
+                run::<GmemHal>(i)
             };
         }
     }
@@ -139,18 +146,67 @@ fn main(boot: Boot) -> i32 {
     11
 }
 
-fn run<H: Hal>(t: MmioTransport<'static>, index: u32) -> i32 {
-    let Ok(mut blk) = VirtIOBlk::<H, _>::new(t) else {
-        return 12;
-    };
+/// The driver the plan asks for.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one driver, made once, on run's stack"
+)]
+enum Driver<H: Hal> {
+    /// `virtio-drivers`' `VirtIOBlk`: a notification a request.
+    One(VirtIOBlk<H, MmioTransport<'static>>),
+    /// The SDK's `BatchBlk`: a notification a batch.
+    Batch(BatchBlk<H, MmioTransport<'static>>),
+}
+
+impl<H: Hal> Driver<H> {
+    fn run(&mut self, direction: Direction, requests: &mut [Request<'_>]) -> bool {
+        match self {
+            Driver::One(blk) => requests.iter_mut().all(|r| {
+                let sector = r.sector as usize;
+                match direction {
+                    Direction::Read => blk.read_blocks(sector, r.buf).is_ok(),
+                    Direction::Write => blk.write_blocks(sector, r.buf).is_ok(),
+                }
+            }),
+            Driver::Batch(blk) => blk.run(direction, requests).is_ok(),
+        }
+    }
+}
+
+/// The transport of device `index`.
+fn transport(index: u32) -> Option<MmioTransport<'static>> {
+    // SAFETY: callers hold at most one transport of a device at a time
+    // (the last one was dropped with its driver).
+    unsafe { virtio::transport(index) }
+}
+
+fn run<H: Hal>(index: u32) -> i32 {
     // SAFETY: the one reference to BUFFER there is (`run` runs once).
     let own = unsafe { &mut *BUFFER.0.get() };
-    if blk.read_blocks(0, &mut own[..SECTOR]).is_err() {
-        return 13;
-    }
-    let Some(plan) = Plan::parse(&own[..SECTOR]) else {
-        println!("blk-bench: sector 0 holds no plan");
-        return 14;
+    let plan = {
+        let Some(Ok(mut blk)) = transport(index).map(VirtIOBlk::<H, _>::new) else {
+            return 12;
+        };
+        if blk.read_blocks(0, &mut own[..SECTOR]).is_err() {
+            return 13;
+        }
+        let Some(plan) = Plan::parse(&own[..SECTOR]) else {
+            println!("blk-bench: sector 0 holds no plan");
+            return 14;
+        };
+        plan
+    };
+    // The driver the plan asks for, on the device afresh.
+    let mut driver = match transport(index) {
+        Some(t) if plan.depth > 1 => match BatchBlk::<H, _>::new(t) {
+            Ok(b) => Driver::Batch(b),
+            Err(_) => return 12,
+        },
+        Some(t) => match VirtIOBlk::<H, _>::new(t) {
+            Ok(b) => Driver::One(b),
+            Err(_) => return 12,
+        },
+        None => return 12,
     };
     let mut pool = None;
     let buf = if plan.pool_buffer {
@@ -164,40 +220,56 @@ fn run<H: Hal>(t: MmioTransport<'static>, index: u32) -> i32 {
     let len = plan.request;
     let per = (len / SECTOR) as u64;
     let slots = plan.data_sectors / per;
-    if plan.mode == Mode::SequentialWrite {
-        for (i, w) in buf[..len].chunks_exact_mut(8).enumerate() {
-            w.copy_from_slice(&(i as u64 * 8).to_le_bytes());
+    let direction = if plan.mode == Mode::SequentialWrite {
+        for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&((i * 8 % len) as u64).to_le_bytes());
         }
-    }
+        Direction::Write
+    } else {
+        Direction::Read
+    };
     let mut rng = plan.seed | 1;
     let mut wrong = 0u32;
+    let mut next = 0u64;
     mark(1);
-    for i in 0..u64::from(plan.requests) {
-        let slot = match plan.mode {
-            Mode::RandomRead => {
-                // xorshift64
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % slots
-            }
-            _ => i % slots,
-        };
-        let sector = plan.data_start + slot * per;
-        let done = if plan.mode == Mode::SequentialWrite {
-            blk.write_blocks(sector as usize, &buf[..len])
-        } else {
-            blk.read_blocks(sector as usize, &mut buf[..len])
-        };
-        if done.is_err() {
-            println!("blk-bench: the request at sector {sector} failed");
+    while next < u64::from(plan.requests) {
+        let batch = (u64::from(plan.requests) - next).min(plan.depth as u64) as usize;
+        let mut requests: [Request<'_>; MAX_BATCH] = core::array::from_fn(|_| Request {
+            sector: 0,
+            buf: &mut [],
+        });
+        for (r, chunk) in requests
+            .iter_mut()
+            .zip(buf.chunks_exact_mut(len))
+            .take(batch)
+        {
+            let slot = match plan.mode {
+                Mode::RandomRead => {
+                    // xorshift64
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % slots
+                }
+                _ => next % slots,
+            };
+            next += 1;
+            *r = Request {
+                sector: plan.data_start + slot * per,
+                buf: chunk,
+            };
+        }
+        if !driver.run(direction, &mut requests[..batch]) {
+            println!("blk-bench: a batch of {batch} requests failed");
             return 15;
         }
-        if plan.mode != Mode::SequentialWrite {
-            let first = u64::from_le_bytes([
-                buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7],
-            ]);
-            wrong += u32::from(first != sector * SECTOR as u64);
+        if direction == Direction::Read {
+            for r in &requests[..batch] {
+                let first = u64::from_le_bytes([
+                    r.buf[0], r.buf[1], r.buf[2], r.buf[3], r.buf[4], r.buf[5], r.buf[6], r.buf[7],
+                ]);
+                wrong += u32::from(first != r.sector * SECTOR as u64);
+            }
         }
     }
     mark(2);
