@@ -437,7 +437,11 @@ where
         .x_label_area_size(22)
         .y_label_area_size(52)
         // Segments 0..=n-1: one per subject.
-        .build_cartesian_2d((0u32..n - 1).into_segmented(), (lo..hi).log_scale())?;
+        // (At least two segments: a range of one point maps nothing.)
+        .build_cartesian_2d(
+            (0u32..(n - 1).max(1)).into_segmented(),
+            (lo..hi).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -483,9 +487,16 @@ where
                 continue;
             };
             chart.draw_series(std::iter::once(PathElement::new(
-                vec![(left, l), (right, l)],
+                vec![(left.clone(), l), (right, l)],
                 LIMIT_LINE.stroke_width(2),
             )))?;
+            let label = EmptyElement::at((left, l))
+                + Text::new(
+                    format!("limit {}", crate::output::num(l)),
+                    (4, -10),
+                    ("sans-serif", 8).into_font().color(&LIMIT_LINE),
+                );
+            chart.draw_series(std::iter::once(label))?;
         }
         for (sample, colour, left, right) in halves {
             let Some(s) = sample.filter(|s| s.median > 0.0) else {
