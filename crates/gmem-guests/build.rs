@@ -14,6 +14,7 @@ const GUESTS: &[&str] = &[
     "attacker",
     "snapshot-demo",
     "migrate-demo",
+    "blk-bench",
 ];
 /// The one target installed on this project's machines.
 const TARGET: &str = "x86_64-unknown-linux-gnu";

@@ -2,9 +2,11 @@
 //! - [`bars`]: one panel per metric, gmem's bar beside the raw baseline's
 //!   for each subject, on a log scale;
 //! - [`curves`]: the scale curves as line charts: setup time against guest
-//!   size, conversions and view VMAs against the number of islands, and the
+//!   size, conversions and view VMAs against the number of islands, the
 //!   aggregate round-trip rate against the number of VMs (in one process
-//!   and a process each).
+//!   and a process each), and virtio-blk throughput and exits per MiB
+//!   against the request size (these rows keep their bars too, with their
+//!   ratios and their limits in red).
 //!
 //! Both are read back from the report's rows (the curves' metric names
 //! carry the x value), so a chart always shows the run its table shows.
@@ -23,6 +25,9 @@ struct Curve {
     x_desc: &'static str,
     /// Parses the x value out of the metric's middle.
     parse: fn(&str) -> Option<f64>,
+    /// Whether its rows keep their bar panels too (with their ratios and
+    /// limits), rather than appearing here alone.
+    bars_too: bool,
 }
 
 /// One row family: the rows whose metric is `prefix` + x + `suffix`,
@@ -55,6 +60,7 @@ const CURVES: &[Curve] = &[
         lines: &[Line::new("sparse guest setup, ", "")],
         x_desc: "guest size (GiB)",
         parse: gib,
+        bars_too: false,
     },
     Curve {
         name: "fragmentation",
@@ -62,6 +68,7 @@ const CURVES: &[Curve] = &[
         lines: &[Line::new("conversions at ", " islands")],
         x_desc: "islands",
         parse: count,
+        bars_too: false,
     },
     Curve {
         name: "view-vmas",
@@ -69,6 +76,7 @@ const CURVES: &[Curve] = &[
         lines: &[Line::new("view VMAs at ", " islands")],
         x_desc: "islands",
         parse: count,
+        bars_too: false,
     },
     Curve {
         name: "many-vms",
@@ -87,8 +95,68 @@ const CURVES: &[Curve] = &[
         ],
         x_desc: "VMs",
         parse: count,
+        bars_too: false,
+    },
+    Curve {
+        name: "virtio-read",
+        title: "virtio-blk sequential reads against request size",
+        lines: &[
+            Line::new("virtio-blk sequential read, ", " requests"),
+            Line {
+                prefix: "virtio-blk sequential read, ",
+                suffix: " requests, bounced",
+                tag: ", bounced",
+            },
+            Line {
+                prefix: "virtio-blk sequential read, ",
+                suffix: " requests, 16 in flight",
+                tag: ", 16 in flight",
+            },
+        ],
+        x_desc: "request size (KiB)",
+        parse: kib,
+        bars_too: true,
+    },
+    Curve {
+        name: "virtio-write",
+        title: "virtio-blk sequential writes against request size",
+        lines: &[
+            Line::new("virtio-blk sequential write, ", " requests"),
+            Line {
+                prefix: "virtio-blk sequential write, ",
+                suffix: " requests, bounced",
+                tag: ", bounced",
+            },
+            Line {
+                prefix: "virtio-blk sequential write, ",
+                suffix: " requests, 16 in flight",
+                tag: ", 16 in flight",
+            },
+        ],
+        x_desc: "request size (KiB)",
+        parse: kib,
+        bars_too: true,
+    },
+    Curve {
+        name: "virtio-exits",
+        title: "virtio-blk exits per MiB against request size",
+        lines: &[Line::new("virtio-blk exits per MiB, ", " sequential reads")],
+        x_desc: "request size (KiB)",
+        parse: kib,
+        bars_too: true,
     },
 ];
+
+/// `"4 KiB"` or `"1 MiB"` in KiB.
+fn kib(s: &str) -> Option<f64> {
+    let (n, unit) = s.split_once(' ')?;
+    let n: f64 = n.parse().ok()?;
+    match unit {
+        "KiB" => Some(n),
+        "MiB" => Some(n * 1024.0),
+        _ => None,
+    }
+}
 
 /// `"16 GiB"` or `"1 TiB"` in GiB.
 fn gib(s: &str) -> Option<f64> {
@@ -266,6 +334,8 @@ fn draw(
 /// gmem's bars and the raw baseline's.
 const GMEM_BAR: RGBColor = RGBColor(0x3b, 0x6f, 0xd4);
 const RAW_BAR: RGBColor = RGBColor(0x9a, 0x9a, 0x9a);
+/// A row's limit, drawn over its bars.
+const LIMIT_LINE: RGBColor = RGBColor(0xc0, 0x39, 0x2b);
 
 /// The metrics the bar chart shows: every measured one except the
 /// metadata rows and the rows the curves draw.
@@ -274,6 +344,7 @@ fn bar_metrics(rows: &[Row]) -> Vec<&str> {
     for r in rows.iter().filter(|r| r.raw.is_some() || r.gmem.is_some()) {
         let in_curve = CURVES
             .iter()
+            .filter(|c| !c.bars_too)
             .flat_map(|c| c.lines)
             .any(|l| l.x_of(&r.metric).is_some());
         if !in_curve && !r.metric.starts_with("metadata") && !metrics.contains(&r.metric.as_str()) {
@@ -307,7 +378,7 @@ fn draw_bars(report: &BenchReport) -> Result<String, Box<dyn std::error::Error>>
         let (header, body) = root.split_vertically(HEADER);
         header.draw(&Text::new(
             format!(
-                "gmem bench: gmem (blue) beside the raw baseline (grey), region {} MiB, median of {} reps, log scales",
+                "gmem bench: gmem (blue) beside the raw baseline (grey), limits in red, region {} MiB, median of {} reps, log scales",
                 report.size >> 20,
                 report.reps
             ),
@@ -338,11 +409,13 @@ where
     } else {
         "lower is better"
     };
+    let limits = |r: &Row| r.limit.as_ref().map_or([None, None], |l| [l.gmem, l.raw]);
     let values: Vec<f64> = rows
         .iter()
         .flat_map(|r| [r.gmem, r.raw])
         .flatten()
         .map(|s| s.median)
+        .chain(rows.iter().flat_map(|r| limits(r)).flatten())
         .filter(|v| *v > 0.0)
         .collect();
     let hi = values.iter().copied().fold(f64::MIN_POSITIVE, f64::max) * 1.5;
@@ -364,7 +437,11 @@ where
         .x_label_area_size(22)
         .y_label_area_size(52)
         // Segments 0..=n-1: one per subject.
-        .build_cartesian_2d((0u32..n - 1).into_segmented(), (lo..hi).log_scale())?;
+        // (At least two segments: a range of one point maps nothing.)
+        .build_cartesian_2d(
+            (0u32..(n - 1).max(1)).into_segmented(),
+            (lo..hi).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -392,6 +469,35 @@ where
                 SegmentValue::Exact(j + 1),
             ),
         ];
+        // The limit (where the row has one): a red line over each bar.
+        let [gmem_limit, raw_limit] = limits(r);
+        for (limit, left, right) in [
+            (
+                gmem_limit,
+                SegmentValue::Exact(j),
+                SegmentValue::CenterOf(j),
+            ),
+            (
+                raw_limit,
+                SegmentValue::CenterOf(j),
+                SegmentValue::Exact(j + 1),
+            ),
+        ] {
+            let Some(l) = limit.filter(|l| *l > 0.0) else {
+                continue;
+            };
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(left.clone(), l), (right, l)],
+                LIMIT_LINE.stroke_width(2),
+            )))?;
+            let label = EmptyElement::at((left, l))
+                + Text::new(
+                    format!("limit {}", crate::output::num(l)),
+                    (4, -10),
+                    ("sans-serif", 8).into_font().color(&LIMIT_LINE),
+                );
+            chart.draw_series(std::iter::once(label))?;
+        }
         for (sample, colour, left, right) in halves {
             let Some(s) = sample.filter(|s| s.median > 0.0) else {
                 continue;
@@ -428,6 +534,8 @@ mod tests {
             raw: raw.map(s),
             ratio: None,
             goal: None,
+            targets: Vec::new(),
+            limit: None,
             note: None,
         }
     }
@@ -459,5 +567,50 @@ mod tests {
             "curve rows are in the curves, not the bars"
         );
         assert_eq!(gib("3 PiB"), None);
+    }
+
+    #[test]
+    fn virtio_rows_have_their_curves_and_keep_their_bars_and_limits() {
+        let read = |metric: &str, v: f64| {
+            let mut r = row(metric, "memfd", v, Some(v * 1.1));
+            r.limit = Some(crate::Limit {
+                text: "exits".into(),
+                gmem: Some(v * 3.0),
+                raw: Some(v * 3.0),
+                gmem_exits_per_mib: Some(1.0),
+                raw_exits_per_mib: Some(1.0),
+                gmem_exit_us: Some(17.0),
+                raw_exit_us: Some(17.0),
+            });
+            r
+        };
+        let report = BenchReport {
+            size: 64 << 20,
+            reps: 1,
+            kernel: "test".into(),
+            rows: vec![
+                read("virtio-blk sequential read, 4 KiB requests", 100.0),
+                read("virtio-blk sequential read, 1 MiB requests", 8000.0),
+                read("virtio-blk sequential read, 4 KiB requests, bounced", 90.0),
+                read(
+                    "virtio-blk sequential read, 1 MiB requests, bounced",
+                    4000.0,
+                ),
+            ],
+            skipped: vec![],
+            host_changes: vec![],
+        };
+        let charts = curves(&report).unwrap();
+        let names: Vec<_> = charts.iter().map(|c| c.0).collect();
+        assert_eq!(names, ["virtio-read"]);
+        assert!(charts[0].1.contains("memfd, bounced (raw)"), "both lines");
+        let bars = bars(&report).unwrap();
+        assert!(bars.contains("virtio-blk sequential read, 1 MiB requests, bounced"));
+        assert!(
+            bars.contains("#C0392B") || bars.contains("#c0392b"),
+            "limit lines"
+        );
+        assert_eq!(kib("1 MiB"), Some(1024.0));
+        assert_eq!(kib("64 KiB"), Some(64.0));
     }
 }

@@ -173,8 +173,37 @@ pub struct Row {
     pub ratio: Option<f64>,
     /// The goal, where the issue tracker set one.
     pub goal: Option<Goal>,
+    /// Goals on gmem's own figure rather than on the ratio ("≥ 1024
+    /// MiB/s"), where the issue tracker set them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Goal>,
+    /// What bounds the row, where the bench measures it (the virtio rows:
+    /// their exits at the measured cost of one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
     /// What to know when reading the row.
     pub note: Option<String>,
+}
+
+/// The most a row could reach when one cost alone were paid, measured in
+/// the same run: for the virtio rows, the figure if the path cost nothing
+/// but its exits (exits per MiB × the cost of one exit).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Limit {
+    /// What the limit counts, in words.
+    pub text: String,
+    /// gmem's limit, in the row's unit (median over the reps).
+    pub gmem: Option<f64>,
+    /// The raw baseline's limit, in the row's unit.
+    pub raw: Option<f64>,
+    /// gmem's side: exits per MiB moved (median).
+    pub gmem_exits_per_mib: Option<f64>,
+    /// The raw side: exits per MiB moved.
+    pub raw_exits_per_mib: Option<f64>,
+    /// gmem's side: the measured cost of one exit, in µs (median).
+    pub gmem_exit_us: Option<f64>,
+    /// The raw side: the measured cost of one exit, in µs.
+    pub raw_exit_us: Option<f64>,
 }
 
 /// A whole run's results.

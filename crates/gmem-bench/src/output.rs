@@ -38,16 +38,24 @@ pub fn table(report: &BenchReport) -> String {
     );
     let _ = writeln!(
         out,
-        "| metric | subject | unit | gmem | raw | ratio | goal | note |"
+        "| metric | subject | unit | gmem | raw | ratio | goal | limit | note |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for r in &report.rows {
-        let goal = r.goal.as_ref().map_or(String::new(), |g| {
-            format!("{} {}", g.text, if g.met { "✓" } else { "✗ missed" })
+        let goal = r
+            .goal
+            .iter()
+            .chain(&r.targets)
+            .map(|g| format!("{} {}", g.text, if g.met { "✓" } else { "✗ missed" }))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let limit = r.limit.as_ref().map_or(String::new(), |l| {
+            let side = |v: Option<f64>| v.map_or("—".to_owned(), num);
+            format!("{} / {} ({})", side(l.gmem), side(l.raw), l.text)
         });
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.metric,
             r.subject,
             r.unit,
@@ -55,6 +63,7 @@ pub fn table(report: &BenchReport) -> String {
             sample(r.raw),
             r.ratio.map_or(String::new(), |x| format!("{x:.2}×")),
             goal,
+            limit,
             r.note.as_deref().unwrap_or("")
         );
     }
@@ -87,6 +96,8 @@ mod tests {
                 raw: Some(s),
                 ratio: Some(1.0),
                 goal: None,
+                targets: Vec::new(),
+                limit: None,
                 note: Some("a <note>".into()),
             }],
             skipped: vec!["hugetlb-1g: no pages".into()],

@@ -4,10 +4,38 @@
 
 use std::time::{Duration, Instant};
 
-use crate::BenchError;
 use crate::raw::Subject;
+use crate::{BenchError, Goal, Limit};
 
 pub(crate) type Rep = Box<dyn FnMut() -> Result<f64, BenchError>>;
+
+/// Computes a row's [`Limit`] once its reps are done.
+pub(crate) type LimitFn = Box<dyn Fn() -> Option<Limit>>;
+
+/// A goal on gmem's own figure (the median), in the row's unit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Target {
+    /// At least this much.
+    AtLeast(f64),
+    /// At most this much.
+    AtMost(f64),
+}
+
+impl Target {
+    /// The goal in words, and whether `value` meets it.
+    pub(crate) fn check(self, value: f64, unit: &str) -> Goal {
+        match self {
+            Target::AtLeast(t) => Goal {
+                text: format!("≥ {t} {unit}"),
+                met: value >= t,
+            },
+            Target::AtMost(t) => Goal {
+                text: format!("≤ {t} {unit}"),
+                met: value <= t,
+            },
+        }
+    }
+}
 
 /// The base page size the metrics count in.
 pub(crate) const PAGE: u64 = 4096;
@@ -24,6 +52,10 @@ pub(crate) struct Plan {
     pub(crate) raw: Option<Rep>,
     /// The least ratio the issue tracker asks for.
     pub(crate) goal: Option<f64>,
+    /// Goals on gmem's own figure.
+    pub(crate) targets: Vec<Target>,
+    /// What bounds the row, computed after the reps.
+    pub(crate) limit: Option<LimitFn>,
     pub(crate) note: Option<String>,
     /// The least reps, for measurements short and noisy enough to need more.
     pub(crate) min_reps: u32,
@@ -46,6 +78,8 @@ impl Plan {
             gmem: None,
             raw: None,
             goal: None,
+            targets: Vec::new(),
+            limit: None,
             note: None,
             min_reps: 0,
             label: None,
@@ -74,6 +108,16 @@ impl Plan {
 
     pub(crate) fn goal(mut self, ratio: f64) -> Plan {
         self.goal = Some(ratio);
+        self
+    }
+
+    pub(crate) fn target(mut self, target: Target) -> Plan {
+        self.targets.push(target);
+        self
+    }
+
+    pub(crate) fn limit(mut self, f: impl Fn() -> Option<Limit> + 'static) -> Plan {
+        self.limit = Some(Box::new(f));
         self
     }
 

@@ -130,7 +130,7 @@ fn select(mut plans: Vec<Plan>, opts: &BenchOptions) -> Vec<Plan> {
             "conversion round trips (doorbell)",
             "host read, 64 KiB copies",
             "view VMAs at 1000 islands",
-            "virtio-blk sequential read (guest)",
+            "virtio-blk sequential read, 1 MiB requests",
             "sparse guest setup, 1 GiB",
             "8 VMs, aggregate round trips",
             "8 VM processes, aggregate round trips",
@@ -182,6 +182,13 @@ fn measure(plan: &mut Plan, reps: usize, step: &mut dyn FnMut(&str)) -> Result<R
             text: format!("≥ {goal}× raw"),
             met: ratio >= goal,
         }),
+        targets: gmem.map_or_else(Vec::new, |g| {
+            plan.targets
+                .iter()
+                .map(|t| t.check(g.median, plan.unit))
+                .collect()
+        }),
+        limit: plan.limit.as_ref().and_then(|f| f()),
         note: plan.note.clone(),
     })
 }

@@ -34,6 +34,12 @@ pub const SNAPSHOT_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/snaps
 /// checksum: what a migrated run must reproduce.
 pub const MIGRATE_DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrate-demo.elf"));
 
+/// `guests/blk-bench`: `gmem bench`'s virtio-blk guest; runs the requests
+/// its disk's sector 0 asks for (sequential reads or writes, random reads),
+/// over the bounce pool where RAM is private and on its own buffers where
+/// RAM is all shared, and reports on port `0x10` around them.
+pub const BLK_BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blk-bench.elf"));
+
 /// Every guest, by name.
 pub const ALL: &[(&str, &[u8])] = &[
     ("hello", HELLO),
@@ -42,4 +48,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("attacker", ATTACKER),
     ("snapshot-demo", SNAPSHOT_DEMO),
     ("migrate-demo", MIGRATE_DEMO),
+    ("blk-bench", BLK_BENCH),
 ];

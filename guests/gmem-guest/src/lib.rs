@@ -18,6 +18,8 @@
 //!   SWIOTLB does) and a `virtio-drivers` `Hal` whose `share`/`unshare` copy
 //!   through it, so the drivers of the `virtio-drivers` crate run here and
 //!   devices only ever see shared pages;
+//! - [`blk`]: a virtio-blk driver over `virtio-drivers`' queue that puts a
+//!   batch of requests in flight per notification;
 //! - the runtime pieces a `no_std` binary needs here: a panic handler that
 //!   prints and exits with status 101, `rust_eh_personality`, and `memcpy`,
 //!   `memmove`, `memset`, `memcmp`, `bcmp` (there is no C library).
@@ -28,6 +30,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod blk;
 pub mod console;
 mod entry;
 pub mod io;

@@ -296,6 +296,8 @@ pub(crate) fn metadata_rows() -> Vec<Row> {
         raw: None,
         ratio: None,
         goal,
+        targets: Vec::new(),
+        limit: None,
         note: Some(note.to_owned()),
     };
     let mut tib = AttributeMap::new();

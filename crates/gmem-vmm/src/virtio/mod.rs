@@ -111,17 +111,46 @@ where
     M: std::ops::Deref + Clone,
     M::Target: vm_memory::GuestMemory,
 {
-    let head = chain.head_index();
     let mut descs = Vec::new();
-    let mut bytes = 0u64;
+    let bytes = whole_chain_into(chain, &mut descs)?;
+    Ok(WholeChain {
+        readable: bytes.readable,
+        writable: bytes.writable,
+        descs,
+    })
+}
+
+/// [`whole_chain`] into `descs` (cleared first), so that a device serving
+/// request after request reuses one vector: the chain is walked once, and
+/// a device that serves it from `descs` never reads the descriptors again
+/// (the guest may change them meanwhile, from another vCPU).
+///
+/// # Errors
+/// As [`whole_chain`]; `descs` then holds the descriptors read.
+pub fn whole_chain_into<M>(
+    chain: &DescriptorChain<M>,
+    descs: &mut Vec<Descriptor>,
+) -> Result<ChainBytes, QueueFault>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let head = chain.head_index();
+    descs.clear();
+    let mut bytes = ChainBytes::default();
     for d in chain.clone() {
         if descs.len() == MAX_CHAIN_DESCRIPTORS {
             return Err(QueueFault(format!(
                 "the chain at head {head} has more than {MAX_CHAIN_DESCRIPTORS} descriptors"
             )));
         }
-        bytes += u64::from(d.len());
-        if bytes > MAX_CHAIN_BYTES {
+        let len = u64::from(d.len());
+        if d.is_write_only() {
+            bytes.writable += len;
+        } else {
+            bytes.readable += len;
+        }
+        if bytes.readable + bytes.writable > MAX_CHAIN_BYTES {
             return Err(QueueFault(format!(
                 "the chain at head {head} names more than {MAX_CHAIN_BYTES:#x} bytes"
             )));
@@ -136,21 +165,17 @@ where
             "the chain at head {head} was cut short after {} descriptors (a descriptor or table it names is not readable shared memory, or it is malformed)",
             descs.len()
         ))),
-        Some(_) => {
-            let sum = |w: bool| {
-                descs
-                    .iter()
-                    .filter(|d| d.is_write_only() == w)
-                    .map(|d| u64::from(d.len()))
-                    .sum()
-            };
-            Ok(WholeChain {
-                readable: sum(false),
-                writable: sum(true),
-                descs,
-            })
-        }
+        Some(_) => Ok(bytes),
     }
+}
+
+/// The bytes a whole chain offers the device ([`whole_chain_into`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChainBytes {
+    /// The bytes of the device-readable descriptors.
+    pub readable: u64,
+    /// The bytes of the device-writable descriptors.
+    pub writable: u64,
 }
 
 /// A chain [`whole_chain`] checked: its descriptors, and the bytes they
@@ -212,26 +237,37 @@ pub fn serve_queue<S, T>(
     fns: RequestFns<S, T>,
 ) -> Result<bool, QueueFault> {
     use virtio_queue::{QueueOwnedT, QueueT};
-    let pending = {
-        let mem = requests.memory();
-        let avail = queue.avail_idx(&mem, std::sync::atomic::Ordering::Acquire);
-        requests.done(mem);
-        let avail = avail.map_err(|e| QueueFault(format!("{what}: {e}")))?;
-        let pending = avail.0.wrapping_sub(queue.next_avail());
-        if pending > queue.size() {
-            return Err(QueueFault(format!(
-                "{what}: the avail index is {pending} chains ahead of the device, more than the queue's {}",
-                queue.size()
-            )));
+    // The avail index is read with the first request's memory, which the
+    // first chain then uses too: the avail ring's page is pinned once for
+    // both, not once for the index and again for the chain.
+    let first = requests.memory();
+    let pending = queue
+        .avail_idx(&first, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| QueueFault(format!("{what}: {e}")))
+        .and_then(|avail| {
+            let pending = avail.0.wrapping_sub(queue.next_avail());
+            if pending > queue.size() {
+                return Err(QueueFault(format!(
+                    "{what}: the avail index is {pending} chains ahead of the device, more than the queue's {}",
+                    queue.size()
+                )));
+            }
+            Ok(pending)
+        });
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => {
+            requests.done(first);
+            return Err(e);
         }
-        pending
     };
+    let mut first = Some(first);
     let mut used = false;
     for _ in 0..pending {
         if !(fns.want)(state) {
             break;
         }
-        let mut mem = requests.memory();
+        let mut mem = first.take().unwrap_or_else(|| requests.memory());
         let served = match queue.iter(&mem) {
             Err(e) => Err(QueueFault(format!("{what}: {e}"))),
             Ok(mut avail) => match avail.next() {
@@ -262,6 +298,9 @@ pub fn serve_queue<S, T>(
         requests.done(mem);
         answered?;
         used = true;
+    }
+    if let Some(mem) = first {
+        requests.done(mem);
     }
     Ok(used)
 }
