@@ -52,6 +52,16 @@ impl Gatekeeper {
     /// [`DirtyError::Gate`] for a poisoned gatekeeper. Nothing changes
     /// then.
     pub fn start_dirty_tracking(&self) -> Result<(), DirtyError> {
+        self.start_tracking(false)
+    }
+
+    /// [`start_dirty_tracking`](Self::start_dirty_tracking), owned by a
+    /// migration if `for_migration`: then the public
+    /// [`take_dirty`](Self::take_dirty) and
+    /// [`stop_dirty_tracking`](Self::stop_dirty_tracking) are refused
+    /// ([`DirtyError::Migrating`]) until the migration stops it, since a
+    /// set taken by anyone else is a set the migration never resends.
+    pub(crate) fn start_tracking(&self, for_migration: bool) -> Result<(), DirtyError> {
         // Under the state's write lock: a host write either finished
         // before (a reader that starts after this sees it) or marks.
         let st = self.write_state();
@@ -81,7 +91,16 @@ impl Gatekeeper {
             }
         }
         *dirty = Some(RangeSet::new());
+        self.0.dirty_owned.store(for_migration, Ordering::Release);
         self.0.dirty_on.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Refuses the public take and stop while a migration owns tracking.
+    fn refuse_if_migrating(&self) -> Result<(), DirtyError> {
+        if self.0.dirty_owned.load(Ordering::Acquire) {
+            return Err(DirtyError::Migrating);
+        }
         Ok(())
     }
 
@@ -92,10 +111,19 @@ impl Gatekeeper {
     /// dirtied after this one.
     ///
     /// # Errors
-    /// [`DirtyError::NotTracking`] (`EINVAL`); [`DirtyError::Kvm`] if
+    /// [`DirtyError::NotTracking`] (`EINVAL`); [`DirtyError::Migrating`]
+    /// (`EBUSY`) while a migration owns tracking
+    /// ([`migrate_to`](Self::migrate_to)); [`DirtyError::Kvm`] if
     /// `KVM_GET_DIRTY_LOG` fails (what the host marked is kept for the
     /// next take).
     pub fn take_dirty(&self) -> Result<Vec<Range<u64>>, DirtyError> {
+        self.refuse_if_migrating()?;
+        self.take_tracked()
+    }
+
+    /// [`take_dirty`](Self::take_dirty) for the owner of tracking (a
+    /// migration).
+    pub(crate) fn take_tracked(&self) -> Result<Vec<Range<u64>>, DirtyError> {
         let mut runs = {
             let mut dirty = self.lock_dirty();
             let host = dirty.as_mut().ok_or(DirtyError::NotTracking)?;
@@ -129,15 +157,24 @@ impl Gatekeeper {
     /// the VMM bound them with it), and what was not taken is dropped.
     ///
     /// # Errors
-    /// [`DirtyError::NotTracking`] (`EINVAL`); [`DirtyError::Kvm`] if KVM
-    /// refuses to drop the flag on a slot (tracking has stopped anyway:
-    /// that slot keeps a log nobody reads).
+    /// [`DirtyError::NotTracking`] (`EINVAL`); [`DirtyError::Migrating`]
+    /// (`EBUSY`) while a migration owns tracking (drop or complete it);
+    /// [`DirtyError::Kvm`] if KVM refuses to drop the flag on a slot
+    /// (tracking has stopped anyway: that slot keeps a log nobody reads).
     pub fn stop_dirty_tracking(&self) -> Result<(), DirtyError> {
+        self.refuse_if_migrating()?;
+        self.stop_tracking()
+    }
+
+    /// [`stop_dirty_tracking`](Self::stop_dirty_tracking) for the owner of
+    /// tracking (a migration).
+    pub(crate) fn stop_tracking(&self) -> Result<(), DirtyError> {
         let _st = self.write_state();
         let mut dirty = self.lock_dirty();
         if dirty.take().is_none() {
             return Err(DirtyError::NotTracking);
         }
+        self.0.dirty_owned.store(false, Ordering::Release);
         self.0.dirty_on.store(false, Ordering::Release);
         let mut first = Ok(());
         for r in &self.0.regions {

@@ -305,6 +305,12 @@ pub enum DirtyError {
     /// Tracking is not on.
     #[error("dirty tracking is not on: start it first")]
     NotTracking,
+    /// A migration owns tracking: a set taken, or a stop, by anyone else
+    /// would lose pages the migration must send.
+    #[error(
+        "a migration owns this gatekeeper's dirty tracking until it completes or is dropped: taking or stopping it now would lose pages the migration must send"
+    )]
+    Migrating,
     /// A guest_memfd slot: the kernel logs no dirty pages there
     /// (`KVM_MEM_LOG_DIRTY_PAGES` is refused with `KVM_MEM_GUEST_MEMFD`).
     #[error(
@@ -336,7 +342,7 @@ impl DirtyError {
     /// The errno the kernel gives for the same misuse.
     pub fn errno(&self) -> i32 {
         match self {
-            DirtyError::AlreadyTracking => libc::EBUSY,
+            DirtyError::AlreadyTracking | DirtyError::Migrating => libc::EBUSY,
             DirtyError::NotTracking | DirtyError::GuestMemfd { .. } => libc::EINVAL,
             DirtyError::Kvm { source, .. } => source.errno(),
             DirtyError::Gate(e) => e.errno(),

@@ -124,6 +124,9 @@ pub(crate) struct GateInner {
     pub(super) dirty: std::sync::Mutex<Option<crate::range_set::RangeSet>>,
     /// Whether `dirty` holds a set: the host paths' lock-free check.
     pub(super) dirty_on: std::sync::atomic::AtomicBool,
+    /// Whether a migration owns dirty tracking (the public take and stop
+    /// are refused then).
+    pub(super) dirty_owned: std::sync::atomic::AtomicBool,
     #[cfg(test)]
     pub(super) faults: std::sync::Mutex<Faults>,
     // Last: dropped after `Drop::drop` has read the state.
@@ -295,6 +298,7 @@ impl Gatekeeper {
             has_lazy: std::sync::atomic::AtomicBool::new(false),
             dirty: std::sync::Mutex::new(None),
             dirty_on: std::sync::atomic::AtomicBool::new(false),
+            dirty_owned: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             faults: Default::default(),
             regions,

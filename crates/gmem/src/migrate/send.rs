@@ -119,7 +119,7 @@ impl Drop for Tracking {
         if self.0.is_tracking_dirty() {
             // Nothing to report to: the source goes on either way, and a
             // slot left logging only costs KVM its bitmap.
-            let _ = self.0.stop_dirty_tracking();
+            let _ = self.0.stop_tracking();
         }
     }
 }
@@ -199,6 +199,12 @@ impl Gatekeeper {
     /// `docs/migration-stream.md`; the destination reads it with
     /// [`Incoming`](super::Incoming).
     ///
+    /// Tracking is the migration's until it completes or is dropped: the
+    /// public [`take_dirty`](Self::take_dirty) and
+    /// [`stop_dirty_tracking`](Self::stop_dirty_tracking) are refused
+    /// meanwhile ([`DirtyError::Migrating`](crate::DirtyError::Migrating)),
+    /// since a set anyone else took would never be resent.
+    ///
     /// A lazily restored VM is filled first. The guest may run meanwhile
     /// and afterwards: the source reads memory a chunk at a time.
     ///
@@ -226,7 +232,7 @@ impl Gatekeeper {
                 });
             }
         }
-        self.start_dirty_tracking()?;
+        self.start_tracking(true)?;
         let tracking = Tracking(self.clone());
         // Tracking is on before the population is read: a page written
         // after this is in the first take, whatever the first round read.
@@ -327,7 +333,7 @@ impl<W: Write> MigrationSource<W> {
         counts[8..].copy_from_slice(&zeroed.to_le_bytes());
         self.out
             .authenticated(Kind::Round, u64::from(round), &counts)?;
-        self.pending = self.gate.take_dirty()?;
+        self.pending = self.gate.take_tracked()?;
         let report = RoundReport {
             round,
             data_bytes: data,
@@ -404,7 +410,7 @@ impl<W: Write> MigrationSource<W> {
         let gate = self.gate.clone();
         let frozen = gate.freeze()?;
         let mut runs = RangeSet::new();
-        for r in self.pending.drain(..).chain(gate.take_dirty()?) {
+        for r in self.pending.drain(..).chain(gate.take_tracked()?) {
             runs.insert(r);
         }
         let private = frozen.private_runs();
@@ -481,7 +487,7 @@ impl<W: Write> MigrationSource<W> {
         let gate = self.gate.clone();
         let frozen = gate.freeze()?;
         let mut runs = RangeSet::new();
-        for r in self.pending.drain(..).chain(gate.take_dirty()?) {
+        for r in self.pending.drain(..).chain(gate.take_tracked()?) {
             runs.insert(r);
         }
         let private = frozen.private_runs();
