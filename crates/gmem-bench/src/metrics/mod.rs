@@ -7,6 +7,7 @@
 mod conversion;
 mod file;
 mod lazy;
+mod migrate;
 mod snapshot;
 mod vcpu;
 
@@ -22,7 +23,7 @@ use vcpu::{guest_touch_gmem, guest_touch_raw, launch_gmem, launch_raw};
 
 use gmem::{Attribute, AttributeMap, BackingKind};
 
-use crate::plan::{PAGE, Plan, gib_per_s, per_s};
+use crate::plan::{PAGE, Plan, Target, gib_per_s, per_s};
 use crate::raw::Subject;
 use crate::{BenchOptions, Goal, Row, Sample};
 
@@ -269,6 +270,9 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
             .note("raw: the populated bytes alone"),
         );
     }
+    if backings.contains(&BackingKind::Memfd) {
+        plans.extend(migration_plans());
+    }
     plans.extend(crate::virtio_io::plans(backings));
     plans.extend(crate::scale::plans(backings));
     plans.extend(crate::processes::plans(backings, opts.worker.as_deref()));
@@ -282,6 +286,93 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
             .label("bookkeeping")
             .note("1-16 pages each over 4 GiB; raw: a naive byte per page"),
     );
+    plans
+}
+
+/// Live migration of a 1 GiB memfd guest at each dirty rate: downtime,
+/// total time, bytes per guest byte and rounds, from one migration per rep
+/// (`metrics/migrate.rs`).
+fn migration_plans() -> Vec<Plan> {
+    use migrate::{GUEST, Rate, figures, runs, sendfile_time};
+    let s = Subject::Backing(BackingKind::Memfd);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let common = "1 GiB memfd guest, fully populated, an eighth private and sealed; \
+                  over a Unix socket pair to a destination gatekeeper in another thread; \
+                  the dirtier is a host thread writing 4 KiB pages through Gatekeeper::write, \
+                  not a vCPU";
+    let mut plans = Vec::new();
+    for rate in [
+        Rate::Idle,
+        Rate::BytesPerSec(10 << 20),
+        Rate::BytesPerSec(100 << 20),
+        Rate::Unthrottled,
+    ] {
+        let label = rate.label();
+        let shared = runs(rate);
+        let idle = rate == Rate::Idle;
+        // Each row counts its own reps through the shared runs.
+        let counter = |shared: &migrate::Shared| {
+            let shared = std::rc::Rc::clone(shared);
+            let mut i = 0usize;
+            move || {
+                let f = figures(&shared, i);
+                i += 1;
+                f
+            }
+        };
+        let mut g = counter(&shared);
+        let mut r = counter(&shared);
+        // ≤ 10 ms idle; under QEMU's default 300 ms limit otherwise.
+        let limit = if idle { 10.0 } else { 300.0 };
+        plans.push(
+            Plan::new(format!("migration downtime, {label}"), s, "ms", false)
+                .gmem(move || Ok(ms(g()?.downtime)))
+                .raw(move || Ok(ms(sendfile_time(r()?.final_bytes)?)))
+                .target(Target::AtMost(limit))
+                .note(format!(
+                    "from the dirtier's stop and complete()'s start (the vCPUs' pause) to the destination's receive() returning; {common}; raw: the stop-and-copy's bytes by sendfile from a memfd over the same kind of socket"
+                )),
+        );
+        let mut g = counter(&shared);
+        let mut r = counter(&shared);
+        plans.push(
+            Plan::new(format!("migration total time, {label}"), s, "ms", false)
+                .gmem(move || Ok(ms(g()?.total)))
+                .raw(move || Ok(ms(sendfile_time(r()?.stream_bytes)?)))
+                .note(format!(
+                    "migrate_to() to the destination's return; {common}; raw: the whole stream's bytes by sendfile"
+                )),
+        );
+        let mut g = counter(&shared);
+        let mut bytes = Plan::new(
+            format!("migration bytes per guest byte, {label}"),
+            s,
+            "×",
+            false,
+        )
+        .gmem(move || Ok(g()?.stream_bytes as f64 / GUEST as f64))
+        .raw(|| Ok(1.0))
+        .note(format!(
+            "stream bytes over guest bytes; {common}; raw: the populated bytes sent once"
+        ));
+        if idle {
+            bytes = bytes.target(Target::AtMost(1.1));
+        }
+        plans.push(bytes);
+        let mut g = counter(&shared);
+        plans.push(
+            Plan::new(
+                format!("migration pre-copy rounds, {label}"),
+                s,
+                "rounds",
+                false,
+            )
+            .gmem(move || Ok(g()?.rounds as f64))
+            .note(format!(
+                "at most 30, stopped once at most 4 MiB is left (the defaults); {common}"
+            )),
+        );
+    }
     plans
 }
 
