@@ -1698,3 +1698,52 @@ fn the_dirty_log_belongs_to_the_migration_while_it_runs() {
     src.gate.start_dirty_tracking().unwrap();
     src.gate.stop_dirty_tracking().unwrap();
 }
+
+/// A VM of two adjacent regions (two files, one after the other in GPA)
+/// whose boundary is not 1 MiB-aligned: a dirty run across it, over
+/// holes and data, must go as records inside one region each.
+#[test]
+fn a_dirty_run_across_two_adjacent_regions_migrates() {
+    let test = "migration: two adjacent regions";
+    if !kvm_or_skip(test) || on_backing(test, BackingKind::Memfd, 0).is_none() {
+        return;
+    }
+    let two = |vm: &Vm| {
+        let a = gmem::create_memory(
+            gmem::MemoryOptions::new(BackingKind::Memfd, MIB + 8 * P),
+            Some(vm),
+        )
+        .unwrap();
+        let b = gmem::create_memory(gmem::MemoryOptions::new(BackingKind::Memfd, MIB), Some(vm))
+            .unwrap();
+        let ba = vm
+            .bind(&a, gmem::SlotRequest::new(0, 0, MIB + 8 * P))
+            .unwrap();
+        let bb = vm
+            .bind(&b, gmem::SlotRequest::new(MIB + 8 * P, 0, MIB))
+            .unwrap();
+        let gate = Gatekeeper::new(vm, vec![ba, bb], GateOptions::default()).unwrap();
+        (gate, a, b)
+    };
+    let (vm_s, vm_d) = (Vm::new().unwrap(), Vm::new().unwrap());
+    let (src, _a, _b) = two(&vm_s);
+    let (dst, _c, _d) = two(&vm_d);
+    let edge = MIB + 8 * P;
+    src.fill(0, 2 * MIB, 0x61).unwrap();
+    let m = migrate_over_socket(&src, &dst, Some(key()), &|g| {
+        // Across the boundary: holes on both sides, then data across it.
+        g.discard(edge - 2 * P, 4 * P).unwrap();
+        g.write(edge - 0x10, b"across the edge of two regions")
+            .unwrap();
+        g.discard(edge + 4 * P, 2 * P).unwrap();
+        g.discard(edge - 6 * P, 2 * P).unwrap();
+        g.write(edge - 6 * P, &[0x62; 3 * P as usize]).unwrap();
+        g.discard(edge + P, P).unwrap();
+        // A hole across the boundary.
+        g.discard(edge - P, 2 * P).unwrap();
+    });
+    let dest = m.dest.map_err(|e| e.to_string());
+    assert!(dest.is_ok(), "the destination refused: {dest:?}");
+    m.source.unwrap();
+    assert_eq!(content(&dst), content(&src));
+}

@@ -135,6 +135,10 @@ struct Out<W: Write> {
     zeroed: u64,
     buf: Vec<u8>,
     parts: Vec<(Range<u64>, bool)>,
+    /// Where each region ends, in GPA order: a zero record never crosses
+    /// one (two adjacent regions' dirty runs merge, and the destination
+    /// takes a record inside one region only).
+    region_ends: Vec<u64>,
 }
 
 /// A live migration's source, from [`Gatekeeper::migrate_to`]: the header
@@ -262,6 +266,7 @@ impl Gatekeeper {
             zeroed: 0,
             buf: vec![0u8; CHUNK + TAG],
             parts: Vec::new(),
+            region_ends: self.layout().iter().map(|r| r.gpa + r.len).collect(),
         };
         out.raw(&bytes)?;
         if let Some(s) = &out.sealer {
@@ -854,10 +859,21 @@ impl<W: Write> Out<W> {
         for run in runs {
             for (piece, held) in pieces(run, populated) {
                 if !held {
-                    let len = piece.end - piece.start;
-                    self.authenticated(Kind::Zero, piece.start, &len.to_le_bytes())?;
-                    zeroed += len;
-                    self.zeroed += len;
+                    // One zero record per region the hole lies in.
+                    let mut at = piece.start;
+                    while at < piece.end {
+                        let end = self
+                            .region_ends
+                            .iter()
+                            .copied()
+                            .find(|&e| e > at)
+                            .map_or(piece.end, |e| e.min(piece.end));
+                        let len = end - at;
+                        self.authenticated(Kind::Zero, at, &len.to_le_bytes())?;
+                        zeroed += len;
+                        self.zeroed += len;
+                        at = end;
+                    }
                     continue;
                 }
                 let mut gpa = piece.start;
