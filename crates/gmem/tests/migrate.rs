@@ -1747,3 +1747,78 @@ fn a_dirty_run_across_two_adjacent_regions_migrates() {
     m.source.unwrap();
     assert_eq!(content(&dst), content(&src));
 }
+
+/// The source never sends more rounds than a destination takes
+/// (`MAX_ROUNDS`): a round past it is refused before anything is sent, the
+/// migration stays usable, and `precopy` stops there whatever
+/// `max_rounds` says.
+#[test]
+fn the_source_keeps_to_the_destinations_round_limit() {
+    let test = "migration: MAX_ROUNDS at the source";
+    if !kvm_or_skip(test) || on_backing(test, BackingKind::Memfd, 0).is_none() {
+        return;
+    }
+    let src = source(BackingKind::Memfd, SMALL, true);
+    // Rounds one at a time, each with a page dirtied.
+    let mut wire = Vec::new();
+    let mut m = src
+        .gate
+        .migrate_to(&mut wire, MigrationOptions::new().with_key(key()))
+        .unwrap();
+    for n in 0..MAX_ROUNDS {
+        src.gate
+            .write(u64::from(n % 8) * P, &n.to_le_bytes())
+            .unwrap();
+        m.send_round().unwrap();
+    }
+    let before = m.stream_bytes();
+    let e = m.send_round().unwrap_err();
+    assert!(
+        matches!(e, MigrateError::TooManyRounds { max } if max == MAX_ROUNDS),
+        "{e}"
+    );
+    assert_ne!(e.errno(), 0);
+    assert_eq!(m.stream_bytes(), before, "nothing sent");
+    m.complete(STATE).unwrap();
+    let dst = guest(BackingKind::Memfd, SMALL);
+    let mut r = wire.as_slice();
+    let report = Incoming::read_header(&mut r)
+        .unwrap()
+        .receive(&dst.gate, &mut r, Some(&key()))
+        .unwrap();
+    assert_eq!(report.rounds, u64::from(MAX_ROUNDS));
+    assert_eq!(content(&dst.gate), content(&src.gate));
+
+    // precopy_done() with a budget past the limit stops at it. The pages
+    // written before each round (taken at its end, sent in the next)
+    // alternate 10 and 8, so no two rounds in a row leave 90% of what
+    // they sent (no stall) and none converges.
+    let mut wire = Vec::new();
+    let mut m = src
+        .gate
+        .migrate_to(
+            &mut wire,
+            MigrationOptions::new()
+                .with_key(key())
+                .with_max_rounds(MAX_ROUNDS + 100)
+                .with_converge_bytes(0),
+        )
+        .unwrap();
+    let mut n = 0u32;
+    while !m.precopy_done() {
+        for page in 0..if n.is_multiple_of(2) { 10 } else { 8 } {
+            src.gate.write(page * P, &n.to_le_bytes()).unwrap();
+        }
+        m.send_round().unwrap();
+        n += 1;
+        assert!(n <= MAX_ROUNDS, "precopy_done past MAX_ROUNDS");
+    }
+    assert_eq!(m.rounds().len() as u32, MAX_ROUNDS);
+    m.complete(STATE).unwrap();
+    let dst = guest(BackingKind::Memfd, SMALL);
+    let mut r = wire.as_slice();
+    Incoming::read_header(&mut r)
+        .unwrap()
+        .receive(&dst.gate, &mut r, Some(&key()))
+        .unwrap();
+}

@@ -33,6 +33,16 @@ pub enum MigrateError {
     /// The migration was completed or failed already.
     #[error("the migration source has completed or failed already: start a new one")]
     Finished,
+    /// Another pre-copy round would be past what a destination takes
+    /// ([`MAX_ROUNDS`](super::MAX_ROUNDS)): nothing was sent, and the
+    /// migration can still complete.
+    #[error(
+        "the migration has sent {max} pre-copy rounds, the most a destination takes: complete it"
+    )]
+    TooManyRounds {
+        /// The most.
+        max: u32,
+    },
     /// The gatekeeper refused (poisoned, live pins at the stop-and-copy,
     /// two backings).
     #[error(transparent)]
@@ -72,6 +82,7 @@ impl MigrateError {
             MigrateError::PrivateWithoutKey { .. } => libc::EPERM,
             MigrateError::StateTooLarge { .. } => libc::E2BIG,
             MigrateError::Finished => libc::EINVAL,
+            MigrateError::TooManyRounds { .. } => libc::E2BIG,
             MigrateError::Gate(e) => e.errno(),
             MigrateError::Dirty(e) => e.errno(),
             MigrateError::Populated(e) => e.errno(),

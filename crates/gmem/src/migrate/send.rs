@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::error::MigrateError;
 use super::{
-    DEFAULT_CONVERGE_BYTES, DEFAULT_MAX_ROUNDS, MAGIC, POSTCOPY_DONE, POSTCOPY_FAILED,
+    DEFAULT_CONVERGE_BYTES, DEFAULT_MAX_ROUNDS, MAGIC, MAX_ROUNDS, POSTCOPY_DONE, POSTCOPY_FAILED,
     POSTCOPY_RUNNING, POSTCOPY_TIMEOUT, VERSION,
 };
 use crate::gate::{GateError, Gatekeeper};
@@ -26,7 +26,9 @@ pub struct MigrationOptions {
     /// one, a VM with private pages is refused
     /// ([`MigrateError::PrivateWithoutKey`]).
     pub key: Option<SealKey>,
-    /// The most pre-copy rounds [`MigrationSource::precopy`] sends.
+    /// The most pre-copy rounds [`MigrationSource::precopy`] sends (never
+    /// more than [`MAX_ROUNDS`](super::MAX_ROUNDS), what a destination
+    /// takes).
     pub max_rounds: u32,
     /// Pre-copy stops once what is left to send is at most this many
     /// bytes: the stop-and-copy sends it, with the vCPUs paused.
@@ -313,10 +315,16 @@ impl<W: Write> MigrationSource<W> {
     /// [`migrate_to`](Gatekeeper::migrate_to), and
     /// [`MigrateError::PrivateWithoutKey`] if a page became private
     /// without a key. The migration cannot go on after an error (the
-    /// stream is cut part-way); the VM is unchanged.
+    /// stream is cut part-way); the VM is unchanged. But
+    /// [`MigrateError::TooManyRounds`] once [`MAX_ROUNDS`](super::MAX_ROUNDS)
+    /// rounds are sent (a destination takes no more) sends nothing: the
+    /// migration can still complete.
     pub fn send_round(&mut self) -> Result<RoundReport, MigrateError> {
         if self.failed {
             return Err(MigrateError::Finished);
+        }
+        if self.rounds.len() >= MAX_ROUNDS as usize {
+            return Err(MigrateError::TooManyRounds { max: MAX_ROUNDS });
         }
         self.failed = true;
         let started = Instant::now();
@@ -360,7 +368,8 @@ impl<W: Write> MigrationSource<W> {
     /// more rounds would only cost bandwidth).
     pub fn precopy_done(&self) -> bool {
         let n = self.rounds.len();
-        if n as u32 >= self.opts.max_rounds {
+        // The budget, and never past what a destination takes.
+        if n as u32 >= self.opts.max_rounds.min(MAX_ROUNDS) {
             return true;
         }
         if n > 0 && self.pending_bytes() <= self.opts.converge_bytes {
