@@ -537,7 +537,11 @@ fn conversion_race(backing: BackingKind) {
             let kind = if n.is_multiple_of(2) { IN } else { OUT };
             // Every third request also names the private page: refused
             // before anything moves, and its status written after release.
-            let data2 = if n.is_multiple_of(3) { PRIV } else { DATA + 2048 };
+            let data2 = if n.is_multiple_of(3) {
+                PRIV
+            } else {
+                DATA + 2048
+            };
             let flags = if kind == IN { WRITE } else { 0 };
             d.header(HDR, kind, 0);
             if d.gate.write(STATUS, &[0xff]).is_err() {
@@ -654,14 +658,34 @@ fn a_full_queue_of_the_largest_requests() {
     for req in 0..128 {
         d.publish(req);
     }
+    // Another thread samples the live pins while the notification runs:
+    // pins live for one request (at most DeviceMemory's 1,024).
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (gate, stop) = (d.gate.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(gate.view_windows().1);
+                std::thread::yield_now();
+            }
+            most
+        })
+    };
     let t = Instant::now();
     d.notify();
     let pins = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let most_pins = sampler.join().unwrap();
     let oks = (0..128).filter(|&r| d.byte(STATUS + r) == OK).count();
     println!(
-        "128 x 1,022 descriptors on 511 isolated pages: {pins:?}, {} used, {oks} OK, refusals {}",
+        "128 x 1,022 descriptors on 511 isolated pages: {pins:?}, {} used, {oks} OK, refusals {}, at most {most_pins} pins live",
         d.used_idx(),
         refused(&d)
+    );
+    assert!(
+        most_pins <= 1024,
+        "{most_pins} pins live in one notification"
     );
     let _ = std::fs::remove_file(&path);
     assert!(d.gate.pins().is_empty());
