@@ -250,7 +250,7 @@ fn the_attacker_is_refused_every_time_and_the_vm_lives() {
             .find(|d| d.name == "virtio-blk")
             .unwrap();
         assert!(
-            blk.refused >= 5,
+            blk.refused >= 9,
             "{backing}: the report counts {} refusals",
             blk.refused
         );

@@ -10,6 +10,15 @@
 //!    itself as needing reset (status bit 0x40);
 //! 4. the descriptor table in private RAM: needs reset;
 //! 5. the available ring converted to private after setup: needs reset;
+//! 6. two requests in one notification, the first into private RAM, the
+//!    second with its header and status on one page (as `BatchBlk` puts
+//!    them): IOERR, then OK, the private page untouched;
+//! 7. a write to the disk from private RAM: IOERR, and reading the sector
+//!    back shows none of its bytes;
+//! 8. a data buffer straddling from private RAM into the shared pool (its
+//!    first 256 bytes private): IOERR, the private bytes untouched;
+//! 9. an indirect table (a feature the device does not offer) in private
+//!    RAM: needs reset;
 //!
 //! and after each reset a clean request succeeds. Exits 0 if all held, else
 //! the number of the attempt that did not.
@@ -149,6 +158,38 @@ impl Blk {
         Some(get::<u8>(st))
     }
 
+    /// Writes descriptor `i` of the table at `desc`.
+    fn put_desc(&self, desc: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        put::<u64>(desc + 16 * i, addr);
+        put::<u32>(desc + 16 * i + 8, len);
+        put::<u16>(desc + 16 * i + 12, flags);
+        put::<u16>(desc + 16 * i + 14, next);
+    }
+
+    /// Makes the chain at `head` available, without notifying.
+    fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.next_avail % QSIZE);
+        put::<u16>(self.avail() + 4 + 2 * slot, head);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        put::<u16>(self.avail() + 2, self.next_avail);
+    }
+
+    /// Notifies the queue; how many chains the device used.
+    fn kick(&mut self) -> u16 {
+        wr(self.regs + 0x50, 0);
+        let used: u16 = get(self.used() + 2);
+        let n = used.wrapping_sub(self.last_used);
+        self.last_used = used;
+        n
+    }
+
+    /// A request header (type, sector) at `at`.
+    fn put_header(&self, at: u64, kind: u32, sector: u64) {
+        put::<u32>(at, kind);
+        put::<u32>(at + 4, 0);
+        put::<u64>(at + 8, sector);
+    }
+
     fn clean_read(&mut self) -> bool {
         let (desc, hdr, data, st) = (self.desc(), self.header(), self.data(), self.status_byte());
         self.read(desc, hdr, data, st) == Some(0)
@@ -247,6 +288,92 @@ fn main(boot: Boot) -> i32 {
     blk.setup(desc);
     if !blk.clean_read() {
         return 52;
+    }
+    // 6. Two requests in one notification: the first's data private, the
+    // second's header and status sharing a page.
+    let (hdr2, st2) = (hdr + 0x100, hdr + 0x200);
+    blk.put_header(hdr, 0, 0);
+    blk.put_header(hdr2, 0, 0);
+    put::<u8>(st, 0xff);
+    put::<u8>(st2, 0xff);
+    blk.put_desc(desc, 0, hdr, 16, 1, 1);
+    blk.put_desc(desc, 1, private(0), 512, 1 | 2, 2);
+    blk.put_desc(desc, 2, st, 1, 2, 0);
+    blk.put_desc(desc, 3, hdr2, 16, 1, 4);
+    blk.put_desc(desc, 4, data, 512, 1 | 2, 5);
+    blk.put_desc(desc, 5, st2, 1, 2, 0);
+    blk.publish(0);
+    blk.publish(3);
+    let used = blk.kick();
+    let (a, b) = (get::<u8>(st), get::<u8>(st2));
+    let untouched = (0..4096).all(|i| get::<u8>(private(0) + i) == 0x5e);
+    println!(
+        "attack 6, two requests in one notification, the first into private memory: {used} used, statuses {a} and {b}, private page untouched: {untouched}"
+    );
+    if used != 2 || a != 1 || b != 0 || !untouched {
+        return 6;
+    }
+    // 7. A write to sector 1 from private memory; then sector 1 read back.
+    blk.put_header(hdr, 1, 1);
+    put::<u8>(st, 0xff);
+    blk.put_desc(desc, 0, hdr, 16, 1, 1);
+    blk.put_desc(desc, 1, private(0), 512, 1, 2);
+    blk.put_desc(desc, 2, st, 1, 2, 0);
+    blk.publish(0);
+    let used = blk.kick();
+    let wrote = get::<u8>(st);
+    blk.put_header(hdr, 0, 1);
+    put::<u8>(st, 0xff);
+    for i in 0..512 {
+        put::<u8>(data + i, 0);
+    }
+    blk.put_desc(desc, 1, data, 512, 1 | 2, 2);
+    blk.publish(0);
+    let used = used + blk.kick();
+    let leaked = (0..512).filter(|&i| get::<u8>(data + i) == 0x5e).count();
+    println!(
+        "attack 7, a write to the disk from private memory: status {wrote}, read back {}, {leaked} private bytes on the disk",
+        get::<u8>(st)
+    );
+    if used != 2 || wrote != 1 || get::<u8>(st) != 0 || leaked != 0 {
+        return 7;
+    }
+    // 8. A buffer from the last 256 bytes of the private page below the
+    // pool into the pool's first page.
+    let below = virtio::pool_start() as u64 - 256;
+    let before: [u8; 256] = core::array::from_fn(|i| get::<u8>(below + i as u64));
+    blk.put_header(hdr, 0, 0);
+    put::<u8>(st, 0xff);
+    blk.put_desc(desc, 1, below, 512, 1 | 2, 2);
+    blk.publish(0);
+    let used = blk.kick();
+    let untouched = (0..256).all(|i| get::<u8>(below + i as u64) == before[i]);
+    println!(
+        "attack 8, a buffer from private memory into the shared pool: {used} used, status {}, private bytes untouched: {untouched}",
+        get::<u8>(st)
+    );
+    if used != 1 || get::<u8>(st) != 1 || !untouched {
+        return 8;
+    }
+    // 9. An indirect table in private memory.
+    let table = private(1);
+    blk.put_desc(table, 0, hdr, 16, 1, 1);
+    blk.put_desc(table, 1, data, 512, 1 | 2, 2);
+    blk.put_desc(table, 2, st, 1, 2, 0);
+    put::<u8>(st, 0xff);
+    blk.put_desc(desc, 0, table, 48, 4, 0);
+    blk.publish(0);
+    let used = blk.kick();
+    let needs_reset = blk.status() & STATUS_NEEDS_RESET != 0;
+    println!(
+        "attack 9, an indirect table in private memory: {used} used, device needs reset: {needs_reset}"
+    );
+    if used != 0 || !needs_reset || get::<u8>(st) != 0xff {
+        return 9;
+    }
+    blk.setup(desc);
+    if !blk.clean_read() {
+        return 93;
     }
     println!("attacker: every attempt was refused, and the VM lives");
     0
