@@ -284,6 +284,36 @@ impl SlotFile {
         &self.map
     }
 
+    /// Sets the slot again with `KVM_MEM_LOG_DIRTY_PAGES` (memfd and
+    /// hugetlb kinds only).
+    ///
+    /// # Errors
+    /// KVM's.
+    pub fn log_dirty(&self) -> Result<(), BenchError> {
+        let region = kvm_userspace_memory_region2 {
+            slot: 0,
+            flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: self.map.len() as u64,
+            userspace_addr: self.map.as_ptr() as u64,
+            guest_memfd_offset: 0,
+            guest_memfd: 0,
+            pad1: 0,
+            pad2: [0; 14],
+        };
+        // SAFETY: the slot and mapping this SlotFile made (it keeps the
+        // mapping until the VM fd is closed); only the flags change.
+        unsafe { self._vm.set_user_memory_region2(region) }.map_err(kvm_err)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the slot: its bitmap, read and cleared.
+    ///
+    /// # Errors
+    /// KVM's.
+    pub fn dirty_log(&self) -> Result<Vec<u64>, BenchError> {
+        self._vm.get_dirty_log(0, self.map.len()).map_err(kvm_err)
+    }
+
     /// The file.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

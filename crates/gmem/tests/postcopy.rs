@@ -150,3 +150,36 @@ fn a_source_lost_after_the_switch_fails_the_destination_cleanly() {
         again.err().map(|e: MigrateError| e.to_string())
     );
 }
+
+#[test]
+fn a_switch_with_nothing_left_to_send_is_still_post_copy() {
+    let test = "postcopy_nothing_left";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (_vm, src) = gate(BackingKind::Memfd, 4 * MIB);
+    src.write(0, &pattern(0, 4096, 1)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let source = {
+        let src = src.clone();
+        let a2 = a.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut m = src.migrate_to(a, MigrationOptions::new()).unwrap();
+            m.send_round().unwrap();
+            let p = m.switch_to_postcopy(b"idle").unwrap();
+            assert_eq!(p.blocks(), 0);
+            let mut ran = false;
+            p.serve(a2, || ran = true).unwrap();
+            assert!(ran, "the destination's answer was not heard");
+        })
+    };
+    let (_vm2, dst) = gate(BackingKind::Memfd, 4 * MIB);
+    let mut r = b.try_clone().unwrap();
+    let incoming = Incoming::read_header(&mut r).unwrap();
+    let got = incoming.receive_with_postcopy(&dst, r, b, None).unwrap();
+    let post = got.postcopy.expect("a post-copy switch, with no block");
+    post.answer_running().unwrap();
+    post.into_restore().finish().unwrap();
+    source.join().unwrap();
+    assert_eq!(read(&dst, 0, 4096), pattern(0, 4096, 1));
+}

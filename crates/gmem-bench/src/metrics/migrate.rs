@@ -18,6 +18,16 @@
 //!
 //! One migration per rep serves the four rows of its rate: the rows read a
 //! shared cache, so each rep's figures come from one run.
+//!
+//! **Post-copy** rows migrate the same guest with one pre-copy round, then
+//! the switch (`switch_to_postcopy`), the destination answering that it
+//! runs the guest (`receive_with_postcopy`, `answer_running`) and the
+//! source serving the rest (`PostcopySource::serve`): downtime is the
+//! pause to the destination's answer; total time runs until every block is
+//! in; the fault latency is a host read at the destination of the last
+//! page the dirtier wrote (in a block not yet in: a request over the back
+//! channel, and the block's 2 MiB), beside a raw request of 8 bytes
+//! answered with 2 MiB over the same kind of socket.
 
 use std::cell::RefCell;
 use std::io::Read;
@@ -73,6 +83,25 @@ impl Rate {
     }
 }
 
+/// Pre-copy, or post-copy after one round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Rounds until converged, then the stop-and-copy.
+    Precopy,
+    /// One round, the switch, then the rest on demand and pushed.
+    Postcopy,
+}
+
+impl Mode {
+    /// The rows' name for it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Mode::Precopy => "pre-copy",
+            Mode::Postcopy => "post-copy",
+        }
+    }
+}
+
 /// What one migration measured.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Figures {
@@ -83,19 +112,23 @@ pub(crate) struct Figures {
     /// Bytes of stream the stop-and-copy wrote.
     pub(crate) final_bytes: u64,
     pub(crate) rounds: usize,
+    /// Post-copy: a host read at the destination of a page not yet in.
+    pub(crate) fault: Option<Duration>,
 }
 
 /// The migrations of one rate, rep by rep, shared by its rows.
 pub(crate) struct Runs {
     rate: Rate,
+    mode: Mode,
     figures: Vec<Figures>,
 }
 
 pub(crate) type Shared = Rc<RefCell<Runs>>;
 
-pub(crate) fn runs(rate: Rate) -> Shared {
+pub(crate) fn runs(rate: Rate, mode: Mode) -> Shared {
     Rc::new(RefCell::new(Runs {
         rate,
+        mode,
         figures: Vec::new(),
     }))
 }
@@ -103,9 +136,12 @@ pub(crate) fn runs(rate: Rate) -> Shared {
 /// The figures of rep `i` (from 0, the warm-up), migrating once more if no
 /// row has asked for that rep yet.
 pub(crate) fn figures(shared: &Shared, i: usize) -> Result<Figures, BenchError> {
-    let rate = shared.borrow().rate;
+    let (rate, mode) = (shared.borrow().rate, shared.borrow().mode);
     while shared.borrow().figures.len() <= i {
-        let f = migrate_once(rate)?;
+        let f = match mode {
+            Mode::Precopy => migrate_once(rate)?,
+            Mode::Postcopy => postcopy_once(rate)?,
+        };
         shared.borrow_mut().figures.push(f);
     }
     Ok(shared.borrow().figures[i])
@@ -120,17 +156,23 @@ fn xorshift(x: &mut u64) -> u64 {
 }
 
 /// Writes 4 KiB pages of the shared part at random until `stop`, at most
-/// `rate` bytes a second (checked every millisecond). The bytes written.
-fn dirty(gate: &gmem::Gatekeeper, rate: Rate, stop: &AtomicBool) -> Result<u64, BenchError> {
+/// `rate` bytes a second (checked every millisecond). The bytes written,
+/// and the last page written.
+fn dirty(
+    gate: &gmem::Gatekeeper,
+    rate: Rate,
+    stop: &AtomicBool,
+) -> Result<(u64, Option<u64>), BenchError> {
     let page = [0xa5u8; PAGE as usize];
     let shared_from = GUEST / PRIVATE_SHARE / PAGE;
     let pages = GUEST / PAGE - shared_from;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let start = Instant::now();
     let mut written = 0u64;
+    let mut last = None;
     while !stop.load(Ordering::Acquire) {
         let allowed = match rate {
-            Rate::Idle => return Ok(0),
+            Rate::Idle => return Ok((0, None)),
             Rate::Unthrottled => u64::MAX,
             Rate::BytesPerSec(b) => (start.elapsed().as_secs_f64() * b as f64) as u64,
         };
@@ -141,8 +183,9 @@ fn dirty(gate: &gmem::Gatekeeper, rate: Rate, stop: &AtomicBool) -> Result<u64, 
         let gpa = (shared_from + xorshift(&mut x) % pages) * PAGE;
         gate.write(gpa, &page)?;
         written += PAGE;
+        last = Some(gpa);
     }
-    Ok(written)
+    Ok((written, last))
 }
 
 /// One migration of a fresh, fully populated guest with the dirtier at
@@ -196,7 +239,125 @@ fn migrate_once(rate: Rate) -> Result<Figures, BenchError> {
             stream_bytes: report.stream_bytes,
             final_bytes: report.stream_bytes - precopy_bytes,
             rounds: report.rounds.len(),
+            fault: None,
         })
+    })
+}
+
+/// One post-copy migration of a fresh, fully populated guest with the
+/// dirtier at `rate`: one pre-copy round, the dirtier stopped, the switch,
+/// the destination's answer, then the rest served.
+fn postcopy_once(rate: Rate) -> Result<Figures, BenchError> {
+    let src = bound(BackingKind::Memfd, GUEST)?;
+    src.gate.fill(0, GUEST, 0x5a)?;
+    src.gate
+        .convert(0, GUEST / PRIVATE_SHARE, Attribute::Private)?;
+    let dst = bound(BackingKind::Memfd, GUEST)?;
+    let (a, b) = UnixStream::pair()?;
+    let back = a.try_clone()?;
+    let stop = AtomicBool::new(false);
+    let dst_gate = dst.gate.clone();
+    let (last_tx, last_rx) = std::sync::mpsc::channel::<(Option<u64>, Instant)>();
+    std::thread::scope(|s| {
+        // The destination reads from the first byte on (the socket's buffer
+        // holds far less than a round).
+        let dest = s.spawn(move || -> Result<(Instant, Option<Duration>), BenchError> {
+            let mut r = b.try_clone()?;
+            let incoming = Incoming::read_header(&mut r).map_err(invalid)?;
+            let got = incoming
+                .receive_with_postcopy(&dst_gate, r, b, Some(&key()))
+                .map_err(invalid)?;
+            let post = got
+                .postcopy
+                .ok_or_else(|| invalid("the source did not switch to post-copy"))?;
+            post.answer_running()?;
+            let resumed = Instant::now();
+            let restore = post.into_restore();
+            let (last, _) = last_rx
+                .recv()
+                .map_err(|_| invalid("the source never switched"))?;
+            let fault = match last {
+                Some(gpa) => {
+                    let t = Instant::now();
+                    let mut buf = [0u8; 8];
+                    dst_gate.read(gpa, &mut buf)?;
+                    if buf != [0xa5; 8] {
+                        return Err(invalid("the destination read another page"));
+                    }
+                    Some(t.elapsed())
+                }
+                None => None,
+            };
+            restore.finish().map_err(invalid)?;
+            Ok((resumed, fault))
+        });
+        let dirtier = s.spawn(|| dirty(&src.gate, rate, &stop));
+        let started = Instant::now();
+        let round = (|| {
+            let mut m = src
+                .gate
+                .migrate_to(a, MigrationOptions::new().with_key(key()))?;
+            m.send_round()?;
+            Ok::<_, gmem::migrate::MigrateError>(m)
+        })();
+        stop.store(true, Ordering::Release);
+        let (_, last) = dirtier
+            .join()
+            .map_err(|_| invalid("the dirtier panicked"))??;
+        let m = round.map_err(invalid)?;
+        let paused = Instant::now();
+        let p = m.switch_to_postcopy(STATE).map_err(invalid)?;
+        let _ = last_tx.send((last, paused));
+        let report = p.serve(back, || {}).map_err(invalid)?;
+        let (resumed, fault) = dest
+            .join()
+            .map_err(|_| invalid("the destination panicked"))??;
+        Ok(Figures {
+            downtime: resumed.saturating_duration_since(paused),
+            total: started.elapsed(),
+            stream_bytes: report.stream_bytes,
+            final_bytes: report
+                .switch
+                .stream_bytes
+                .saturating_sub(report.switch.rounds.first().map_or(0, |r| r.stream_bytes)),
+            rounds: 1,
+            fault,
+        })
+    })
+}
+
+/// A raw post-copy fault: 8 bytes asked over a Unix socket pair, answered
+/// with 2 MiB by a thread that reads them from a populated memfd with
+/// `sendfile`.
+pub(crate) fn raw_fetch_time() -> Result<Duration, BenchError> {
+    let held = raw_source_cached()?;
+    let src: &OwnedFd = &held;
+    let (mut a, b) = UnixStream::pair()?;
+    std::thread::scope(|s| {
+        let server = s.spawn(move || -> Result<(), BenchError> {
+            let mut b = b;
+            let mut word = [0u8; 8];
+            b.read_exact(&mut word)?;
+            let mut off = u64::from_le_bytes(word);
+            let mut left = 2u64 << 20;
+            while left > 0 {
+                let sent = rustix::fs::sendfile(&b, src, Some(&mut off), left as usize)?;
+                if sent == 0 {
+                    return Err(invalid("sendfile sent nothing"));
+                }
+                left -= sent as u64;
+            }
+            Ok(())
+        });
+        let t = Instant::now();
+        std::io::Write::write_all(&mut a, &(64u64 << 20).to_le_bytes())?;
+        let mut buf = vec![0u8; 2 << 20];
+        a.read_exact(&mut buf)?;
+        let d = t.elapsed();
+        server
+            .join()
+            .map_err(|_| invalid("the server panicked"))??;
+        Ok(d)
     })
 }
 
@@ -212,11 +373,9 @@ thread_local! {
     static RAW: RefCell<Option<Rc<OwnedFd>>> = const { RefCell::new(None) };
 }
 
-/// `bytes` sent with `sendfile(2)` from a populated memfd (from its start,
-/// wrapping at its end) over a Unix socket pair to a reader thread: the
-/// time until the reader has them all.
-pub(crate) fn sendfile_time(bytes: u64) -> Result<Duration, BenchError> {
-    let src = RAW.with(|r| -> Result<Rc<OwnedFd>, BenchError> {
+/// The raw side's populated memfd, made once.
+fn raw_source_cached() -> Result<Rc<OwnedFd>, BenchError> {
+    RAW.with(|r| -> Result<Rc<OwnedFd>, BenchError> {
         let mut r = r.borrow_mut();
         if r.is_none() {
             *r = Some(Rc::new(raw_source()?));
@@ -224,7 +383,14 @@ pub(crate) fn sendfile_time(bytes: u64) -> Result<Duration, BenchError> {
         Ok(Rc::clone(
             r.as_ref().ok_or_else(|| invalid("no raw source"))?,
         ))
-    })?;
+    })
+}
+
+/// `bytes` sent with `sendfile(2)` from a populated memfd (from its start,
+/// wrapping at its end) over a Unix socket pair to a reader thread: the
+/// time until the reader has them all.
+pub(crate) fn sendfile_time(bytes: u64) -> Result<Duration, BenchError> {
+    let src = raw_source_cached()?;
     let (a, b) = UnixStream::pair()?;
     std::thread::scope(|s| {
         let reader = s.spawn(move || -> std::io::Result<Instant> {

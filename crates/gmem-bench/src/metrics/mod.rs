@@ -293,87 +293,164 @@ pub(crate) fn plans(opts: &BenchOptions, backings: &[BackingKind]) -> Vec<Plan> 
 /// total time, bytes per guest byte and rounds, from one migration per rep
 /// (`metrics/migrate.rs`).
 fn migration_plans() -> Vec<Plan> {
-    use migrate::{GUEST, Rate, figures, runs, sendfile_time};
+    use migrate::{GUEST, Mode, Rate, figures, raw_fetch_time, runs, sendfile_time};
     let s = Subject::Backing(BackingKind::Memfd);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let common = "1 GiB memfd guest, fully populated, an eighth private and sealed; \
                   over a Unix socket pair to a destination gatekeeper in another thread; \
                   the dirtier is a host thread writing 4 KiB pages through Gatekeeper::write, \
                   not a vCPU";
-    let mut plans = Vec::new();
-    for rate in [
-        Rate::Idle,
-        Rate::BytesPerSec(10 << 20),
-        Rate::BytesPerSec(100 << 20),
-        Rate::Unthrottled,
-    ] {
-        let label = rate.label();
-        let shared = runs(rate);
-        let idle = rate == Rate::Idle;
-        // Each row counts its own reps through the shared runs.
-        let counter = |shared: &migrate::Shared| {
-            let shared = std::rc::Rc::clone(shared);
-            let mut i = 0usize;
-            move || {
-                let f = figures(&shared, i);
-                i += 1;
-                f
-            }
-        };
-        let mut g = counter(&shared);
-        let mut r = counter(&shared);
-        // ≤ 10 ms idle; under QEMU's default 300 ms limit otherwise.
-        let limit = if idle { 10.0 } else { 300.0 };
-        plans.push(
-            Plan::new(format!("migration downtime, {label}"), s, "ms", false)
-                .gmem(move || Ok(ms(g()?.downtime)))
-                .raw(move || Ok(ms(sendfile_time(r()?.final_bytes)?)))
-                .target(Target::AtMost(limit))
-                .note(format!(
-                    "from the dirtier's stop and complete()'s start (the vCPUs' pause) to the destination's receive() returning; {common}; raw: the stop-and-copy's bytes by sendfile from a memfd over the same kind of socket"
-                )),
-        );
-        let mut g = counter(&shared);
-        let mut r = counter(&shared);
-        plans.push(
-            Plan::new(format!("migration total time, {label}"), s, "ms", false)
-                .gmem(move || Ok(ms(g()?.total)))
-                .raw(move || Ok(ms(sendfile_time(r()?.stream_bytes)?)))
-                .note(format!(
-                    "migrate_to() to the destination's return; {common}; raw: the whole stream's bytes by sendfile"
-                )),
-        );
-        let mut g = counter(&shared);
-        let mut bytes = Plan::new(
-            format!("migration bytes per guest byte, {label}"),
-            s,
-            "×",
-            false,
-        )
-        .gmem(move || Ok(g()?.stream_bytes as f64 / GUEST as f64))
-        .raw(|| Ok(1.0))
-        .note(format!(
-            "stream bytes over guest bytes; {common}; raw: the populated bytes sent once"
-        ));
-        if idle {
-            bytes = bytes.target(Target::AtMost(1.1));
-        }
-        plans.push(bytes);
-        let mut g = counter(&shared);
-        plans.push(
-            Plan::new(
-                format!("migration pre-copy rounds, {label}"),
+    let mut plans = vec![dirty_log_plan()];
+    for mode in [Mode::Precopy, Mode::Postcopy] {
+        let m = mode.label();
+        let post = mode == Mode::Postcopy;
+        for rate in [
+            Rate::Idle,
+            Rate::BytesPerSec(10 << 20),
+            Rate::BytesPerSec(100 << 20),
+            Rate::Unthrottled,
+        ] {
+            let label = rate.label();
+            let shared = runs(rate, mode);
+            let idle = rate == Rate::Idle;
+            // Each row counts its own reps through the shared runs.
+            let counter = |shared: &migrate::Shared| {
+                let shared = std::rc::Rc::clone(shared);
+                let mut i = 0usize;
+                move || {
+                    let f = figures(&shared, i);
+                    i += 1;
+                    f
+                }
+            };
+            let mut g = counter(&shared);
+            let mut r = counter(&shared);
+            // ≤ 10 ms idle; under QEMU's default 300 ms limit otherwise.
+            let limit = if idle { 10.0 } else { 300.0 };
+            let (pause, raw) = if post {
+                (
+                    "from the dirtier's stop and switch_to_postcopy()'s start (the vCPUs' pause) to the destination's answer that it runs the guest",
+                    "the switch's bytes by sendfile",
+                )
+            } else {
+                (
+                    "from the dirtier's stop and complete()'s start (the vCPUs' pause) to the destination's receive() returning",
+                    "the stop-and-copy's bytes by sendfile from a memfd over the same kind of socket",
+                )
+            };
+            plans.push(
+                Plan::new(format!("migration downtime, {m}, {label}"), s, "ms", false)
+                    .gmem(move || Ok(ms(g()?.downtime)))
+                    .raw(move || Ok(ms(sendfile_time(r()?.final_bytes.max(1))?)))
+                    .target(Target::AtMost(limit))
+                    .note(format!("{pause}; {common}; raw: {raw}")),
+            );
+            let mut g = counter(&shared);
+            let mut r = counter(&shared);
+            plans.push(
+                Plan::new(format!("migration total time, {m}, {label}"), s, "ms", false)
+                    .gmem(move || Ok(ms(g()?.total)))
+                    .raw(move || Ok(ms(sendfile_time(r()?.stream_bytes)?)))
+                    .note(format!(
+                        "migrate_to() to the destination holding every page; {common}; raw: the whole stream's bytes by sendfile"
+                    )),
+            );
+            let mut g = counter(&shared);
+            let mut bytes = Plan::new(
+                format!("migration bytes per guest byte, {m}, {label}"),
                 s,
-                "rounds",
+                "×",
                 false,
             )
-            .gmem(move || Ok(g()?.rounds as f64))
+            .gmem(move || Ok(g()?.stream_bytes as f64 / GUEST as f64))
+            .raw(|| Ok(1.0))
             .note(format!(
-                "at most 30, stopped once at most 4 MiB is left (the defaults); {common}"
-            )),
-        );
+                "stream bytes over guest bytes; {common}; raw: the populated bytes sent once{}",
+                if post {
+                    "; post-copy sends each dirty page's whole 2 MiB block"
+                } else {
+                    ""
+                }
+            ));
+            if idle {
+                bytes = bytes.target(Target::AtMost(1.1));
+            }
+            plans.push(bytes);
+            if !post {
+                let mut g = counter(&shared);
+                plans.push(
+                    Plan::new(
+                        format!("migration pre-copy rounds, {label}"),
+                        s,
+                        "rounds",
+                        false,
+                    )
+                    .gmem(move || Ok(g()?.rounds as f64))
+                    .note(format!(
+                        "at most 30, stopped once at most 4 MiB is left (the defaults); {common}"
+                    )),
+                );
+            } else if !idle {
+                let mut g = counter(&shared);
+                plans.push(
+                    Plan::new(
+                        format!("post-copy fault latency, {label}"),
+                        s,
+                        "µs",
+                        false,
+                    )
+                    .gmem(move || {
+                        g()?.fault
+                            .map(|d| d.as_secs_f64() * 1e6)
+                            .ok_or_else(|| crate::BenchError::Invalid("no page was dirtied".into()))
+                    })
+                    .raw(|| Ok(raw_fetch_time()?.as_secs_f64() * 1e6))
+                    .note(format!(
+                        "a host read at the destination of the last page dirtied, in a block not yet in: the ask over the back channel, the source's answer (behind the block it is sending) and its 2 MiB; {common}; raw: 8 bytes asked, 2 MiB answered by sendfile over a Unix socket pair"
+                    )),
+                );
+            }
+        }
     }
     plans
+}
+
+/// Dirty tracking's cost: one `take_dirty` of a 1 GiB memfd gatekeeper
+/// with 4,096 pages written, beside a raw `KVM_GET_DIRTY_LOG` of a 1 GiB
+/// slot.
+fn dirty_log_plan() -> Plan {
+    use std::time::Instant;
+    const SIZE: u64 = 1 << 30;
+    let s = Subject::Backing(BackingKind::Memfd);
+    Plan::new("dirty tracking: one take of 1 GiB", s, "µs", false)
+        .gmem(|| {
+            let b = file::bound(BackingKind::Memfd, SIZE)?;
+            let inv = |e: gmem::DirtyError| crate::BenchError::Invalid(e.to_string());
+            b.gate.start_dirty_tracking().map_err(inv)?;
+            for i in 0..4096u64 {
+                b.gate.write(i * 2 * PAGE, &[1])?;
+            }
+            let t = Instant::now();
+            let runs = b.gate.take_dirty().map_err(inv)?;
+            let d = t.elapsed();
+            if runs.len() != 4096 {
+                return Err(crate::BenchError::Invalid(format!(
+                    "{} dirty runs, 4096 written",
+                    runs.len()
+                )));
+            }
+            Ok(d.as_secs_f64() * 1e6)
+        })
+        .raw(|| {
+            let slot = crate::raw::SlotFile::new(BackingKind::Memfd, SIZE)?;
+            slot.log_dirty()?;
+            let t = Instant::now();
+            let words = slot.dirty_log()?;
+            let d = t.elapsed();
+            std::hint::black_box(words);
+            Ok(d.as_secs_f64() * 1e6)
+        })
+        .note("KVM's log of the slot (read and cleared) and the host writes' record (4,096 pages, as runs); raw: KVM_GET_DIRTY_LOG of a 1 GiB slot with KVM_MEM_LOG_DIRTY_PAGES, through kvm-ioctls")
 }
 
 /// Bookkeeping sizes: computed, not timed.

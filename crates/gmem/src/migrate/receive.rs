@@ -243,13 +243,14 @@ impl Incoming {
             round_bytes: 0,
             round_zeroed: 0,
             postcopy: Vec::new(),
+            switched: false,
         };
         let result = apply.stream(r, start, &mut |op| match op {
             Op::Write(gpa, data) => frozen.write_raw(gpa, data),
             Op::Zero(range) => frozen.discard_raw(range),
         });
         let result = result.and_then(|()| {
-            if apply.postcopy.is_empty() {
+            if !apply.switched {
                 return frozen
                     .finish_restore(&apply.private)
                     .map(|()| None)
@@ -318,6 +319,8 @@ struct Apply<'h> {
     round_zeroed: u64,
     /// The blocks a post-copy source still sends.
     postcopy: Vec<Range<u64>>,
+    /// Whether the source switched to post-copy (even with no block left).
+    switched: bool,
 }
 
 impl Apply<'_> {
@@ -490,6 +493,10 @@ impl Apply<'_> {
                     if !state_seen {
                         return Err(corrupt(at, "post-copy blocks before the state".into()));
                     }
+                    if self.switched && (rec.aux == 0 || self.postcopy.is_empty()) {
+                        return Err(corrupt(at, "an empty blocks record among others".into()));
+                    }
+                    self.switched = true;
                     for (i, e) in buf[..rec.len].chunks_exact(16).enumerate() {
                         let s = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
                         let end = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());

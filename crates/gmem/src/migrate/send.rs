@@ -346,6 +346,9 @@ impl<W: Write> MigrationSource<W> {
         counts[8..].copy_from_slice(&zeroed.to_le_bytes());
         self.out
             .authenticated(Kind::Round, u64::from(round), &counts)?;
+        // A buffered writer's rest goes now, not in the stop-and-copy's
+        // pause.
+        self.out.w.flush().map_err(Out::<W>::send_err)?;
         self.pending = self.gate.take_tracked()?;
         let report = RoundReport {
             round,
@@ -528,6 +531,10 @@ impl<W: Write> MigrationSource<W> {
         for part in blocks.chunks(CHUNK / 16) {
             self.out
                 .authenticated(Kind::Postcopy, part.len() as u64, &runs_payload(part))?;
+        }
+        if blocks.is_empty() {
+            // Nothing left to send: the switch still says it is one.
+            self.out.authenticated(Kind::Postcopy, 0, &[])?;
         }
         self.out.end(self.rounds.len() as u64)?;
         drop(frozen);

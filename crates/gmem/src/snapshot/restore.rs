@@ -218,6 +218,9 @@ pub(crate) fn read_record(
         Kind::End => len + tag,
         Kind::Zero if len != 8 => return Err(bad_len("a length")),
         Kind::Round if len != 16 => return Err(bad_len("two counts")),
+        // A post-copy switch with nothing left to send says so with an
+        // empty blocks record.
+        Kind::Postcopy if aux == 0 && len == 0 => tag,
         Kind::Attributes | Kind::Postcopy
             if aux == 0 || aux > (CHUNK / 16) as u64 || len as u64 != aux * 16 =>
         {
