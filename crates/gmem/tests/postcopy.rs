@@ -183,3 +183,51 @@ fn a_switch_with_nothing_left_to_send_is_still_post_copy() {
     source.join().unwrap();
     assert_eq!(read(&dst, 0, 4096), pattern(0, 4096, 1));
 }
+
+#[test]
+fn post_copy_onto_larger_pages_than_the_sources_is_refused_and_the_source_resumes() {
+    let test = "postcopy_larger_pages";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(_pool) = on_backing(test, BackingKind::Hugetlb2M, 4) else {
+        return;
+    };
+    let (_vm, src) = gate(BackingKind::Memfd, 4 * MIB);
+    src.write(0, &pattern(0, 4096, 1)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let source = {
+        let src = src.clone();
+        let a2 = a.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut m = src.migrate_to(a, MigrationOptions::new()).unwrap();
+            m.send_round().unwrap();
+            src.write(MIB, &pattern(MIB, 4096, 2)).unwrap();
+            let p = m.switch_to_postcopy(b"x").unwrap();
+            let mut ran = false;
+            let e = p.serve(a2, || ran = true).unwrap_err();
+            assert!(!ran);
+            assert!(
+                matches!(
+                    e,
+                    MigrateError::Postcopy {
+                        took_over: false,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        })
+    };
+    let (_vm2, dst) = gate(BackingKind::Hugetlb2M, 4 * MIB);
+    let mut r = b.try_clone().unwrap();
+    let incoming = Incoming::read_header(&mut r).unwrap();
+    let e = incoming
+        .receive_with_postcopy(&dst, r, b, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("pages no larger"), "{e}");
+    assert!(dst.poisoned().is_some());
+    source.join().unwrap();
+    // The source is whole: it resumes.
+    assert_eq!(read(&src, MIB, 4096), pattern(MIB, 4096, 2));
+}

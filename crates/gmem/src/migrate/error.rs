@@ -56,6 +56,13 @@ pub enum MigrateError {
     /// Writing the stream failed (the connection dropped).
     #[error("sending the migration stream: {0}")]
     Send(#[source] SnapshotError),
+    /// Post-copy cannot run on this source (1 GiB pages); nothing was sent
+    /// for the switch, and pre-copy can still complete.
+    #[error("post-copy is not possible here: {why}")]
+    PostcopyUnsupported {
+        /// Why.
+        why: String,
+    },
     /// A post-copy migration failed after the switch.
     #[error(
         "post-copy failed after the switch ({}): {why}",
@@ -88,6 +95,7 @@ impl MigrateError {
             MigrateError::Populated(e) => e.errno(),
             MigrateError::Send(e) => e.errno(),
             MigrateError::Postcopy { .. } => libc::EIO,
+            MigrateError::PostcopyUnsupported { .. } => libc::EOPNOTSUPP,
             MigrateError::Stream(e) => e.errno(),
         }
     }

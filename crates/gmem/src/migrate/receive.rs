@@ -502,25 +502,14 @@ impl Apply<'_> {
                         let end = u64::from_le_bytes(e[8..].try_into().unwrap_or_default());
                         let range = self.placed(s, end.wrapping_sub(s), at)?;
                         let last = self.postcopy.last().map_or(0, |p| p.end);
-                        let region = self
-                            .header
-                            .regions
-                            .iter()
-                            .find(|r| r.gpa <= s && s < r.gpa + r.len);
-                        let aligned = |x: u64| {
-                            x.is_multiple_of(REMOTE_BLOCK)
-                                || region.is_some_and(|r| x == r.gpa || x == r.gpa + r.len)
-                        };
                         if range.start < last
-                            || !aligned(range.start)
-                            || !aligned(range.end)
                             || range.end - range.start > REMOTE_BLOCK
                             || range.start / REMOTE_BLOCK != (range.end - 1) / REMOTE_BLOCK
                         {
                             return Err(corrupt(
                                 at + 16 + 16 * i as u64,
                                 format!(
-                                    "post-copy block [{s:#x}, {end:#x}) is not a 2 MiB block in order"
+                                    "post-copy block [{s:#x}, {end:#x}) is out of order, or crosses a 2 MiB boundary"
                                 ),
                             ));
                         }

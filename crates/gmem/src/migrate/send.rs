@@ -516,7 +516,21 @@ impl<W: Write> MigrationSource<W> {
         }
         let populated = frozen.populated().map_err(MigrateError::Populated)?;
         let regions: Vec<(u64, u64)> = frozen.layout().iter().map(|r| (r.gpa, r.len)).collect();
-        let blocks = crate::snapshot::lazy::remote_blocks(&runs.to_vec(), &regions);
+        // The source's own page size: what a block is made of.
+        let unit = frozen
+            .layout()
+            .iter()
+            .map(|r| r.kind.page_size())
+            .max()
+            .unwrap_or(crate::range::PAGE_SIZE);
+        if unit > crate::snapshot::lazy::REMOTE_BLOCK {
+            return Err(MigrateError::PostcopyUnsupported {
+                why: format!(
+                    "the source's pages are {unit:#x} bytes: post-copy moves at most 2 MiB a fault; migrate pre-copy"
+                ),
+            });
+        }
+        let blocks = crate::snapshot::lazy::remote_blocks(&runs.to_vec(), &regions, unit);
         for part in private.chunks(CHUNK / 16) {
             self.out
                 .authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;

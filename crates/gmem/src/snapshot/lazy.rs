@@ -1036,9 +1036,11 @@ impl Drop for LazyRestore {
     }
 }
 
-/// A post-copy restore's block unit: 2 MiB, aligned, clamped to its
-/// region (a whole huge page on hugetlb-2m, 512 pages on memfd), so that
-/// the source needs no knowledge of the destination's backing.
+/// The largest post-copy block: 2 MiB (a whole huge page on hugetlb-2m).
+/// A block is what the source's backing pages make of a dirty run: runs of
+/// 4 KiB pages on memfd, split at 1 MiB-aligned boundaries (one record
+/// each); whole 2 MiB pages on hugetlb-2m. The destination places each
+/// with one `UFFDIO_COPY`, so its own pages must not be larger.
 pub(crate) const REMOTE_BLOCK: u64 = 2 << 20;
 
 /// What a post-copy migration's receiver thread drives: the blocks the
@@ -1149,9 +1151,15 @@ impl RemoteFill {
     }
 }
 
-/// The pending runs, rounded out to [`REMOTE_BLOCK`]s inside their
-/// regions, merged: the post-copy blocks, the same on both sides.
-pub(crate) fn remote_blocks(runs: &[Range<u64>], regions: &[(u64, u64)]) -> Vec<Range<u64>> {
+/// The pending runs, rounded out to `unit` (the source's page size)
+/// inside their regions, split at `max(unit, 1 MiB)`-aligned boundaries,
+/// merged: the post-copy blocks, the same on both sides.
+pub(crate) fn remote_blocks(
+    runs: &[Range<u64>],
+    regions: &[(u64, u64)],
+    unit: u64,
+) -> Vec<Range<u64>> {
+    let split = unit.max(CHUNK as u64);
     let mut out: Vec<Range<u64>> = Vec::new();
     for run in runs {
         for &(rg, rl) in regions {
@@ -1159,15 +1167,17 @@ pub(crate) fn remote_blocks(runs: &[Range<u64>], regions: &[(u64, u64)]) -> Vec<
             if lo >= hi {
                 continue;
             }
-            let mut s = (lo / REMOTE_BLOCK * REMOTE_BLOCK).max(rg);
-            let end = hi
-                .div_ceil(REMOTE_BLOCK)
-                .saturating_mul(REMOTE_BLOCK)
-                .min(rg + rl);
+            let mut s = (lo / unit * unit).max(rg);
+            let end = hi.div_ceil(unit).saturating_mul(unit).min(rg + rl);
             while s < end {
-                let e = ((s / REMOTE_BLOCK + 1) * REMOTE_BLOCK).min(end);
-                if out.last().is_none_or(|last| last.end <= s) {
-                    out.push(s..e);
+                let e = ((s / split + 1) * split).min(end);
+                match out.last_mut() {
+                    Some(last) if last.end > s => {}
+                    // Touching, in the same split unit: one block.
+                    Some(last) if last.end == s && last.start / split == s / split => {
+                        last.end = e;
+                    }
+                    _ => out.push(s..e),
                 }
                 s = e;
             }
@@ -1204,6 +1214,35 @@ pub(crate) fn start_remote(
                 r.memory.kind()
             ),
         });
+    }
+    for b in &blocks {
+        let r = regions
+            .iter()
+            .find(|r| r.gpa <= b.start && b.end <= r.gpa + r.len);
+        let fits =
+            |x: u64, r: &LazyRegion| (x - r.gpa).is_multiple_of(r.granule) || x == r.gpa + r.len;
+        match r {
+            Some(r) if fits(b.start, r) && fits(b.end, r) => {}
+            Some(r) => {
+                return Err(RestoreError::Lazy {
+                    why: format!(
+                        "the source's post-copy block [{:#x}, {:#x}) is part of one of this destination's {:#x}-byte pages ({}): post-copy needs the destination's pages no larger than the source's; migrate pre-copy",
+                        b.start,
+                        b.end,
+                        r.granule,
+                        r.memory.kind()
+                    ),
+                });
+            }
+            None => {
+                return Err(RestoreError::Lazy {
+                    why: format!(
+                        "a post-copy block [{:#x}, {:#x}) lies in no region",
+                        b.start, b.end
+                    ),
+                });
+            }
+        }
     }
     let uffd =
         Userfaultfd::new(FEATURE_MISSING_SHMEM | FEATURE_MISSING_HUGETLBFS).map_err(|e| {
@@ -1306,19 +1345,29 @@ mod tests {
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // one run each
-    fn remote_blocks_are_aligned_2_mib_blocks_inside_their_regions() {
+    fn remote_blocks_are_the_sources_pages_inside_their_regions() {
         use super::remote_blocks;
         let regions = [(0, 5 << 20), (8 << 20, 4 << 20)];
+        let huge = 2 << 20;
         assert_eq!(
-            remote_blocks(&[0x1000..0x2000, 0x3000..0x4000], &regions),
+            remote_blocks(&[0x1000..0x2000, 0x3000..0x4000], &regions, huge),
             vec![0..2 << 20]
         );
         // Clamped to the region's end; a run over two regions split.
         assert_eq!(
-            remote_blocks(&[(4 << 20) + 0x1000..(9 << 20)], &regions),
+            remote_blocks(&[(4 << 20) + 0x1000..(9 << 20)], &regions, huge),
             vec![(4 << 20)..(5 << 20), (8 << 20)..(10 << 20)]
         );
-        assert!(remote_blocks(&[(6 << 20)..(7 << 20)], &regions).is_empty());
+        assert!(remote_blocks(&[(6 << 20)..(7 << 20)], &regions, huge).is_empty());
+        // 4 KiB pages: the runs themselves, split at 1 MiB boundaries.
+        assert_eq!(
+            remote_blocks(&[0x1000..0x2000, 0x3000..0x4000], &regions, 4096),
+            vec![0x1000..0x2000, 0x3000..0x4000]
+        );
+        assert_eq!(
+            remote_blocks(&[0xff000..0x101000], &regions, 4096),
+            vec![0xff000..0x100000, 0x100000..0x101000]
+        );
     }
 
     #[test]
