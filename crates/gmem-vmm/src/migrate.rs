@@ -7,7 +7,7 @@
 //! rounds while the guest runs; then it asks the vCPU to pause (the runner
 //! kicks it out of `KVM_RUN`), the vCPU hands over its state and waits, and
 //! the thread sends the last dirty pages, the attribute map and the state.
-//! If the destination answers [`ACK_RUNNING`](gmem::migrate::ACK_RUNNING),
+//! If the destination answers [`ACK_RUNNING`],
 //! the run ends there (status 0); on any failure (the connection drops,
 //! the destination refuses or dies, a timeout) the vCPU resumes the guest
 //! as if nothing had happened, and the run's report says why.

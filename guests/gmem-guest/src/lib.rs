@@ -36,6 +36,7 @@ mod entry;
 pub mod io;
 pub mod mem;
 mod runtime;
+pub mod say;
 pub mod virtio;
 
 /// What the VMM passed at entry.

@@ -11,13 +11,11 @@
 #![no_std]
 #![no_main]
 
-use core::fmt::Write;
-
 use gmem_guest::mem::{self, Attribute};
+use gmem_guest::say::{Console, say};
 use gmem_guest::virtio::{self, GmemHal};
 use gmem_guest::{Boot, println};
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceType, Transport};
 
 gmem_guest::entry!(main);
@@ -52,43 +50,6 @@ fn fnv1a(mut h: u64, words: &[u64]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
-}
-
-struct Line {
-    buf: [u8; 128],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
-}
-
-type Console = Option<VirtIOConsole<GmemHal, MmioTransport<'static>>>;
-
-/// One line, to virtio-console if there is one, else to the serial port.
-fn say(console: &mut Console, args: core::fmt::Arguments<'_>) {
-    let mut line = Line {
-        buf: [0; 128],
-        len: 0,
-    };
-    let _ = line.write_fmt(args);
-    let _ = line.write_str("\n");
-    match console {
-        Some(c) => {
-            if c.send_bytes(&line.buf[..line.len]).is_err() {
-                println!("virtio-console refused a line");
-            }
-        }
-        None => gmem_guest::print!(
-            "{}",
-            core::str::from_utf8(&line.buf[..line.len]).unwrap_or("?")
-        ),
-    }
 }
 
 fn main(boot: Boot) -> i32 {

@@ -5,13 +5,11 @@
 #![no_std]
 #![no_main]
 
-use core::fmt::Write;
-
+use gmem_guest::say::say;
 use gmem_guest::virtio::{self, GmemHal};
 use gmem_guest::{Boot, mem, println};
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceType, Transport};
 
 gmem_guest::entry!(main);
@@ -20,43 +18,6 @@ gmem_guest::entry!(main);
 static mut SECRET: [u8; 4096] = [0; 4096];
 
 /// Lines for virtio-console, built without allocation.
-struct Line {
-    buf: [u8; 256],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let n = s.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
-    }
-}
-
-fn say(
-    console: &mut Option<VirtIOConsole<GmemHal, MmioTransport<'static>>>,
-    args: core::fmt::Arguments<'_>,
-) {
-    let mut line = Line {
-        buf: [0; 256],
-        len: 0,
-    };
-    let _ = line.write_fmt(args);
-    let _ = line.write_str("\n");
-    match console {
-        Some(c) => {
-            if c.send_bytes(&line.buf[..line.len]).is_err() {
-                println!("virtio-console refused a line");
-            }
-        }
-        None => gmem_guest::print!(
-            "{}",
-            core::str::from_utf8(&line.buf[..line.len]).unwrap_or("?")
-        ),
-    }
-}
-
 fn main(boot: Boot) -> i32 {
     if boot.vcpu != 0 {
         // One vCPU drives the devices; the others wait for the end.

@@ -288,6 +288,42 @@ impl Gatekeeper {
 }
 
 impl<W: Write> MigrationSource<W> {
+    /// What the stop-and-copy and the switch refuse before the freeze.
+    fn check_pause(&self, state: &[u8]) -> Result<(), MigrateError> {
+        if self.failed {
+            return Err(MigrateError::Finished);
+        }
+        if state.len() > MAX_STATE {
+            return Err(MigrateError::StateTooLarge {
+                len: state.len(),
+                max: MAX_STATE,
+            });
+        }
+        Ok(())
+    }
+
+    /// With the gatekeeper frozen (the vCPUs paused): what is left to send,
+    /// the attribute map, and the population.
+    fn last(&mut self, frozen: &crate::gate::frozen::Frozen<'_>) -> Result<Last, MigrateError> {
+        let mut runs = RangeSet::new();
+        for r in self.pending.drain(..).chain(self.gate.take_tracked()?) {
+            runs.insert(r);
+        }
+        let private = frozen.private_runs();
+        if let (None, Some(first)) = (&self.out.sealer, private.first()) {
+            return Err(MigrateError::PrivateWithoutKey {
+                bytes: bytes_of(&private),
+                first_gpa: first.start,
+            });
+        }
+        let populated = frozen.populated().map_err(MigrateError::Populated)?;
+        Ok(Last {
+            runs: runs.to_vec(),
+            private,
+            populated,
+        })
+    }
+
     /// Bytes dirty and not yet sent: what the next round (or the
     /// stop-and-copy) sends, as of the last round.
     pub fn pending_bytes(&self) -> u64 {
@@ -414,48 +450,22 @@ impl<W: Write> MigrationSource<W> {
     /// live; [`MigrateError::PrivateWithoutKey`]; as
     /// [`send_round`](Self::send_round).
     pub fn complete(mut self, state: &[u8]) -> Result<(MigrationReport, W), MigrateError> {
-        if self.failed {
-            return Err(MigrateError::Finished);
-        }
-        if state.len() > MAX_STATE {
-            return Err(MigrateError::StateTooLarge {
-                len: state.len(),
-                max: MAX_STATE,
-            });
-        }
+        self.check_pause(state)?;
         let started = Instant::now();
         let gate = self.gate.clone();
         let frozen = gate.freeze()?;
-        let mut runs = RangeSet::new();
-        for r in self.pending.drain(..).chain(gate.take_tracked()?) {
-            runs.insert(r);
-        }
-        let private = frozen.private_runs();
-        if let (None, Some(first)) = (&self.out.sealer, private.first()) {
-            return Err(MigrateError::PrivateWithoutKey {
-                bytes: bytes_of(&private),
-                first_gpa: first.start,
-            });
-        }
-        let populated = frozen.populated().map_err(MigrateError::Populated)?;
-        let runs = runs.to_vec();
+        let Last {
+            runs,
+            private,
+            populated,
+        } = self.last(&frozen)?;
         let (data, _) = self
             .out
             .send_runs(&runs, &populated, &mut |gpa, buf, parts| {
                 *parts = frozen.split(gpa..gpa + buf.len() as u64);
                 frozen.read_raw(gpa, buf)
             })?;
-        for part in private.chunks(CHUNK / 16) {
-            self.out
-                .authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;
-        }
-        let n = state.len();
-        let mut buf = std::mem::take(&mut self.out.buf);
-        buf[..n].copy_from_slice(state);
-        let sealed = self.out.sealer.is_some();
-        let result = self.out.record(Kind::State, 0, &mut buf[..n], sealed);
-        self.out.buf = buf;
-        result?;
+        self.out.map_and_state(&private, state)?;
         self.out.end(self.rounds.len() as u64)?;
         drop(frozen);
         let MigrationSource {
@@ -482,39 +492,24 @@ impl<W: Write> MigrationSource<W> {
 impl<W: Write> MigrationSource<W> {
     /// The switch to post-copy, once the caller has paused every vCPU (as
     /// for [`complete`](Self::complete)): with the gatekeeper frozen, sends
-    /// the attribute map, `state`, the blocks still to send (every 2 MiB
-    /// block holding a dirty page) and the end of this phase, then stops
-    /// dirty tracking. The destination can run the guest from here; the
+    /// the attribute map, `state`, the blocks still to send (the dirty
+    /// pages, in the source's page size: see `docs/migration-stream.md`)
+    /// and the end of this phase, then stops dirty tracking. The destination can run the guest from here; the
     /// [`PostcopySource`] sends it the blocks, those it faults on first.
     ///
     /// # Errors
     /// As [`complete`](Self::complete). The VM is unchanged: if the
     /// destination does not take over, the caller resumes the vCPUs.
     pub fn switch_to_postcopy(mut self, state: &[u8]) -> Result<PostcopySource<W>, MigrateError> {
-        if self.failed {
-            return Err(MigrateError::Finished);
-        }
-        if state.len() > MAX_STATE {
-            return Err(MigrateError::StateTooLarge {
-                len: state.len(),
-                max: MAX_STATE,
-            });
-        }
+        self.check_pause(state)?;
         let started = Instant::now();
         let gate = self.gate.clone();
         let frozen = gate.freeze()?;
-        let mut runs = RangeSet::new();
-        for r in self.pending.drain(..).chain(gate.take_tracked()?) {
-            runs.insert(r);
-        }
-        let private = frozen.private_runs();
-        if let (None, Some(first)) = (&self.out.sealer, private.first()) {
-            return Err(MigrateError::PrivateWithoutKey {
-                bytes: bytes_of(&private),
-                first_gpa: first.start,
-            });
-        }
-        let populated = frozen.populated().map_err(MigrateError::Populated)?;
+        let Last {
+            runs,
+            private,
+            populated,
+        } = self.last(&frozen)?;
         let regions: Vec<(u64, u64)> = frozen.layout().iter().map(|r| (r.gpa, r.len)).collect();
         // The source's own page size: what a block is made of.
         let unit = frozen
@@ -530,18 +525,8 @@ impl<W: Write> MigrationSource<W> {
                 ),
             });
         }
-        let blocks = crate::snapshot::lazy::remote_blocks(&runs.to_vec(), &regions, unit);
-        for part in private.chunks(CHUNK / 16) {
-            self.out
-                .authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;
-        }
-        let n = state.len();
-        let mut buf = std::mem::take(&mut self.out.buf);
-        buf[..n].copy_from_slice(state);
-        let sealed = self.out.sealer.is_some();
-        let result = self.out.record(Kind::State, 0, &mut buf[..n], sealed);
-        self.out.buf = buf;
-        result?;
+        let blocks = crate::snapshot::lazy::remote_blocks(&runs, &regions, unit);
+        self.out.map_and_state(&private, state)?;
         for part in blocks.chunks(CHUNK / 16) {
             self.out
                 .authenticated(Kind::Postcopy, part.len() as u64, &runs_payload(part))?;
@@ -578,6 +563,13 @@ impl<W: Write> MigrationSource<W> {
             report,
         })
     }
+}
+
+/// What is left at the pause (see [`MigrationSource::last`]).
+struct Last {
+    runs: Vec<Range<u64>>,
+    private: Vec<Range<u64>>,
+    populated: Vec<Range<u64>>,
 }
 
 /// Runs as 16-byte `[start, end)` pairs.
@@ -867,6 +859,21 @@ impl<W: Write> Out<W> {
         let records = self.records + 1;
         self.authenticated(Kind::End, records, &end)?;
         self.w.flush().map_err(Self::send_err)
+    }
+
+    /// The attribute map's records, then the state record (sealed under a
+    /// key).
+    fn map_and_state(&mut self, private: &[Range<u64>], state: &[u8]) -> Result<(), MigrateError> {
+        for part in private.chunks(CHUNK / 16) {
+            self.authenticated(Kind::Attributes, part.len() as u64, &runs_payload(part))?;
+        }
+        let n = state.len();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf[..n].copy_from_slice(state);
+        let sealed = self.sealer.is_some();
+        let result = self.record(Kind::State, 0, &mut buf[..n], sealed);
+        self.buf = buf;
+        result
     }
 
     /// Writes bytes outside any record (the header and its tag).
