@@ -502,7 +502,7 @@ impl Machine {
     /// source's), receives every record (checked, under `key` if the
     /// stream is sealed), then sets the vCPUs and devices from the state.
     /// The caller answers the source
-    /// ([`ACK_RUNNING`](gmem::migrate::ACK_RUNNING)) and runs it.
+    /// ([`ACK_RUNNING`]) and runs it.
     ///
     /// # Errors
     /// [`VmmError::Migrate`] for a stream the library refuses (cut, flipped,
