@@ -109,6 +109,10 @@ pub const EAGAIN: i64 = 11;
 pub const EINVAL: i64 = 22;
 /// See [`EFAULT`]: the request is not supported.
 pub const ENOSYS: i64 = 38;
+/// See [`EFAULT`]: the machine is busy (a snapshot asked for while the
+/// other vCPUs cannot be paused: one has ended, or a migration is pausing
+/// them).
+pub const EBUSY: i64 = 16;
 /// `KVM_ENOSYS` (`include/uapi/linux/kvm_para.h`): what KVM's hypercall
 /// convention returns, negated, for an unknown hypercall number.
 pub const KVM_ENOSYS: i64 = 1000;

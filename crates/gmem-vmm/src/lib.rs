@@ -22,6 +22,7 @@ pub mod exit;
 pub mod machine;
 pub mod migrate;
 mod migrate_plan;
+mod pause;
 pub mod runner;
 mod shared;
 pub mod snapshot;

@@ -4,12 +4,13 @@
 //!
 //! **Source** ([`Machine::set_migration_plan`]): the plan's signal starts a
 //! migration thread, which connects to the destination and sends pre-copy
-//! rounds while the guest runs; then it asks the vCPU to pause (the runner
-//! kicks it out of `KVM_RUN`), the vCPU hands over its state and waits, and
-//! the thread sends the last dirty pages, the attribute map and the state.
+//! rounds while the guest runs; then it asks every vCPU to pause
+//! ([`crate::pause`]: the runner kicks them out of `KVM_RUN`), each hands
+//! over its state and waits, and the thread sends the last dirty pages,
+//! the attribute map and the state.
 //! If the destination answers [`ACK_RUNNING`],
 //! the run ends there (status 0); on any failure (the connection drops,
-//! the destination refuses or dies, a timeout) the vCPU resumes the guest
+//! the destination refuses or dies, a timeout) the vCPUs resume the guest
 //! as if nothing had happened, and the run's report says why.
 //!
 //! **Destination** ([`Machine::incoming`]): reads the header, builds a
@@ -22,7 +23,6 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use gmem::BackingKind;
@@ -34,10 +34,9 @@ use crate::console::Console;
 use crate::error::VmmError;
 use crate::machine::Machine;
 pub use crate::migrate_plan::{Endpoint, MigrationPlan, MigrationTaken, PostcopyTaken, RoundTaken};
-use crate::migrate_plan::{PauseRequest, Paused, Verdict};
+use crate::pause::{AllPaused, Verdict};
 use crate::shared::Shared;
 use crate::state::VmmState;
-use crate::vcpu::VcpuState;
 
 /// How long either side waits on the connection before it gives up (a
 /// destination that stalls cannot hold the source's guest paused longer).
@@ -172,19 +171,11 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Starts the migration thread for the run's plan, unless one is running
-/// (a second signal meanwhile is ignored) or the machine has more than one
-/// vCPU (noted in the report).
+/// (a second signal meanwhile is ignored).
 pub(crate) fn start(shared: &Arc<Shared>) {
     let Some(plan) = shared.migration_plan() else {
         return;
     };
-    if shared.config.vcpus != 1 {
-        shared
-            .lock_migrated()
-            .1
-            .push("no migration: migration needs a machine of one vCPU".into());
-        return;
-    }
     if shared.migrating.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -254,43 +245,25 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
         });
     }
     let precopy = started.elapsed();
-    // The pause: the vCPU takes the request at its next exit.
-    let (state_tx, state_rx) = mpsc::channel::<Paused>();
-    let (verdict_tx, verdict_rx) = mpsc::channel::<Verdict>();
-    *shared.pause.lock().unwrap_or_else(|e| e.into_inner()) = Some(PauseRequest {
-        state: state_tx,
-        verdict: verdict_rx,
-    });
-    shared.migrate_now.store(true, Ordering::Release);
-    shared.kick_now.store(true, Ordering::Release);
-    let (state, paused, paused_at_ns) = loop {
-        match state_rx.recv_timeout(crate::snapshot::POLL) {
-            Ok(Ok(s)) => break s,
-            Ok(Err(why)) => return Err(format!("the vCPU's state could not be saved: {why}")),
-            Err(mpsc::RecvTimeoutError::Timeout) if !shared.run_over.load(Ordering::Acquire) => {}
-            Err(_) => {
-                shared
-                    .pause
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                return Err("the guest ended before the stop-and-copy".into());
-            }
-        }
-    };
-    // The vCPU waits for the verdict from here on: every path sends one.
+    // The pause: every vCPU takes the request at its next exit.
+    let mut all = shared.pause.pause_all(
+        shared.config.vcpus as usize,
+        || shared.kick_now.store(true, Ordering::Release),
+        || shared.run_over.load(Ordering::Acquire),
+    )?;
+    let state = crate::snapshot::encode_state(
+        shared,
+        std::mem::take(&mut all.vcpus)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect(),
+    )
+    .map_err(|e| format!("the machine's state could not be saved: {}", error_text(&e)))?;
+    // The vCPUs wait for the verdict from here on: `all` gives one on
+    // every path (its drop resumes them).
     if plan.postcopy {
         return postcopy(
-            shared,
-            plan,
-            source,
-            state,
-            (paused, paused_at_ns),
-            rounds,
-            reader,
-            verdict_tx,
-            started,
-            precopy,
+            shared, plan, source, state, &all, rounds, reader, started, precopy,
         );
     }
     let outcome = source
@@ -307,10 +280,10 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
                 Err(e) => Err(format!("no answer from the destination: {e}")),
             }
         });
-    let downtime = paused.elapsed();
+    let downtime = all.at.elapsed();
     match outcome {
         Ok(report) => {
-            let _ = verdict_tx.send(Verdict::Migrated);
+            all.decide(Verdict::End);
             let guest_bytes = shared.config.mem_size;
             Ok(MigrationTaken {
                 to: plan.to.to_string(),
@@ -323,44 +296,43 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
                 precopy_us: micros(precopy),
                 downtime_us: micros(downtime),
                 total_us: micros(started.elapsed()),
-                paused_at_ns,
+                paused_at_ns: all.at_ns,
                 postcopy: None,
             })
         }
         Err(why) => {
-            let _ = verdict_tx.send(Verdict::Resume);
+            all.decide(Verdict::Resume);
             Err(why)
         }
     }
 }
 
-/// The switch to post-copy and the post-copy phase: the vCPU ends once
-/// the destination runs the guest; a failure before that resumes it here,
-/// one after it loses it (the run ends with the error).
+/// The switch to post-copy and the post-copy phase: the vCPUs end once
+/// the destination runs the guest; a failure before that resumes them
+/// here, one after it loses the guest (the run ends with the error).
 #[allow(clippy::too_many_arguments)]
 fn postcopy(
     shared: &Shared,
     plan: &MigrationPlan,
     source: gmem::migrate::MigrationSource<BufWriter<Connection>>,
     state: Vec<u8>,
-    (paused, paused_at_ns): (Instant, u64),
+    all: &AllPaused<'_>,
     rounds: Vec<RoundTaken>,
     reader: Connection,
-    verdict_tx: mpsc::Sender<Verdict>,
     started: Instant,
     precopy: Duration,
 ) -> Result<MigrationTaken, String> {
     let ps = match source.switch_to_postcopy(&state) {
         Ok(ps) => ps,
         Err(e) => {
-            let _ = verdict_tx.send(Verdict::Resume);
+            all.decide(Verdict::Resume);
             return Err(error_text(&e));
         }
     };
     let mut downtime = None;
     let result = ps.serve(reader, || {
-        downtime = Some(paused.elapsed());
-        let _ = verdict_tx.send(Verdict::Migrated);
+        downtime = Some(all.at.elapsed());
+        all.decide(Verdict::End);
     });
     let took_over = downtime.is_some();
     match result {
@@ -377,7 +349,7 @@ fn postcopy(
                 precopy_us: micros(precopy),
                 downtime_us: micros(downtime.unwrap_or_default()),
                 total_us: micros(started.elapsed()),
-                paused_at_ns,
+                paused_at_ns: all.at_ns,
                 postcopy: Some(PostcopyTaken {
                     blocks: report.blocks,
                     requested: report.requested,
@@ -395,7 +367,7 @@ fn postcopy(
             Err(why)
         }
         Err(e) => {
-            let _ = verdict_tx.send(Verdict::Resume);
+            all.decide(Verdict::Resume);
             Err(error_text(&e))
         }
     }
@@ -411,38 +383,6 @@ fn error_text(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// The vCPU's side of the pause, between two exits: completes the exit's
-/// I/O, hands its state to the migration thread, and waits for the
-/// verdict. True if the machine has migrated (the run ends).
-pub(crate) fn pause_here(
-    vcpu: &mut VcpuState,
-    shared: &Shared,
-    console: &Console,
-) -> Result<bool, VmmError> {
-    let Some(req) = shared
-        .pause
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    else {
-        return Ok(false);
-    };
-    let paused = Instant::now();
-    let paused_ns = monotonic_ns();
-    vcpu.complete_io()?;
-    vcpu.flush_serial(console);
-    let state = crate::snapshot::capture_state(shared, &[vcpu], None);
-    let sent = match state {
-        Ok(blob) => req.state.send(Ok((blob, paused, paused_ns))),
-        Err(e) => req.state.send(Err(error_text(&e))),
-    };
-    if sent.is_err() {
-        return Ok(false);
-    }
-    // Bounded: the thread gives up on the connection after IO_TIMEOUT.
-    Ok(req.verdict.recv() == Ok(Verdict::Migrated))
 }
 
 /// How [`Machine::incoming`] builds the machine.

@@ -1,5 +1,5 @@
 //! What a run is told about live migration and what it reports of it:
-//! plain data (endpoints, the plan, the report, the pause handshake),
+//! plain data (endpoints, the plan, the report),
 //! apart from the migration machinery ([`crate::migrate`]), so that the
 //! machine's shared state can hold it without depending on that machinery.
 
@@ -7,8 +7,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::mpsc::{Receiver, Sender};
-use std::time::Instant;
 
 use gmem::snapshot::SealKey;
 
@@ -124,23 +122,4 @@ pub struct MigrationTaken {
     pub paused_at_ns: u64,
     /// The post-copy phase, if the migration had one.
     pub postcopy: Option<PostcopyTaken>,
-}
-
-/// What the migration thread tells the paused vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The destination runs the guest: this run ends.
-    Migrated,
-    /// The migration failed: the guest runs on here.
-    Resume,
-}
-
-/// The paused vCPU's state, and when it paused.
-pub(crate) type Paused = Result<(Vec<u8>, Instant, u64), String>;
-
-/// The migration thread's request to a vCPU: pause, hand over the state,
-/// wait for the verdict.
-pub(crate) struct PauseRequest {
-    pub(crate) state: Sender<Paused>,
-    pub(crate) verdict: Receiver<Verdict>,
 }

@@ -178,6 +178,19 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(a panic without a message)".to_owned())
 }
 
+/// A vCPU's side of a pause (a migration's or another vCPU's snapshot),
+/// between two exits: completes the exit's I/O, parks with its state at
+/// the rendezvous, and waits for the verdict. True if the run ends.
+fn pause_here(vcpu: &mut VcpuState, shared: &Shared, console: &Console) -> Result<bool, VmmError> {
+    let at = (Instant::now(), crate::migrate::monotonic_ns());
+    vcpu.complete_io()?;
+    vcpu.flush_serial(console);
+    let saved = vcpu.capture(&shared.vm).map_err(|e| e.to_string());
+    // Bounded: the pausing thread decides on every path, within its I/O
+    // timeout.
+    Ok(shared.pause.park(vcpu.index, saved, at) == Some(crate::pause::Verdict::End))
+}
+
 /// One vCPU's loop, on its thread.
 fn vcpu_thread(
     mut vcpu: VcpuState,
@@ -204,8 +217,8 @@ fn vcpu_thread(
                     Err(e) => break Err(e),
                 }
             }
-            if shared.migrate_now.swap(false, Ordering::AcqRel) {
-                match crate::migrate::pause_here(&mut vcpu, shared, console) {
+            if shared.pause.wanted() {
+                match pause_here(&mut vcpu, shared, console) {
                     Ok(true) => break Ok(None),
                     Ok(false) => {}
                     Err(e) => break Err(e),
@@ -276,6 +289,7 @@ impl Machine {
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     let end = vcpu_thread(vcpu, &shared, &console, &vcpu_stop);
+                    shared.pause.vcpu_ended();
                     if !matches!(end.result, Ok(None)) {
                         // An exit status or a failure ends the whole run.
                         vcpu_stop.store(true, Ordering::Release);

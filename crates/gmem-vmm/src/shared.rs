@@ -10,7 +10,8 @@ use gmem::{Attribute, Gatekeeper, Policy, RestrictedMemory, Vm};
 use crate::abi::{self, AbiKey, DoorbellArgs, Request};
 use crate::config::MachineConfig;
 use crate::console::{Console, MAX_CONSOLE_BYTES};
-use crate::migrate_plan::{MigrationPlan, MigrationTaken, PauseRequest};
+use crate::migrate_plan::{MigrationPlan, MigrationTaken};
+use crate::pause::Rendezvous;
 use crate::snapshot_plan::{SnapshotPlan, SnapshotTaken};
 use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
@@ -44,10 +45,8 @@ pub(crate) struct Shared {
     pub(crate) migration: Mutex<Option<MigrationPlan>>,
     /// A migration thread is running.
     pub(crate) migrating: AtomicBool,
-    /// The migration thread's pause request, for the vCPU.
-    pub(crate) pause: Mutex<Option<PauseRequest>>,
-    /// The vCPU is to pause at its next exit (the runner kicks it out).
-    pub(crate) migrate_now: AtomicBool,
+    /// Where every vCPU pauses for a migration's stop-and-copy.
+    pub(crate) pause: Rendezvous,
     /// The runner is to kick the vCPUs.
     pub(crate) kick_now: AtomicBool,
     /// The migration the run completed, and notes on failed ones.
@@ -86,8 +85,7 @@ impl Shared {
             restored: AtomicBool::new(false),
             migration: Mutex::new(None),
             migrating: AtomicBool::new(false),
-            pause: Mutex::new(None),
-            migrate_now: AtomicBool::new(false),
+            pause: Rendezvous::new(),
             kick_now: AtomicBool::new(false),
             migrated: Mutex::default(),
             migration_lost: Mutex::new(None),
@@ -178,7 +176,7 @@ impl Shared {
             Some(AbiKey::MmioBase) => MMIO_BASE as u32,
             Some(AbiKey::RamLow) => c.mem_size as u32,
             Some(AbiKey::RamHigh) => (c.mem_size >> 32) as u32,
-            Some(AbiKey::Snapshots) => u32::from(self.plan().is_some() && c.vcpus == 1),
+            Some(AbiKey::Snapshots) => u32::from(self.plan().is_some()),
             None => u32::MAX,
         }
     }

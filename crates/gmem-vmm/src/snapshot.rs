@@ -21,6 +21,7 @@ use crate::config::MachineConfig;
 use crate::console::Console;
 use crate::error::VmmError;
 use crate::machine::Machine;
+use crate::pause::{AllPaused, Verdict};
 use crate::shared::Shared;
 pub use crate::snapshot_plan::{SnapshotPlan, SnapshotTaken, Then};
 use crate::state::{DeviceSnapshot, VcpuSnapshot, VmmState};
@@ -98,7 +99,7 @@ impl VcpuState {
     }
 
     /// The vCPU's state, as [`complete_io`](Self::complete_io) left it.
-    fn capture(&self, vm: &gmem::Vm) -> Result<VcpuSnapshot, VmmError> {
+    pub(crate) fn capture(&self, vm: &gmem::Vm) -> Result<VcpuSnapshot, VmmError> {
         let vcpu = self.index;
         let err = |op| move |source| VmmError::Vcpu { op, vcpu, source };
         let fd = &self.fd;
@@ -226,22 +227,10 @@ impl VcpuState {
     }
 }
 
-/// The VMM state of `shared`'s machine: the state of `vcpus` (their I/O
-/// completed), the devices and the configuration, encoded; `regs`
-/// replaces the first vCPU's general registers (the answer a restored
-/// guest reads).
-pub(crate) fn capture_state(
-    shared: &Shared,
-    vcpus: &[&VcpuState],
-    regs: Option<kvm_regs>,
-) -> Result<Vec<u8>, VmmError> {
-    let mut saved = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        saved.push(v.capture(&shared.vm)?);
-    }
-    if let (Some(r), Some(first)) = (regs, saved.first_mut()) {
-        first.regs = r;
-    }
+/// The VMM state of `shared`'s machine from its vCPUs' saved states (every
+/// vCPU paused, by index): those, the devices and the configuration,
+/// encoded.
+pub(crate) fn encode_state(shared: &Shared, vcpus: Vec<VcpuSnapshot>) -> Result<Vec<u8>, VmmError> {
     let devices = shared
         .lock_devices()
         .iter()
@@ -253,22 +242,21 @@ pub(crate) fn capture_state(
         .collect::<Result<Vec<_>, _>>()?;
     Ok(VmmState {
         config: shared.config,
-        vcpus: saved,
+        vcpus,
         devices,
     }
     .encode())
 }
 
-/// Writes the snapshot of `shared`'s memory and the state of `vcpus`
-/// (see [`capture_state`]) to `w`.
+/// Writes the snapshot of `shared`'s memory and the saved states of its
+/// vCPUs (see [`encode_state`]) to `w`.
 fn write_snapshot(
     shared: &Shared,
-    vcpus: &[&VcpuState],
-    regs: Option<kvm_regs>,
+    vcpus: Vec<VcpuSnapshot>,
     w: &mut impl Write,
     private: &PrivatePages,
 ) -> Result<(SnapshotReport, usize), VmmError> {
-    let blob = capture_state(shared, vcpus, regs)?;
+    let blob = encode_state(shared, vcpus)?;
     let report = shared
         .gate
         .snapshot_with_state(w, private, &blob)
@@ -276,12 +264,55 @@ fn write_snapshot(
     Ok((report, blob.len()))
 }
 
-/// Takes the snapshot `plan` says into its file: created (or truncated),
-/// written, synced; removed again if anything fails.
+/// What [`save_all`] got.
+enum SaveAll<'a> {
+    /// Every vCPU's saved state, by index, and the pause that holds the
+    /// others (none on a machine of one vCPU).
+    Saved(Vec<VcpuSnapshot>, Option<AllPaused<'a>>),
+    /// Why the others could not be paused (nothing is saved).
+    Refused(String),
+}
+
+/// Every vCPU's saved state, for a snapshot `vcpu` takes between two of
+/// its exits (its I/O completed): its own (with `regs` for its general
+/// registers, if given) and the others', paused at the rendezvous until
+/// the returned pause is decided (or dropped: they run on).
+fn save_all<'a>(
+    vcpu: &VcpuState,
+    shared: &'a Shared,
+    regs: Option<kvm_regs>,
+) -> Result<SaveAll<'a>, VmmError> {
+    let mut own = vcpu.capture(&shared.vm)?;
+    if let Some(r) = regs {
+        own.regs = r;
+    }
+    let others = shared.config.vcpus as usize - 1;
+    if others == 0 {
+        return Ok(SaveAll::Saved(vec![own], None));
+    }
+    let mut all = match shared.pause.pause_all(
+        others,
+        || shared.kick_now.store(true, Ordering::Release),
+        || shared.run_over.load(Ordering::Acquire),
+    ) {
+        Ok(all) => all,
+        Err(why) => return Ok(SaveAll::Refused(why)),
+    };
+    let mut saved = std::mem::take(&mut all.vcpus);
+    saved.push((vcpu.index, own));
+    saved.sort_by_key(|(index, _)| *index);
+    Ok(SaveAll::Saved(
+        saved.into_iter().map(|(_, v)| v).collect(),
+        Some(all),
+    ))
+}
+
+/// Takes the snapshot `plan` says, of `vcpus` (every vCPU's saved state),
+/// into its file: created (or truncated), written, synced; removed again
+/// if anything fails.
 fn write_file(
     shared: &Shared,
-    vcpu: &VcpuState,
-    regs: Option<kvm_regs>,
+    vcpus: Vec<VcpuSnapshot>,
     plan: &SnapshotPlan,
     by: &'static str,
     started: Instant,
@@ -292,7 +323,7 @@ fn write_file(
     };
     let file = File::create(&plan.path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let result = write_snapshot(shared, &[vcpu], regs, &mut w, &plan.private).and_then(|r| {
+    let result = write_snapshot(shared, vcpus, &mut w, &plan.private).and_then(|r| {
         let file = w.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
         Ok(r)
@@ -316,9 +347,10 @@ fn write_file(
 }
 
 /// The guest's request on `PORT_SNAPSHOT`: answers `-ENOSYS` without a
-/// plan and `-EINVAL` with more than one vCPU (the run goes on); otherwise
-/// takes the snapshot, with rax = 1 in the saved state and 0 in this run.
-/// What the run does next, if a snapshot was taken.
+/// plan, and `-EBUSY` if the other vCPUs cannot be paused (one has ended,
+/// or a migration is pausing them; the run goes on); otherwise takes the
+/// snapshot with every vCPU paused, with rax = 1 in the saved state and 0
+/// in this run. What the run does next, if a snapshot was taken.
 pub(crate) fn guest_request(
     vcpu: &mut VcpuState,
     shared: &Shared,
@@ -331,22 +363,41 @@ pub(crate) fn guest_request(
         return Ok(None);
     };
     vcpu.complete_io()?;
-    if shared.config.vcpus != 1 {
-        vcpu.set_rax(-crate::abi::EINVAL)?;
-        return Ok(None);
-    }
     vcpu.flush_serial(console);
     let mut regs = vcpu.regs()?;
     regs.rax = crate::abi::SNAPSHOT_RESUMED as u64;
-    let taken = write_file(shared, vcpu, Some(regs), &plan, "guest", started)?;
+    let (saved, others) = match save_all(vcpu, shared, Some(regs))? {
+        SaveAll::Saved(saved, others) => (saved, others),
+        SaveAll::Refused(why) => {
+            shared.note(format!(
+                "the guest's snapshot request: refused (-EBUSY): {why}"
+            ));
+            vcpu.set_rax(-crate::abi::EBUSY)?;
+            return Ok(None);
+        }
+    };
+    let taken = write_file(shared, saved, &plan, "guest", started)?;
     vcpu.set_rax(crate::abi::SNAPSHOT_TAKEN)?;
     shared.record_snapshot(taken);
+    resume_others(others, plan.then);
     Ok(Some(plan.then))
 }
 
-/// A snapshot the host asked for (`SIGUSR1`), between two exits; what the
-/// run does next. With more than one vCPU nothing is taken, and the run
-/// goes on: the refusal is in the report.
+/// The other vCPUs after a snapshot: they end with the run if it stops.
+fn resume_others(others: Option<AllPaused<'_>>, then: Then) {
+    if let Some(o) = others {
+        o.decide(if then == Then::Stop {
+            Verdict::End
+        } else {
+            Verdict::Resume
+        });
+    }
+}
+
+/// A snapshot the host asked for (`SIGUSR1`), between two exits, with
+/// every vCPU paused; what the run does next. If the other vCPUs cannot
+/// be paused, nothing is taken and the run goes on: the refusal is in the
+/// report.
 pub(crate) fn host_request(
     vcpu: &mut VcpuState,
     shared: &Shared,
@@ -356,14 +407,18 @@ pub(crate) fn host_request(
     let Some(plan) = shared.plan() else {
         return Ok(None);
     };
-    if shared.config.vcpus != 1 {
-        shared.note("SIGUSR1: no snapshot taken: snapshots need a machine of one vCPU".into());
-        return Ok(None);
-    }
     vcpu.complete_io()?;
     vcpu.flush_serial(console);
-    let taken = write_file(shared, vcpu, None, &plan, "signal", started)?;
+    let (saved, others) = match save_all(vcpu, shared, None)? {
+        SaveAll::Saved(saved, others) => (saved, others),
+        SaveAll::Refused(why) => {
+            shared.note(format!("SIGUSR1: no snapshot taken: {why}"));
+            return Ok(None);
+        }
+    };
+    let taken = write_file(shared, saved, &plan, "signal", started)?;
     shared.record_snapshot(taken);
+    resume_others(others, plan.then);
     Ok(Some(plan.then))
 }
 
@@ -502,11 +557,12 @@ impl Machine {
         w: &mut impl Write,
         private: &PrivatePages,
     ) -> Result<SnapshotReport, VmmError> {
+        let mut saved = Vec::with_capacity(self.vcpus.len());
         for v in &mut self.vcpus {
             v.complete_io()?;
+            saved.push(v.capture(&self.shared.vm)?);
         }
-        let vcpus: Vec<&VcpuState> = self.vcpus.iter().collect();
-        write_snapshot(&self.shared, &vcpus, None, w, private).map(|(r, _)| r)
+        write_snapshot(&self.shared, saved, w, private).map(|(r, _)| r)
     }
 
     /// Builds a machine from the snapshot in `file` and restores it: its

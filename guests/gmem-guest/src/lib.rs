@@ -73,7 +73,8 @@ pub enum Snapshot {
 ///
 /// # Errors
 /// The VMM's errno: `-ENOSYS` (-38) when it takes no snapshots (no
-/// snapshot file), `-EINVAL` with more than one vCPU.
+/// snapshot file), `-EBUSY` (-16) when the other vCPUs cannot be paused
+/// (one has ended, or a migration is pausing them).
 pub fn snapshot() -> Result<Snapshot, mem::Errno> {
     console::flush();
     // SAFETY: the ABI's snapshot port; the VMM saves the machine and

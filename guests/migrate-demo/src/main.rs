@@ -8,8 +8,15 @@
 //! the machine has one (so that a migration carries a device mid-use),
 //! else to the serial port. Nothing depends on when (or whether) the guest
 //! moved: a migrated run prints and returns what an uninterrupted one does.
+//!
+//! With a second vCPU (`--vcpus 2`), vCPU 1 computes too, over 2 MiB of
+//! private memory of its own, and vCPU 0 waits for it before its checksum
+//! (which then folds in vCPU 1's): a migration pauses both mid-work.
+//! Further vCPUs park.
 #![no_std]
 #![no_main]
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use gmem_guest::mem::{self, Attribute};
 use gmem_guest::say::{Console, say};
@@ -28,6 +35,33 @@ const SHARED: u64 = 24 << 20;
 const SHARED_LEN: usize = 2 << 20;
 /// Passes over both.
 const PASSES: u64 = 1024;
+/// vCPU 1's area: 2 MiB at 12 MiB (clear of this program, the areas above
+/// and the bounce pool and stacks at the top of RAM).
+const SECOND: u64 = 12 << 20;
+const SECOND_LEN: usize = 2 << 20;
+/// vCPU 1's passes over its area.
+const SECOND_PASSES: u64 = 1536;
+
+/// vCPU 1's progress: 0 before it starts, 1 while it computes, then its
+/// checksum with the top bit set.
+static SECOND_STATE: AtomicU64 = AtomicU64::new(0);
+const SECOND_DONE: u64 = 1 << 63;
+
+/// vCPU 1's work: passes over its own area; its checksum for vCPU 0.
+fn second() -> ! {
+    SECOND_STATE.store(1, Ordering::Release);
+    // SAFETY: guest RAM that only this vCPU uses, 8-byte aligned, clear of
+    // this program's segments and of every other area.
+    let words = unsafe { core::slice::from_raw_parts_mut(SECOND as *mut u64, SECOND_LEN / 8) };
+    words.fill(0);
+    let mut s = 0x0fed_cba9_8765_4321u64;
+    for _ in 0..SECOND_PASSES {
+        pass(words, &mut s);
+    }
+    let h = fnv1a(0xcbf2_9ce4_8422_2325, words);
+    SECOND_STATE.store(SECOND_DONE | (h >> 1), Ordering::Release);
+    gmem_guest::park()
+}
 
 /// xorshift64*.
 fn next(s: &mut u64) -> u64 {
@@ -53,6 +87,11 @@ fn fnv1a(mut h: u64, words: &[u64]) -> u64 {
 }
 
 fn main(boot: Boot) -> i32 {
+    match boot.vcpu {
+        0 => {}
+        1 => second(),
+        _ => gmem_guest::park(),
+    }
     if boot.ram_size < (32 << 20) {
         println!("migrate-demo: needs 32 MiB of RAM");
         return 20;
@@ -122,7 +161,20 @@ fn main(boot: Boot) -> i32 {
             );
         }
     }
-    let h = fnv1a(fnv1a(0xcbf2_9ce4_8422_2325, private), shared);
+    let mut h = fnv1a(fnv1a(0xcbf2_9ce4_8422_2325, private), shared);
+    // vCPU 1 started long ago if the machine has it: wait for its end.
+    let mut second = SECOND_STATE.load(Ordering::Acquire);
+    if second != 0 {
+        while second & SECOND_DONE == 0 {
+            core::hint::spin_loop();
+            second = SECOND_STATE.load(Ordering::Acquire);
+        }
+        h = fnv1a(h, &[second]);
+        say(
+            &mut console,
+            format_args!("migrate-demo: vcpu 1 checksum {:016x}", second << 1),
+        );
+    }
     say(
         &mut console,
         format_args!("migrate-demo: checksum {h:016x}"),
