@@ -5,10 +5,12 @@
 //! **Source** ([`Machine::set_migration_plan`]): the plan's signal starts a
 //! migration thread, which connects to the destination and sends pre-copy
 //! rounds while the guest runs; then it asks every vCPU to pause
-//! ([`crate::pause`]: the runner kicks them out of `KVM_RUN`), each hands
+//! (the rendezvous in `pause.rs`: the runner kicks them out of `KVM_RUN`), each hands
 //! over its state and waits, and the thread sends the last dirty pages,
 //! the attribute map and the state.
-//! If the destination answers [`ACK_RUNNING`],
+//! If the destination answers [`ACK_RUNNING`] (and the go-ahead reaches
+//! it: [`gmem::migrate::GO_AHEAD`]; without it the destination never runs
+//! the guest),
 //! the run ends there (status 0); on any failure (the connection drops,
 //! the destination refuses or dies, a timeout) the vCPUs resume the guest
 //! as if nothing had happened, and the run's report says why.
@@ -26,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gmem::BackingKind;
-use gmem::migrate::{ACK_RUNNING, Incoming, MigrationOptions};
+use gmem::migrate::{ACK_RUNNING, GO_AHEAD, Incoming, MigrationOptions};
 use gmem::snapshot::SealKey;
 
 use crate::config::MachineConfig;
@@ -269,16 +271,25 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
     let outcome = source
         .complete(&state)
         .map_err(|e| error_text(&e))
-        .and_then(|(report, _w)| {
+        .and_then(|(report, mut w)| {
             let mut ack = [0u8; 1];
             match reader.read_exact(&mut ack) {
-                Ok(()) if ack[0] == ACK_RUNNING => Ok(report),
-                Ok(()) => Err(format!(
-                    "the destination refused the stream (answer {:#x})",
-                    ack[0]
-                )),
-                Err(e) => Err(format!("no answer from the destination: {e}")),
+                Ok(()) if ack[0] == ACK_RUNNING => {}
+                Ok(()) => {
+                    return Err(format!(
+                        "the destination refused the stream (answer {:#x})",
+                        ack[0]
+                    ));
+                }
+                Err(e) => return Err(format!("no answer from the destination: {e}")),
             }
+            // The commit: once the go-ahead is out, this side never
+            // resumes the guest. If it cannot be sent, the destination
+            // never runs it, and the guest runs on here.
+            w.write_all(&[GO_AHEAD])
+                .and_then(|()| w.flush())
+                .map_err(|e| format!("sending the go-ahead: {e}"))?;
+            Ok(report)
         });
     let downtime = all.at.elapsed();
     match outcome {
@@ -538,13 +549,16 @@ impl Machine {
         Ok(())
     }
 
-    /// Tells the source this machine runs the guest from now on (the
-    /// answer of [`incoming`](Self::incoming)); under post-copy, the
-    /// restore that fills the rest is kept with the machine. If the source
-    /// cannot be told, do not run the guest (the source may resume it).
+    /// Tells the source this machine is ready to run the guest (the
+    /// answer of [`incoming`](Self::incoming)) and waits for its go-ahead
+    /// (at most the connection's timeout): after it, the source never
+    /// resumes the guest, and the caller runs it. Under post-copy, the
+    /// restore that fills the rest is kept with the machine. Without the
+    /// go-ahead, do not run the guest (the source may resume it).
     ///
     /// # Errors
-    /// [`VmmError::MigrationIo`].
+    /// [`VmmError::MigrationIo`]: the source could not be told, or sent no
+    /// go-ahead.
     pub fn answer_running(
         &mut self,
         conn: &mut Connection,
@@ -555,15 +569,37 @@ impl Machine {
             source,
         };
         match answer.postcopy.take() {
-            None => conn
-                .write_all(&[ACK_RUNNING])
-                .and_then(|()| conn.flush())
-                .map_err(io),
-            Some(p) => {
-                p.answer_running().map_err(io)?;
-                *self.shared.lock_lazy() = Some(p.into_restore());
-                Ok(())
+            None => {
+                conn.write_all(&[ACK_RUNNING])
+                    .and_then(|()| conn.flush())
+                    .map_err(io)?;
+                let mut go = [0u8; 1];
+                match conn.read_exact(&mut go) {
+                    Ok(()) if go[0] == GO_AHEAD => Ok(()),
+                    Ok(()) => Err(VmmError::MigrationStream {
+                        what: format!(
+                            "the source answered {:#x}, not the go-ahead: the guest is not run here",
+                            go[0]
+                        ),
+                    }),
+                    Err(source) => Err(VmmError::MigrationIo {
+                        what: "waiting for the source's go-ahead".into(),
+                        source,
+                    }),
+                }
             }
+            Some(p) => match p.answer_running() {
+                Ok(()) => {
+                    *self.shared.lock_lazy() = Some(p.into_restore());
+                    Ok(())
+                }
+                Err(e) => {
+                    // The source may resume the guest if it has not
+                    // committed yet.
+                    p.answer_failed();
+                    Err(io(e))
+                }
+            },
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use gmem::migrate::{Incoming, MigrateError, MigrationOptions};
+use gmem::migrate::{Incoming, MigrateError, MigrationOptions, POSTCOPY_RUNNING};
 use gmem::{Attribute, BackingKind, GateOptions, Gatekeeper, Policy, Vm};
 use gmem_testkit::{kvm_or_skip, on_backing};
 
@@ -133,7 +133,9 @@ fn a_source_lost_after_the_switch_fails_the_destination_cleanly() {
     let got = incoming.receive_with_postcopy(&dst, r, b, None).unwrap();
     source.join().unwrap();
     let post = got.postcopy.unwrap();
-    let _ = post.answer_running();
+    // The source is gone (the answer cannot be told, or no go-ahead
+    // comes): the destination must not run the guest.
+    assert!(post.answer_running().is_err());
     let restore = post.into_restore();
     // The block never comes: the read is refused, never zero.
     let e = dst.read(2 * MIB, &mut [0u8; 8]).unwrap_err();
@@ -230,4 +232,43 @@ fn post_copy_onto_larger_pages_than_the_sources_is_refused_and_the_source_resume
     source.join().unwrap();
     // The source is whole: it resumes.
     assert_eq!(read(&src, MIB, 4096), pattern(MIB, 4096, 2));
+}
+
+#[test]
+fn a_destination_runs_only_after_the_source_s_go_ahead() {
+    // The source hears the destination is ready and is gone before its
+    // go-ahead: the destination must not run the guest (the source may
+    // have resumed it; two copies must never run).
+    let test = "postcopy_no_go_ahead";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let size = 8 * MIB;
+    let (_vm, src) = gate(BackingKind::Memfd, size);
+    src.write(0, &pattern(0, 4096, 1)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let source = {
+        let src = src.clone();
+        let mut back = a.try_clone().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut m = src.migrate_to(a, MigrationOptions::new()).unwrap();
+            m.send_round().unwrap();
+            src.write(2 * MIB, &pattern(2 * MIB, 4096, 5)).unwrap();
+            let p = m.switch_to_postcopy(b"x").unwrap();
+            let mut word = [0u8; 8];
+            back.read_exact(&mut word).unwrap();
+            assert_eq!(u64::from_le_bytes(word), POSTCOPY_RUNNING);
+            drop(p);
+        })
+    };
+    let (_vm2, dst) = gate(BackingKind::Memfd, size);
+    let mut r = b.try_clone().unwrap();
+    let incoming = Incoming::read_header(&mut r).unwrap();
+    let got = incoming.receive_with_postcopy(&dst, r, b, None).unwrap();
+    let post = got.postcopy.unwrap();
+    let e = post.answer_running().unwrap_err();
+    assert!(e.to_string().contains("go-ahead"), "{e}");
+    source.join().unwrap();
+    post.answer_failed();
 }

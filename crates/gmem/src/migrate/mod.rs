@@ -16,8 +16,17 @@
 //! builds a VM of it, and [`Incoming::receive`] applies each record after
 //! checking it, so a VM is never run on a stream it has not wholly
 //! received: a cut, corrupt or forged stream poisons the new gatekeeper.
-//! The destination then answers [`ACK_RUNNING`], and the source's VMM
-//! exits; with any other answer (or none) the source resumes its guest.
+//! The destination then answers [`ACK_RUNNING`] and waits; the source
+//! answers [`GO_AHEAD`] and its VMM exits, and only then does the
+//! destination run the guest. With any other answer (or none) the source
+//! resumes its guest, and a destination without the go-ahead never runs
+//! it: the two never both run it.
+//!
+//! **Post-copy** ([`MigrationSource::switch_to_postcopy`]): the state and
+//! the attribute map go first, the destination says it is ready
+//! ([`Postcopy::answer_running`]), the source's go-ahead record comes back
+//! in the stream, and the guest runs at the destination while the source
+//! serves the rest ([`PostcopySource::serve`]).
 //!
 //! **Private memory** leaves the process only sealed: under the key both
 //! sides hold (XChaCha20-Poly1305, the snapshot's AEAD), private pages and
@@ -75,10 +84,16 @@ pub use send::{
 /// A migration stream's first 8 bytes.
 pub const MAGIC: &[u8; 8] = b"GMEMMIGR";
 /// The migration stream version this gmem writes and reads.
-pub const VERSION: u32 = 1;
-/// The destination's answer once it holds the whole VM and will run it:
-/// the source's VMM may exit.
+pub const VERSION: u32 = 2;
+/// The destination's answer once it holds the whole VM and is ready to run
+/// it. The source answers [`GO_AHEAD`] (and from then on never resumes the
+/// guest); the destination runs the guest only once it has read that.
 pub const ACK_RUNNING: u8 = b'K';
+/// Pre-copy, the source's answer to [`ACK_RUNNING`]: the destination may
+/// run the guest, and the source's VMM exits. A destination that never
+/// reads it does not run the guest, so the two never both run it (a
+/// connection lost between the two answers loses the guest instead).
+pub const GO_AHEAD: u8 = b'G';
 /// The destination's answer when it refused the stream: the source's VMM
 /// resumes its guest.
 pub const ACK_FAILED: u8 = b'F';
@@ -92,8 +107,10 @@ pub const DEFAULT_CONVERGE_BYTES: u64 = 4 << 20;
 pub const MAX_ROUNDS: u32 = 1024;
 /// Post-copy, destination to source: every block is in.
 pub const POSTCOPY_DONE: u64 = u64::MAX;
-/// Post-copy, destination to source: the destination runs the guest (the
-/// source must never resume it).
+/// Post-copy, destination to source: the destination is ready to run the
+/// guest. The source answers with the go-ahead record in the stream, and
+/// from then on must never resume it; the destination runs the guest once
+/// the go-ahead has come ([`Postcopy::answer_running`]).
 pub const POSTCOPY_RUNNING: u64 = u64::MAX - 1;
 /// Post-copy, destination to source: the stream was refused (the source
 /// may resume the guest).

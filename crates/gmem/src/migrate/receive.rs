@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::error::MigrateError;
 use super::{MAGIC, MAX_ROUNDS, VERSION};
@@ -155,8 +156,10 @@ impl Incoming {
                 postcopy: None,
             });
         };
+        let go = Arc::new(GoAhead::default());
         let tail = Tail {
             fill: fill.clone(),
+            go: Arc::clone(&go),
             sealer,
             regions,
             private,
@@ -171,10 +174,11 @@ impl Incoming {
             .spawn(move || tail.run(r));
         if let Err(e) = spawned {
             fill.fail(format!("the post-copy receiver thread: {e}"));
+            go.set(false);
         }
         Ok(Received {
             report,
-            postcopy: Some(Postcopy { restore, fill }),
+            postcopy: Some(Postcopy { restore, fill, go }),
         })
     }
 
@@ -522,6 +526,12 @@ impl Apply<'_> {
                         "an index record, which only a snapshot has".into(),
                     ));
                 }
+                Kind::Go => {
+                    return Err(corrupt(
+                        at,
+                        "a go-ahead before the switch to post-copy".into(),
+                    ));
+                }
             }
             at = rec.next;
             self.report.stream_bytes = at;
@@ -545,6 +555,46 @@ pub struct Received {
 pub struct Postcopy {
     restore: LazyRestore,
     fill: RemoteFill,
+    go: Arc<GoAhead>,
+}
+
+/// The source's go-ahead, as the post-copy receiver saw it.
+#[derive(Default)]
+struct GoAhead {
+    /// `Some(true)`: it came; `Some(false)`: the receiver ended without it.
+    seen: Mutex<Option<bool>>,
+    cv: Condvar,
+}
+
+impl GoAhead {
+    fn set(&self, seen: bool) {
+        let mut g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(seen);
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Waits for the go-ahead, at most `timeout`.
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(seen) = *g {
+                return seen;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl std::fmt::Debug for Postcopy {
@@ -556,14 +606,37 @@ impl std::fmt::Debug for Postcopy {
 }
 
 impl Postcopy {
-    /// Tells the source the destination runs the guest from now on
-    /// ([`POSTCOPY_RUNNING`](super::POSTCOPY_RUNNING)): it will never
-    /// resume it.
+    /// Tells the source the destination is ready to run the guest
+    /// ([`POSTCOPY_RUNNING`](super::POSTCOPY_RUNNING)), and waits (at most
+    /// [`POSTCOPY_TIMEOUT`](super::POSTCOPY_TIMEOUT)) for its go-ahead in
+    /// the stream: once that has come, the source never resumes the guest,
+    /// and the caller runs it. Without it the guest must not run here:
+    /// the source may have resumed it (split brain is what this exchange
+    /// rules out: the source commits before the destination runs).
     ///
     /// # Errors
-    /// The connection's: then do not run the guest (the source may).
+    /// The connection's, or `TimedOut` / `ConnectionAborted` when no
+    /// go-ahead came: then do not run the guest, and call
+    /// [`answer_failed`](Self::answer_failed).
     pub fn answer_running(&self) -> std::io::Result<()> {
-        self.fill.tell(super::POSTCOPY_RUNNING)
+        self.fill.tell(super::POSTCOPY_RUNNING)?;
+        if self.go.wait(super::POSTCOPY_TIMEOUT) {
+            return Ok(());
+        }
+        let ended = self
+            .go
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        Err(std::io::Error::new(
+            if ended {
+                std::io::ErrorKind::ConnectionAborted
+            } else {
+                std::io::ErrorKind::TimedOut
+            },
+            "the source sent no go-ahead: the guest is not run here",
+        ))
     }
 
     /// Tells the source the destination will not run the guest
@@ -584,6 +657,8 @@ impl Postcopy {
 /// The post-copy receiver: the stream after the switch.
 struct Tail {
     fill: RemoteFill,
+    /// Set when the source's go-ahead comes (or the receiver ends).
+    go: Arc<GoAhead>,
     sealer: Option<Sealer>,
     regions: Vec<crate::gate::frozen::RegionLayout>,
     private: Vec<Range<u64>>,
@@ -599,12 +674,15 @@ impl Tail {
         if let Err(e) = self.receive(&mut r) {
             self.fill.fail(e.to_string());
         }
+        self.go.set(false);
     }
 
     fn receive(&mut self, r: &mut impl Read) -> Result<(), RestoreError> {
         let mut buf = vec![0u8; CHUNK + TAG];
         let sealed = self.sealer.is_some();
         let mut blocks_data = 0u64;
+        // The end came before the go-ahead: only the go-ahead may follow.
+        let mut ended = false;
         loop {
             if self.fill.stopped() {
                 return Ok(());
@@ -637,7 +715,23 @@ impl Tail {
                     )),
                 }
             };
+            if ended && rec.kind != Kind::Go {
+                return Err(corrupt(
+                    at,
+                    format!("a {:?} record after the end", rec.kind),
+                ));
+            }
             match rec.kind {
+                Kind::Go => {
+                    let seen = *self.go.seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if seen.is_some() {
+                        return Err(corrupt(at, "a second go-ahead".into()));
+                    }
+                    self.go.set(true);
+                    if ended {
+                        return Ok(());
+                    }
+                }
                 Kind::Shared | Kind::Sealed => {
                     let range = placed(rec.aux, rec.len as u64)?;
                     let private: u64 = self
@@ -707,7 +801,11 @@ impl Tail {
                     self.fill
                         .tell(super::POSTCOPY_DONE)
                         .map_err(RestoreError::Read)?;
-                    return Ok(());
+                    let seen = *self.go.seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if seen.is_some() {
+                        return Ok(());
+                    }
+                    ended = true;
                 }
                 other => {
                     return Err(corrupt(

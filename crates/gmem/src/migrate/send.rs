@@ -643,9 +643,12 @@ impl<W: Write> PostcopySource<W> {
 
     /// Sends every block, the ones the destination asks for (8-byte GPAs
     /// on `back`, the connection's other half) first, then the end, and
-    /// waits for the destination's word that it holds them all. `running`
-    /// is called once, when the destination says it runs the guest: from
-    /// then on the source must never resume it.
+    /// waits for the destination's word that it holds them all. When the
+    /// destination says it is ready to run the guest, the go-ahead record
+    /// goes out at once (before the blocks still to push); once it is
+    /// written, `running` is called: from then on the source must never
+    /// resume the guest. The destination runs it only after the
+    /// go-ahead, so the two never both run it.
     ///
     /// # Errors
     /// [`MigrateError::Postcopy`]: the destination refused the stream, or
@@ -680,9 +683,10 @@ impl<W: Write> PostcopySource<W> {
         loop {
             let asked = {
                 let mut b = lock_back(&state);
-                if until_running.is_none() && (b.running || b.done) {
-                    until_running = Some(started.elapsed());
+                if until_running.is_none() && b.running {
                     drop(b);
+                    self.go_ahead()?;
+                    until_running = Some(started.elapsed());
                     running();
                     b = lock_back(&state);
                 }
@@ -751,13 +755,14 @@ impl<W: Write> PostcopySource<W> {
         let deadline = Instant::now() + POSTCOPY_TIMEOUT;
         loop {
             let mut b = lock_back(&state);
-            if until_running.is_none() && (b.running || b.done) {
-                until_running = Some(started.elapsed());
+            if until_running.is_none() && b.running {
                 drop(b);
+                self.go_ahead()?;
+                until_running = Some(started.elapsed());
                 running();
                 b = lock_back(&state);
             }
-            if b.done {
+            if b.done && until_running.is_some() {
                 break;
             }
             if b.failed || b.closed.is_some() || Instant::now() >= deadline {
@@ -778,6 +783,20 @@ impl<W: Write> PostcopySource<W> {
             until_running: until_running.unwrap_or_default(),
             elapsed: started.elapsed(),
         })
+    }
+}
+
+impl<W: Write> PostcopySource<W> {
+    /// Writes and flushes the go-ahead record. A failure means the
+    /// destination cannot have it whole, so it never runs the guest: the
+    /// caller may resume it (`took_over` false).
+    fn go_ahead(&mut self) -> Result<(), MigrateError> {
+        let fail = |e: MigrateError| MigrateError::Postcopy {
+            took_over: false,
+            why: format!("sending the go-ahead: {e}"),
+        };
+        self.out.authenticated(Kind::Go, 0, &[]).map_err(fail)?;
+        self.out.w.flush().map_err(|e| fail(Out::<W>::send_err(e)))
     }
 }
 

@@ -50,6 +50,10 @@ pub(crate) enum Kind {
     /// Migration only: the blocks the source sends after the switch to
     /// post-copy (their count the GPA field), 16 bytes each.
     Postcopy = 8,
+    /// Migration only, post-copy: the source's go-ahead, sent once the
+    /// destination has said it is ready to run the guest; from then on the
+    /// source never resumes it. No payload; authenticated.
+    Go = 9,
     /// The end: the record count and the bytes of data.
     End = 0xff,
 }
@@ -387,6 +391,7 @@ pub(crate) fn kind_from(code: u8) -> Option<Kind> {
         6 => Kind::Round,
         7 => Kind::Attributes,
         8 => Kind::Postcopy,
+        9 => Kind::Go,
         0xff => Kind::End,
         _ => return None,
     })

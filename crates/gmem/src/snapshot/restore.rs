@@ -221,6 +221,8 @@ pub(crate) fn read_record(
         // A post-copy switch with nothing left to send says so with an
         // empty blocks record.
         Kind::Postcopy if aux == 0 && len == 0 => tag,
+        Kind::Go if aux != 0 || len != 0 => return Err(bad_len("none")),
+        Kind::Go => tag,
         Kind::Attributes | Kind::Postcopy
             if aux == 0 || aux > (CHUNK / 16) as u64 || len as u64 != aux * 16 =>
         {
@@ -268,7 +270,8 @@ pub(crate) fn open_record(
         | Kind::Zero
         | Kind::Round
         | Kind::Attributes
-        | Kind::Postcopy => sealer.open(
+        | Kind::Postcopy
+        | Kind::Go => sealer.open(
             ordinal,
             &tagged_aad(&rec.head, &buf[..rec.len]),
             &mut [],
@@ -388,7 +391,7 @@ fn read_records(
         report.records += 1;
         match rec.kind {
             Kind::State => return Err(corrupt(at, "a second state record".into())),
-            Kind::Zero | Kind::Round | Kind::Attributes | Kind::Postcopy => {
+            Kind::Zero | Kind::Round | Kind::Attributes | Kind::Postcopy | Kind::Go => {
                 return Err(corrupt(
                     at,
                     format!("a {:?} record, which only a migration stream has", rec.kind),
