@@ -25,6 +25,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use gmem::BackingKind;
@@ -43,6 +44,45 @@ use crate::state::VmmState;
 /// How long either side waits on the connection before it gives up (a
 /// destination that stalls cannot hold the source's guest paused longer).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest the source holds its vCPUs paused for a stop-and-copy or a
+/// post-copy switch, however slowly the destination reads (each read and
+/// write has [`IO_TIMEOUT`]; this bounds them all): then the connection is
+/// shut down, the destination gets a cut stream (and never runs the
+/// guest), and the guest runs on here.
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Shuts `conn` down unless dropped within [`MAX_PAUSE`]: the bound on a
+/// pause (see there).
+struct PauseWatch(Option<mpsc::Sender<()>>);
+
+impl PauseWatch {
+    fn start(conn: Connection) -> PauseWatch {
+        let (tx, rx) = mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("gmem-pause-watch".into())
+            .spawn(move || {
+                if rx.recv_timeout(MAX_PAUSE) == Err(mpsc::RecvTimeoutError::Timeout) {
+                    conn.shutdown();
+                }
+            });
+        // Without its thread there is no bound beyond IO_TIMEOUT per call.
+        PauseWatch(spawned.ok().map(|_| tx))
+    }
+
+    /// The pause is over: the watch stands down.
+    fn stand_down(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for PauseWatch {
+    fn drop(&mut self) {
+        self.stand_down();
+    }
+}
 
 /// A migration connection: a Unix or TCP stream.
 #[derive(Debug)]
@@ -63,6 +103,15 @@ impl Connection {
             Connection::Unix(s) => Connection::Unix(s.try_clone()?),
             Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
         })
+    }
+
+    /// Shuts both directions down: a read or write blocked on it (in any
+    /// handle) fails at once.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
     }
 
     /// Sets both timeouts.
@@ -216,6 +265,9 @@ pub(crate) fn start(shared: &Arc<Shared>) {
 /// the destination's answer. `Err` with why if the guest is to run on.
 fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, String> {
     let started = Instant::now();
+    if shared.pause.any_ended() {
+        return Err("a vCPU has ended: a migration needs every vCPU running".into());
+    }
     let conn = plan.to.connect().map_err(|e| error_text(&e))?;
     conn.set_timeouts(Some(IO_TIMEOUT))
         .map_err(|e| format!("configuring the connection: {e}"))?;
@@ -248,11 +300,27 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
     }
     let precopy = started.elapsed();
     // The pause: every vCPU takes the request at its next exit.
-    let mut all = shared.pause.pause_all(
-        shared.config.vcpus as usize,
-        || shared.kick_now.store(true, Ordering::Release),
-        || shared.run_over.load(Ordering::Acquire),
-    )?;
+    // A guest's snapshot may be pausing them: wait for it, within the
+    // pause's own deadline.
+    let asked = Instant::now();
+    let mut all = loop {
+        match shared.pause.pause_all(
+            shared.config.vcpus as usize,
+            || shared.kick_now.store(true, Ordering::Release),
+            || shared.run_over.load(Ordering::Acquire),
+        ) {
+            Ok(all) => break all,
+            Err(r) if r.busy && asked.elapsed() < crate::pause::PAUSE_TIMEOUT => {
+                std::thread::sleep(crate::snapshot::POLL);
+            }
+            Err(r) => return Err(r.why),
+        }
+    };
+    let mut watch = PauseWatch::start(
+        reader
+            .try_clone()
+            .map_err(|e| format!("duplicating the connection: {e}"))?,
+    );
     let state = crate::snapshot::encode_state(
         shared,
         std::mem::take(&mut all.vcpus)
@@ -265,7 +333,7 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
     // every path (its drop resumes them).
     if plan.postcopy {
         return postcopy(
-            shared, plan, source, state, &all, rounds, reader, started, precopy,
+            shared, plan, source, state, &all, &mut watch, rounds, reader, started, precopy,
         );
     }
     let outcome = source
@@ -291,6 +359,7 @@ fn run_source(shared: &Shared, plan: &MigrationPlan) -> Result<MigrationTaken, S
                 .map_err(|e| format!("sending the go-ahead: {e}"))?;
             Ok(report)
         });
+    watch.stand_down();
     let downtime = all.at.elapsed();
     match outcome {
         Ok(report) => {
@@ -328,6 +397,7 @@ fn postcopy(
     source: gmem::migrate::MigrationSource<BufWriter<Connection>>,
     state: Vec<u8>,
     all: &AllPaused<'_>,
+    watch: &mut PauseWatch,
     rounds: Vec<RoundTaken>,
     reader: Connection,
     started: Instant,
@@ -342,6 +412,9 @@ fn postcopy(
     };
     let mut downtime = None;
     let result = ps.serve(reader, || {
+        // The pause ends here: the rest is served while the guest runs
+        // there.
+        watch.stand_down();
         downtime = Some(all.at.elapsed());
         all.decide(Verdict::End);
     });

@@ -33,6 +33,27 @@ const POLL: Duration = Duration::from_millis(5);
 /// Waits between two kicks of the vCPUs that have not parked yet.
 const KICK_EVERY: u32 = 20;
 
+/// The longest a pause waits for every vCPU to park (a vCPU whose
+/// instruction keeps exiting, a `rep movs` over a device, moves on only
+/// an element at a time): then it is called off, and the guest runs on.
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a pause was called off.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    /// Another pause was under way (a caller that is not a vCPU may try
+    /// again).
+    pub(crate) busy: bool,
+    /// Why, for the report.
+    pub(crate) why: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// Where the vCPUs meet to pause; one per machine.
 pub(crate) struct Rendezvous {
     state: Mutex<State>,
@@ -103,6 +124,11 @@ impl Rendezvous {
         self.wanted.load(Ordering::Acquire)
     }
 
+    /// Whether a vCPU thread has ended (no pause can gather them all).
+    pub(crate) fn any_ended(&self) -> bool {
+        self.lock().ended > 0
+    }
+
     /// A vCPU thread has ended: a pause under way cannot gather them all.
     pub(crate) fn vcpu_ended(&self) {
         self.lock().ended += 1;
@@ -111,22 +137,26 @@ impl Rendezvous {
 
     /// Asks every vCPU to pause, calls `kick` (to get them out of
     /// `KVM_RUN`; again every 100 ms), and waits until all `count` have
-    /// parked.
+    /// parked, at most [`PAUSE_TIMEOUT`].
     ///
     /// # Errors
     /// Why the pause was called off (the parked vCPUs run on): another
-    /// pause under way, a vCPU that has ended or could not save its state,
-    /// or `run_over()`.
+    /// pause under way (`busy`), a vCPU that has ended or could not save
+    /// its state, `run_over()`, or the deadline.
     pub(crate) fn pause_all(
         &self,
         count: usize,
         kick: impl Fn(),
         run_over: impl Fn() -> bool,
-    ) -> Result<AllPaused<'_>, String> {
+    ) -> Result<AllPaused<'_>, Refused> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
         let generation = {
             let mut s = self.lock();
             if s.asked.is_some() {
-                return Err("another pause of the vCPUs is under way".to_owned());
+                return Err(Refused {
+                    busy: true,
+                    why: "another pause of the vCPUs is under way".to_owned(),
+                });
             }
             s.generation += 1;
             s.asked = Some(s.generation);
@@ -147,6 +177,13 @@ impl Rendezvous {
             }
             if run_over() {
                 break "the guest ended before every vCPU paused".to_owned();
+            }
+            if Instant::now() >= deadline {
+                break format!(
+                    "{} of {count} vCPUs paused within {} s",
+                    s.parked.len(),
+                    PAUSE_TIMEOUT.as_secs()
+                );
             }
             if s.parked.len() >= count {
                 let mut parked = std::mem::take(&mut s.parked);
@@ -177,7 +214,7 @@ impl Rendezvous {
         };
         drop(s);
         self.decide(generation, Verdict::Resume);
-        Err(why)
+        Err(Refused { busy: false, why })
     }
 
     /// vCPU `index` parks with its saved state (`at`: when it stopped, in
@@ -265,12 +302,7 @@ mod tests {
         let order: Vec<_> = all.vcpus.iter().map(|(i, v)| (*i, v.regs.rip)).collect();
         assert_eq!(order, [(0, 0), (1, 1), (2, 2)]);
         // A second pause meanwhile is refused.
-        assert!(
-            rv.pause_all(3, || {}, || false)
-                .err()
-                .unwrap()
-                .contains("under way")
-        );
+        assert!(rv.pause_all(3, || {}, || false).err().unwrap().busy);
         all.decide(Verdict::End);
         // The first verdict stands: the drop's Resume changes nothing.
         drop(all);
@@ -309,7 +341,7 @@ mod tests {
                 rv.vcpu_ended();
             })
         };
-        let why = rv.pause_all(2, || {}, || false).err().unwrap();
+        let why = rv.pause_all(2, || {}, || false).err().unwrap().why;
         assert!(why.contains("ended"), "{why}");
         ended.join().unwrap();
         // The vCPU that had parked runs on (or found no pause to join).
@@ -325,12 +357,12 @@ mod tests {
                 rv.park(1, Err("KVM_GET_REGS: EIO".into()), (Instant::now(), 0))
             })
         };
-        let why = rv.pause_all(2, || {}, || false).err().unwrap();
+        let why = rv.pause_all(2, || {}, || false).err().unwrap().why;
         assert!(why.contains("vCPU 1") && why.contains("EIO"), "{why}");
         assert_eq!(failed.join().unwrap(), Some(Verdict::Resume));
 
         let rv = Rendezvous::new();
-        let why = rv.pause_all(1, || {}, || true).err().unwrap();
+        let why = rv.pause_all(1, || {}, || true).err().unwrap().why;
         assert!(why.contains("guest ended"), "{why}");
         // No pause under way: a vCPU that comes late runs on.
         assert_eq!(

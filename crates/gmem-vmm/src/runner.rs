@@ -178,17 +178,40 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(a panic without a message)".to_owned())
 }
 
+/// Lets KVM finish the last exit's instruction before the vCPU is saved:
+/// `KVM_RUN` with `immediate_exit` completes its I/O without entering the
+/// guest. `None`: done, the vCPU's state is the guest's. `Some(step)`:
+/// completing it was a new exit (the next element of a `rep movs` on a
+/// device, another MMIO fragment), handled here as any other; the vCPU
+/// comes back after it (bounded: each time the guest's instruction moves
+/// on, and a pause gives up after its deadline).
+fn settle(
+    vcpu: &mut VcpuState,
+    shared: &Shared,
+    console: &Console,
+    counts: &mut ExitCounts,
+) -> Result<Option<Step>, VmmError> {
+    vcpu.fd.set_kvm_immediate_exit(1);
+    match run_once(vcpu, shared, console, counts) {
+        // EINTR: nothing was pending (and `immediate_exit` is clear again).
+        Ok(Step::Interrupted) => Ok(None),
+        other => {
+            vcpu.fd.set_kvm_immediate_exit(0);
+            other.map(Some)
+        }
+    }
+}
+
 /// A vCPU's side of a pause (a migration's or another vCPU's snapshot),
-/// between two exits: completes the exit's I/O, parks with its state at
-/// the rendezvous, and waits for the verdict. True if the run ends.
-fn pause_here(vcpu: &mut VcpuState, shared: &Shared, console: &Console) -> Result<bool, VmmError> {
+/// once [`settle`]d: parks with its state at the rendezvous, and waits for
+/// the verdict. True if the run ends.
+fn pause_here(vcpu: &mut VcpuState, shared: &Shared, console: &Console) -> bool {
     let at = (Instant::now(), crate::migrate::monotonic_ns());
-    vcpu.complete_io()?;
     vcpu.flush_serial(console);
     let saved = vcpu.capture(&shared.vm).map_err(|e| e.to_string());
     // Bounded: the pausing thread decides on every path, within its I/O
     // timeout.
-    Ok(shared.pause.park(vcpu.index, saved, at) == Some(crate::pause::Verdict::End))
+    shared.pause.park(vcpu.index, saved, at) == Some(crate::pause::Verdict::End)
 }
 
 /// One vCPU's loop, on its thread.
@@ -207,28 +230,37 @@ fn vcpu_thread(
             if stop.load(Ordering::Acquire) {
                 break Ok(None);
             }
-            if shared.snapshot_now.swap(false, Ordering::AcqRel) {
-                match crate::snapshot::host_request(&mut vcpu, shared, console) {
-                    Ok(Some(crate::snapshot::Then::Stop)) => {
-                        shared.stop_for_snapshot();
+            let asked = shared.snapshot_now.load(Ordering::Acquire) || shared.pause.wanted();
+            let step = if asked {
+                settle(&mut vcpu, shared, console, &mut counts)
+            } else {
+                run_once(&mut vcpu, shared, console, &mut counts).map(Some)
+            };
+            let step = match step {
+                Ok(Some(step)) => step,
+                // Settled: the snapshot or the pause, between two exits.
+                Ok(None) => {
+                    if shared.snapshot_now.swap(false, Ordering::AcqRel) {
+                        match crate::snapshot::host_request(&mut vcpu, shared, console) {
+                            Ok(Some(crate::snapshot::Then::Stop)) => {
+                                shared.stop_for_snapshot();
+                                break Ok(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    if shared.pause.wanted() && pause_here(&mut vcpu, shared, console) {
                         break Ok(None);
                     }
-                    Ok(_) => {}
-                    Err(e) => break Err(e),
+                    continue;
                 }
-            }
-            if shared.pause.wanted() {
-                match pause_here(&mut vcpu, shared, console) {
-                    Ok(true) => break Ok(None),
-                    Ok(false) => {}
-                    Err(e) => break Err(e),
-                }
-            }
-            match run_once(&mut vcpu, shared, console, &mut counts) {
-                Ok(Step::Continue(_) | Step::Interrupted) => {}
-                Ok(Step::Halted) => break Ok(None),
-                Ok(Step::Exit(status)) => break Ok(Some(status)),
                 Err(e) => break Err(e),
+            };
+            match step {
+                Step::Continue(_) | Step::Interrupted => {}
+                Step::Halted => break Ok(None),
+                Step::Exit(status) => break Ok(Some(status)),
             }
         }
     }));

@@ -15,6 +15,9 @@ use crate::pause::Rendezvous;
 use crate::snapshot_plan::{SnapshotPlan, SnapshotTaken};
 use crate::virtio::{MMIO_BASE, MMIO_STRIDE, MmioTransport};
 
+/// The most notes on refused snapshots a run keeps (then a count).
+pub(crate) const MAX_NOTES: usize = 32;
+
 /// What every vCPU shares: the VM, RAM, and its gatekeeper (which owns the
 /// binding).
 pub(crate) struct Shared {
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) plan: Mutex<Option<SnapshotPlan>>,
     /// The snapshots taken, and what the run noted about refused ones.
     pub(crate) taken: Mutex<(Vec<SnapshotTaken>, Vec<String>)>,
+    /// Notes past [`MAX_NOTES`], counted only.
+    pub(crate) notes_dropped: std::sync::atomic::AtomicU64,
     /// A snapshot the host asked for (`SIGUSR1`), for the next exit.
     pub(crate) snapshot_now: AtomicBool,
     /// The run ended after a snapshot (`Then::Stop`).
@@ -80,6 +85,7 @@ impl Shared {
             config,
             plan: Mutex::new(None),
             taken: Mutex::default(),
+            notes_dropped: std::sync::atomic::AtomicU64::new(0),
             snapshot_now: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             restored: AtomicBool::new(false),
@@ -123,12 +129,23 @@ impl Shared {
             .push(taken);
     }
 
+    /// Notes a refused snapshot for the report. Bounded: a guest can ask
+    /// without end, so past [`MAX_NOTES`] only the count grows (in the
+    /// last note).
     pub(crate) fn note(&self, note: String) {
-        self.taken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .push(note);
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let notes = &mut taken.1;
+        if notes.len() < MAX_NOTES {
+            notes.push(note);
+            return;
+        }
+        let more = self.notes_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if notes.len() == MAX_NOTES {
+            notes.push(String::new());
+        }
+        if let Some(last) = notes.last_mut() {
+            *last = format!("… and {more} more refused snapshot(s), not listed");
+        }
     }
 
     pub(crate) fn stop_for_snapshot(&self) {

@@ -296,7 +296,7 @@ fn save_all<'a>(
         || shared.run_over.load(Ordering::Acquire),
     ) {
         Ok(all) => all,
-        Err(why) => return Ok(SaveAll::Refused(why)),
+        Err(refused) => return Ok(SaveAll::Refused(refused.why)),
     };
     let mut saved = std::mem::take(&mut all.vcpus);
     saved.push((vcpu.index, own));
