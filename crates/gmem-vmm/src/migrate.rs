@@ -49,7 +49,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// post-copy switch, however slowly the destination reads (each read and
 /// write has [`IO_TIMEOUT`]; this bounds them all): then the connection is
 /// shut down, the destination gets a cut stream (and never runs the
-/// guest), and the guest runs on here.
+/// guest), and the guest runs on here. (Should the watch fire just as a
+/// post-copy go-ahead went out, the guest is lost instead: never run
+/// twice.)
 pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// Shuts `conn` down unless dropped within [`MAX_PAUSE`]: the bound on a
@@ -526,7 +528,8 @@ impl Machine {
     /// source's), receives every record (checked, under `key` if the
     /// stream is sealed), then sets the vCPUs and devices from the state.
     /// The caller answers the source
-    /// ([`ACK_RUNNING`]) and runs it.
+    /// ([`answer_running`](Self::answer_running): [`ACK_RUNNING`], then
+    /// the source's go-ahead) and only then runs it.
     ///
     /// # Errors
     /// [`VmmError::Migrate`] for a stream the library refuses (cut, flipped,

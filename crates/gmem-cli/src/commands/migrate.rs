@@ -127,8 +127,9 @@ pub fn run_incoming(args: &super::run::Args, from: &Endpoint) -> anyhow::Result<
                     .context(format!("receiving the migration on {from}"));
             }
         };
-    // Only a source that heard the answer stops: if it cannot be told,
-    // this side does not run the guest (the source runs on).
+    // The guest runs here only on the source's go-ahead, which it sends
+    // once it has committed to never resuming it: without it, this side
+    // does not run the guest (the source may).
     machine
         .answer_running(&mut conn, answer)
         .context("answering the source: the guest is not run here")?;

@@ -102,7 +102,8 @@ impl Incoming {
     /// applied; data is written, holes discarded, and the attribute map set
     /// at the end. Returns once the end record has been checked: the VM
     /// holds what the source held when it paused. The caller then answers
-    /// the source ([`ACK_RUNNING`](super::ACK_RUNNING)) and runs the VM.
+    /// the source ([`ACK_RUNNING`](super::ACK_RUNNING)), and runs the VM
+    /// only once the source's [`GO_AHEAD`](super::GO_AHEAD) has come.
     ///
     /// # Errors
     /// Before a record is applied, nothing changed: [`RestoreError::Layout`],
@@ -581,12 +582,14 @@ impl GoAhead {
         let deadline = std::time::Instant::now() + timeout;
         let mut g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(seen) = *g {
-                return seen;
-            }
+            // The deadline first: a go-ahead that comes late may be the
+            // rest of one the source gave up on (and resumed after).
             let now = std::time::Instant::now();
             if now >= deadline {
                 return false;
+            }
+            if let Some(seen) = *g {
+                return seen;
             }
             g = self
                 .cv
@@ -619,6 +622,13 @@ impl Postcopy {
     /// go-ahead came: then do not run the guest, and call
     /// [`answer_failed`](Self::answer_failed).
     pub fn answer_running(&self) -> std::io::Result<()> {
+        let gone = *self.go.seen.lock().unwrap_or_else(|e| e.into_inner()) == Some(false);
+        if gone {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the post-copy receiver has ended: no go-ahead can come, and the guest is not run here",
+            ));
+        }
         self.fill.tell(super::POSTCOPY_RUNNING)?;
         if self.go.wait(super::POSTCOPY_TIMEOUT) {
             return Ok(());

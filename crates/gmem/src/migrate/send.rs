@@ -598,8 +598,8 @@ pub struct PostcopyReport {
     pub data_bytes: u64,
     /// Bytes of the whole stream, both phases.
     pub stream_bytes: u64,
-    /// From the switch's end to the destination's word that it runs the
-    /// guest.
+    /// From the switch's end to the go-ahead written (the destination had
+    /// said it is ready; it runs the guest on the go-ahead).
     pub until_running: Duration,
     /// From the switch's end to the destination's word that it holds every
     /// block.
@@ -683,7 +683,9 @@ impl<W: Write> PostcopySource<W> {
         loop {
             let asked = {
                 let mut b = lock_back(&state);
-                if until_running.is_none() && b.running {
+                // A destination that gave up (FAILED, or gone) gets no
+                // go-ahead, whatever else it said: the guest runs on here.
+                if until_running.is_none() && b.running && !b.failed && b.closed.is_none() {
                     drop(b);
                     self.go_ahead()?;
                     until_running = Some(started.elapsed());
@@ -755,14 +757,14 @@ impl<W: Write> PostcopySource<W> {
         let deadline = Instant::now() + POSTCOPY_TIMEOUT;
         loop {
             let mut b = lock_back(&state);
-            if until_running.is_none() && b.running {
+            if until_running.is_none() && b.running && !b.failed && b.closed.is_none() {
                 drop(b);
                 self.go_ahead()?;
                 until_running = Some(started.elapsed());
                 running();
                 b = lock_back(&state);
             }
-            if b.done && until_running.is_some() {
+            if b.done && until_running.is_some() && !b.failed {
                 break;
             }
             if b.failed || b.closed.is_some() || Instant::now() >= deadline {
