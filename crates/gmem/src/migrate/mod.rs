@@ -105,7 +105,8 @@ pub const DEFAULT_CONVERGE_BYTES: u64 = 4 << 20;
 /// The most rounds a destination accepts: with every round at most the
 /// guest's size, a stream costs the destination bounded work.
 pub const MAX_ROUNDS: u32 = 1024;
-/// Post-copy, destination to source: every block is in.
+/// Post-copy, destination to source: every block is in, and the
+/// go-ahead (the source reports success only on it).
 pub const POSTCOPY_DONE: u64 = u64::MAX;
 /// Post-copy, destination to source: the destination is ready to run the
 /// guest. The source answers with the go-ahead record in the stream, and

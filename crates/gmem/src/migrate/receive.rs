@@ -739,6 +739,11 @@ impl Tail {
                     }
                     self.go.set(true);
                     if ended {
+                        // Every block and the go-ahead: the source may
+                        // report the migration done.
+                        self.fill
+                            .tell(super::POSTCOPY_DONE)
+                            .map_err(RestoreError::Read)?;
                         return Ok(());
                     }
                 }
@@ -808,11 +813,14 @@ impl Tail {
                             ),
                         ));
                     }
-                    self.fill
-                        .tell(super::POSTCOPY_DONE)
-                        .map_err(RestoreError::Read)?;
+                    // DONE says every block *and* the go-ahead are in:
+                    // without the go-ahead the guest does not run here,
+                    // and the source must not report success.
                     let seen = *self.go.seen.lock().unwrap_or_else(|e| e.into_inner());
                     if seen.is_some() {
+                        self.fill
+                            .tell(super::POSTCOPY_DONE)
+                            .map_err(RestoreError::Read)?;
                         return Ok(());
                     }
                     ended = true;
