@@ -600,7 +600,10 @@ fn xorshift(x: &mut u64) -> u64 {
 fn dirtier(gate: &Gatekeeper, size: u64, seed: u64, stop: &std::sync::atomic::AtomicBool) -> u64 {
     let mut x = seed;
     let mut ops = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Acquire) && ops < 20_000 {
+    // At least one op, even if the migration's rounds ended before this
+    // thread first ran (a busy host): it still lands before the
+    // stop-and-copy.
+    while ops == 0 || (!stop.load(std::sync::atomic::Ordering::Acquire) && ops < 20_000) {
         let r = xorshift(&mut x);
         let page = (r % (size / P)) * P;
         let _ = match r >> 60 {
