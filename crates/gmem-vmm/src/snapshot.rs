@@ -49,8 +49,18 @@ const MSRS: &[u32] = &[
     0xc000_0103, // TSC_AUX
 ];
 
-/// [`MSRS`] filtered by `KVM_GET_MSR_INDEX_LIST`.
+/// [`MSRS`] filtered by `KVM_GET_MSR_INDEX_LIST`: asked once per process
+/// (the host's list does not change), not once per vCPU per pause.
 fn msr_indices(vcpu: usize) -> Result<Vec<u32>, VmmError> {
+    static LIST: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(list) = LIST.get() {
+        return Ok(list.clone());
+    }
+    let list = ask_msr_indices(vcpu)?;
+    Ok(LIST.get_or_init(|| list).clone())
+}
+
+fn ask_msr_indices(vcpu: usize) -> Result<Vec<u32>, VmmError> {
     let err = |op| move |source| VmmError::Vcpu { op, vcpu, source };
     let kvm = kvm_ioctls::Kvm::new().map_err(err("open /dev/kvm"))?;
     let list = kvm
@@ -394,8 +404,9 @@ fn resume_others(others: Option<AllPaused<'_>>, then: Then) {
     }
 }
 
-/// A snapshot the host asked for (`SIGUSR1`), between two exits, with
-/// every vCPU paused; what the run does next. If the other vCPUs cannot
+/// A snapshot the host asked for (`SIGUSR1`), between two exits (the
+/// runner has settled this vCPU's last instruction), with every vCPU
+/// paused; what the run does next. If the other vCPUs cannot
 /// be paused, nothing is taken and the run goes on: the refusal is in the
 /// report.
 pub(crate) fn host_request(
@@ -407,7 +418,6 @@ pub(crate) fn host_request(
     let Some(plan) = shared.plan() else {
         return Ok(None);
     };
-    vcpu.complete_io()?;
     vcpu.flush_serial(console);
     let (saved, others) = match save_all(vcpu, shared, None)? {
         SaveAll::Saved(saved, others) => (saved, others),
